@@ -1,0 +1,211 @@
+"""The step loop: schedule → prepare → forward → sample → update → outputs."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import msgspec
+
+from engine.backend import on_cpu
+from engine.errors import RequestError
+from engine.model_runner import ModelRunner
+from engine.outputs import Logprob
+from engine.request import Request
+from engine.sampler import SamplingRow, sample
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from kvcache.block_manager import BlockManager
+from kvcache.paged_cache import PagedKVCache
+from scheduler.scheduler import RequestTooLong, Scheduler, SchedulerConfig
+from scheduler.sequence import FinishReason
+
+CPU_KV_CACHE_BYTES = 2 << 30      # a fixed 2 GiB on the CPU
+GPU_KV_CACHE_FRACTION = 0.5       # of device memory, on a GPU
+
+
+class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Engine settings; every field has a default that works."""
+
+    model: str | None = None
+    dtype: str | None = None
+    keep_quantized: bool | None = None
+    kv_cache_bytes: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class EngineStats:
+    steps: int
+    preemptions: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_peak: int
+    kv_cache_bytes: int
+    padding_waste: float
+    prompt_tokens: int
+    generated_tokens: int
+    running: int
+    waiting: int
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer: Tokenizer, config: dict, args: EngineArgs):
+        self.model, self.tokenizer, self.config, self.args = model, tokenizer, config, args
+        margs = model.args
+        max_len = args.max_model_len or int(config.get("max_position_embeddings", 4096))
+        dtype = model.model.embed_tokens.weight.dtype
+        if dtype not in (mx.float32, mx.float16, mx.bfloat16):
+            dtype = mx.float16  # quantized embeddings: keep K/V in half precision
+        per_block = PagedKVCache.bytes_per_block(
+            margs.num_hidden_layers, args.block_size, margs.num_key_value_heads,
+            margs.head_dim, dtype)
+        budget = args.kv_cache_bytes or _default_kv_bytes()
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise RequestError(f"kv_cache_bytes={budget} is smaller than one KV block "
+                               f"({per_block} bytes)")
+        self.cache = PagedKVCache(margs.num_hidden_layers, num_blocks, args.block_size,
+                                  margs.num_key_value_heads, margs.head_dim, dtype)
+        self.blocks = BlockManager(num_blocks, args.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len),
+            self.blocks)
+        self.runner = ModelRunner(model, self.cache)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random(args.seed)
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> LLMEngine:
+        from engine.loader import load_model, resolve_model_path
+
+        path = resolve_model_path(args.model)
+        model, config = load_model(path, dtype=args.dtype, keep_quantized=args.keep_quantized)
+        return cls(model, Tokenizer.from_dir(path), config, args)
+
+    # -- requests ----------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Request:
+        """Queue a request; raises RequestError for one that can never run."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            vocab = self.model.args.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        request = Request(request_id, text, ids, params, self.tokenizer, seed)
+        try:
+            self.scheduler.add(request.sequence)
+        except RequestTooLong as exc:
+            raise RequestError(str(exc)) from None
+        self.requests[request_id] = request
+        self.prompt_tokens += len(ids)
+        return request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.abort(request_id)
+            request.finish(FinishReason.ABORT.value)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step ----------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one batch; return the requests that got a token or finished.
+        If the step fails, every unfinished request is aborted with the
+        error (its blocks freed) and the exception propagates."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        try:
+            tokens, logprobs = self._run(out)
+        except BaseException as exc:
+            self._fail_all(exc)
+            raise
+        touched: dict[str, Request] = {}
+        for i, (seq, token) in enumerate(self.scheduler.update(out, tokens)):
+            request = self.requests[seq.seq_id]
+            self.generated_tokens += 1
+            if request.append(token, logprobs(seq.seq_id, token)) and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.STOP)
+            elif request.stop_reason is not None:
+                seq.finish_reason = FinishReason.STOP
+            if seq.is_finished:
+                request.finish(seq.finish_reason.value)
+                self.requests.pop(seq.seq_id, None)
+            touched[seq.seq_id] = request
+        return list(touched.values())
+
+    def _run(self, out):
+        batch = self.runner.prepare(out)
+        logits = self.runner.forward(batch)
+        rows = []
+        for chunk in out.chunks:
+            request = self.requests[chunk.seq_id]
+            seq = request.sequence
+            rows.append(SamplingRow(request.params, request.seed, seq.prompt_token_ids,
+                                    seq.output_token_ids))
+        result = sample(logits, rows)
+        extras = [a for a in (result.logprobs, result.top_ids, result.top_logprobs)
+                  if a is not None]
+        mx.eval(result.token_ids, *extras, *self.cache.k, *self.cache.v)
+        tokens = result.token_ids.tolist()  # the step's one host transfer of ids
+        if result.logprobs is None:
+            return tokens, lambda seq_id, token: None
+        index = {c.seq_id: i for i, c in enumerate(out.chunks)}
+        lps = result.logprobs.tolist()
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+
+        def logprob(seq_id: str, token: int) -> Logprob | None:
+            i = index[seq_id]
+            k = self.requests[seq_id].params.logprobs
+            if k is None:
+                return None
+            top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids else None
+            return Logprob(token, lps[i], top)
+
+        return tokens, logprob
+
+    def _fail_all(self, exc: BaseException) -> None:
+        message = f"engine step failed: {type(exc).__name__}: {exc}"
+        for seq in self.scheduler.reset(FinishReason.ABORT):
+            request = self.requests.pop(seq.seq_id, None)
+            if request is not None:
+                request.finish(FinishReason.ABORT.value, error=message)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            steps=self.scheduler.stats.steps, preemptions=self.scheduler.stats.preemptions,
+            kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used,
+            kv_blocks_peak=self.blocks.peak_used, kv_cache_bytes=self.cache.nbytes,
+            padding_waste=self.runner.padding_waste, prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated_tokens, running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting))
+
+
+def _default_kv_bytes() -> int:
+    if on_cpu():
+        return CPU_KV_CACHE_BYTES
+    return int(mx.device_info()["memory_size"] * GPU_KV_CACHE_FRACTION)
+
+

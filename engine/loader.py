@@ -1,0 +1,186 @@
+"""Find a model, read its config, build its architecture, load its weights.
+
+The lifecycle follows mlx-lm: a path (local directory, Hugging Face repo id,
+or GGUF file imported once) → config.json → `model_type` picks
+`models/<model_type>.py` through importlib → `Model(ModelArgs)` →
+`sanitize()` → safetensors weights, quantized layers made from the config.
+Adding an architecture is adding a file to models/; this file never changes.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import models
+from engine.backend import WeightFormat, choose_weight_format, log_once
+from engine.errors import ModelLoadError
+
+# Architectures that share another's file.
+MODEL_TYPE_ALIASES = {"mistral": "llama"}
+
+
+def supported_model_types() -> list[str]:
+    files = [m.name for m in pkgutil.iter_modules(models.__path__)
+             if m.name not in ("base", "rope")]
+    return sorted(set(files) | set(MODEL_TYPE_ALIASES))
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """A local directory for `model`: None is the default LLM; a .gguf file is
+    imported once; a directory is used as is; anything else is a repo id."""
+    from engine import gguf  # imported lazily: only GGUF users pay for it
+
+    if model is None:
+        return gguf.default_llm_dir()
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"no such GGUF file: {path}")
+        return gguf.imported_gguf_dir(path)
+    if path.is_dir():
+        return path
+    text = str(model)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ModelLoadError(f"model not found: {text} (expected a directory, a .gguf file "
+                             "or a Hugging Face repo id like org/name)")
+    return _hub_snapshot(text)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+    try:  # the local cache first, so it works offline
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelLoadError(f"model {repo_id!r} is not in the Hugging Face cache and could "
+                             f"not be downloaded ({type(exc).__name__})") from None
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} has no config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"malformed {file}: {exc}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelLoadError(f"{file} does not name a model_type")
+    return config
+
+
+def model_module(model_type: str):
+    name = MODEL_TYPE_ALIASES.get(model_type, model_type)
+    if not name.isidentifier() or name in ("base", "rope"):
+        name = "_"  # never a module: falls through to the error below
+    try:
+        return importlib.import_module(f"models.{name}")
+    except ModuleNotFoundError:
+        raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: "
+                             f"{', '.join(supported_model_types())}") from None
+
+
+def load_weights(path: Path) -> dict[str, mx.array]:
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {path}")
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        try:
+            weights.update(mx.load(file))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read {file}: {str(exc).splitlines()[0]}") from None
+    return weights
+
+
+def _quantize(model: nn.Module, config: dict, weights: dict[str, mx.array]) -> None:
+    quant = config.get("quantization") or config.get("quantization_config")
+    if not quant:
+        return
+
+    def predicate(path: str, module: nn.Module):
+        if path in quant:  # per-layer override: a dict of params, or False
+            return quant[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(model, group_size=quant.get("group_size", 64), bits=quant.get("bits", 4),
+                class_predicate=predicate)
+
+
+def _dequantized(module: nn.Module, dtype: mx.Dtype) -> nn.Module:
+    def dense(q) -> mx.array:
+        return mx.dequantize(q.weight, q.scales, q.get("biases"), q.group_size, q.bits
+                             ).astype(dtype)
+
+    if isinstance(module, nn.QuantizedLinear):
+        out_dim, in_dim = module.weight.shape[0], module.scales.shape[1] * module.group_size
+        layer = nn.Linear(in_dim, out_dim, bias="bias" in module)
+        layer.weight = dense(module)
+        if "bias" in module:
+            layer.bias = module.bias.astype(dtype)
+        return layer
+    if isinstance(module, nn.QuantizedEmbedding):
+        num, dim = module.weight.shape[0], module.scales.shape[1] * module.group_size
+        layer = nn.Embedding(num, dim)
+        layer.weight = dense(module)
+        return layer
+    for name, child in module.items():
+        if isinstance(child, nn.Module):
+            module[name] = _dequantized(child, dtype)
+        elif isinstance(child, list):
+            module[name] = [_dequantized(c, dtype) if isinstance(c, nn.Module) else c
+                            for c in child]
+    return module
+
+
+def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    # Quantized tensors (uint32) and their scales keep their own types.
+    def cast(path: str, a: mx.array) -> mx.array:
+        if mx.issubdtype(a.dtype, mx.floating) and not path.endswith(("scales", "biases")):
+            return a.astype(dtype)
+        return a
+
+    from mlx.utils import tree_map_with_path
+    model.update(tree_map_with_path(cast, model.parameters()))
+
+
+def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | None = None,
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model in `path` in the fastest weight format for this device."""
+    config = load_config(path)
+    module = model_module(config["model_type"])
+    try:
+        args = module.ModelArgs.from_dict(config)
+        model = module.Model(args)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"invalid config.json in {path}: {exc}") from None
+    weights = model.sanitize(load_weights(path))
+    _quantize(model, config, weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as exc:
+        raise ModelLoadError(f"weights in {path} do not match its config: "
+                             f"{str(exc).splitlines()[0]}") from None
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                    for _, m in model.named_modules())
+    fmt: WeightFormat = choose_weight_format(quantized, config, dtype, keep_quantized)
+    if quantized and not fmt.keep_quantized:
+        model = _dequantized(model, fmt.dtype)
+    _cast_floats(model, fmt.dtype)
+    mx.eval(model.parameters())
+    log_once(fmt.reason)
+    model.eval()
+    return model, config

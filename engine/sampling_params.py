@@ -1,0 +1,61 @@
+"""Per-request sampling parameters (vLLM's names and defaults)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine.errors import RequestError
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How to pick each token and when to stop. Validated on construction:
+    a bad value raises RequestError (a ValueError) naming the field."""
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                 # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None    # None: none; 0: the sampled token's; k: plus top k
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (self.n == 1, "n must be 1 (parallel sampling is not supported)"),
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= -1, "top_k must be -1, 0 (off) or positive"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.seed is None or 0 <= self.seed < 2**63, "seed must be a non-negative integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop and any(not s for s in self.stop):
+            raise RequestError("stop strings must not be empty")
+        if self.top_k == -1:
+            self.top_k = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0)

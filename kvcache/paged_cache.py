@@ -1,0 +1,103 @@
+"""Paged K/V storage in MLX and attention over each sequence's blocks.
+
+Each layer keeps one K and one V pool of `num_slots = (num_blocks + 1) *
+block_size` token slots ([num_slots, n_kv_heads, head_dim]); the extra block
+at the end is scratch space that padding tokens write into. A step writes its
+new keys/values by slot mapping, then each sequence attends over the slots
+its block table names, gathered in logical order.
+
+Tokens of a step are packed: first the decode rows (one query token each),
+then the prefill chunks, then padding. Decode rows attend with one batched
+call over [rows, 1, context]; prefill chunks are padded into [rows, T] and
+masked causally by absolute position, so a prompt split into chunks attends
+exactly as it would in one piece.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step arrays shared by every layer (built by the model runner)."""
+
+    slot_mapping: mx.array            # [N] where each packed token's K/V goes
+    num_decode: int                   # decode rows = first num_decode tokens
+    decode_slots: mx.array | None     # [Bd, Ld] slots of each row's keys, in order
+    decode_mask: mx.array | None      # [Bd, 1, 1, Ld] key is inside the context
+    num_prefill_tokens: int
+    prefill_gather: mx.array | None   # [Bp, Tp] packed index of each chunk token
+    prefill_slots: mx.array | None    # [Bp, Lp]
+    prefill_mask: mx.array | None     # [Bp, 1, Tp, Lp] key position <= query position
+    prefill_unpad: mx.array | None    # [Np] index into the flattened [Bp*Tp] output
+    num_padding: int
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int,
+                 head_dim: int, dtype: mx.Dtype = mx.float32):
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.n_kv_heads, self.head_dim, self.dtype = n_kv_heads, head_dim, dtype
+        shape = ((num_blocks + 1) * block_size, n_kv_heads, head_dim)
+        self.k = [mx.zeros(shape, dtype) for _ in range(num_layers)]
+        self.v = [mx.zeros(shape, dtype) for _ in range(num_layers)]
+        mx.eval(self.k, self.v)
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, n_kv_heads: int, head_dim: int,
+                        dtype: mx.Dtype) -> int:
+        return 2 * num_layers * block_size * n_kv_heads * head_dim * dtype.size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+    def views(self, meta: AttentionMetadata) -> list[PagedLayerView]:
+        return [PagedLayerView(self, i, meta) for i in range(self.num_layers)]
+
+    def write(self, layer: int, slots: mx.array, k: mx.array, v: mx.array) -> None:
+        # On the CPU these scatters update the pool in place (the old array has
+        # no other owner); see DESIGN.md for what CUDA does instead.
+        self.k[layer][slots] = k.astype(self.dtype)
+        self.v[layer][slots] = v.astype(self.dtype)
+
+
+class PagedLayerView:
+    """What one attention layer sees: the same small interface as a
+    contiguous cache, `attend(q, k, v, scale)` on packed [N, heads, dim]."""
+
+    def __init__(self, cache: PagedKVCache, layer: int, meta: AttentionMetadata):
+        self.cache, self.layer, self.meta = cache, layer, meta
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        meta, cache = self.meta, self.cache
+        cache.write(self.layer, meta.slot_mapping, k, v)
+        k_pool, v_pool = cache.k[self.layer], cache.v[self.layer]
+        outs = []
+        if meta.num_decode:
+            qd = q[:meta.num_decode][:, :, None, :]                    # [Bd, H, 1, D]
+            kd = k_pool[meta.decode_slots].transpose(0, 2, 1, 3)        # [Bd, Hkv, Ld, D]
+            vd = v_pool[meta.decode_slots].transpose(0, 2, 1, 3)
+            od = mx.fast.scaled_dot_product_attention(
+                qd, kd.astype(q.dtype), vd.astype(q.dtype), scale=scale, mask=meta.decode_mask)
+            outs.append(od[:, :, 0, :])
+        if meta.num_prefill_tokens:
+            qp = q[meta.prefill_gather].transpose(0, 2, 1, 3)           # [Bp, H, Tp, D]
+            kp = k_pool[meta.prefill_slots].transpose(0, 2, 1, 3)
+            vp = v_pool[meta.prefill_slots].transpose(0, 2, 1, 3)
+            op = mx.fast.scaled_dot_product_attention(
+                qp, kp.astype(q.dtype), vp.astype(q.dtype), scale=scale, mask=meta.prefill_mask)
+            op = op.transpose(0, 2, 1, 3).reshape(-1, q.shape[1], q.shape[2])
+            outs.append(op[meta.prefill_unpad])
+        if meta.num_padding:
+            outs.append(mx.zeros((meta.num_padding, q.shape[1], q.shape[2]), q.dtype))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)

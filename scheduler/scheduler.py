@@ -1,0 +1,212 @@
+"""Continuous batching: every step admits, runs, preempts and finishes.
+
+The policy follows vLLM v1: each sequence's `num_computed_tokens` catches up
+with its `num_tokens` under one token budget per step, which makes decode,
+chunked prefill and recomputation after preemption the same rule. Running
+sequences go first (oldest first); waiting ones are admitted first come,
+first served while the batch size, the token budget and free blocks allow.
+When a running sequence needs a block and none is free, the most recently
+admitted sequence is preempted: its blocks are freed and it is requeued at the
+front, to be recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvcache.block_manager import BlockManager
+from scheduler.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 8192
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """One sequence's share of a step: compute `token_ids` at positions
+    `start .. start+len-1`, writing K/V through `block_table`."""
+
+    seq_id: str
+    token_ids: tuple[int, ...]
+    start: int
+    block_table: tuple[int, ...]
+    samples: bool  # the chunk reaches the end of the sequence: sample a token
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...] = ()
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    preemptions: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class RequestTooLong(ValueError):
+    """The request cannot run even alone: prompt plus output exceed the
+    model's context or the whole KV budget."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.sequences: dict[str, Sequence] = {}
+        self.stats = SchedulerStats()
+
+    # -- requests ----------------------------------------------------------
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        total = num_prompt_tokens + max_tokens
+        limit = self.config.max_model_len
+        if num_prompt_tokens == 0:
+            raise RequestTooLong("the prompt is empty")
+        if total > limit:
+            raise RequestTooLong(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+                f"exceeds the model's context of {limit} tokens")
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if total > capacity:
+            raise RequestTooLong(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
+                f"exceeds the whole KV cache ({capacity} tokens); raise kv_cache_bytes")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq.num_prompt_tokens, seq.max_tokens)
+        if seq.seq_id in self.sequences:
+            raise ValueError(f"duplicate request id {seq.seq_id!r}")
+        self.sequences[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence now (stop, length, abort) and free its blocks."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        self.sequences.pop(seq.seq_id, None)
+        self.stats.finished[reason.value] = self.stats.finished.get(reason.value, 0) + 1
+
+    def abort(self, seq_id: str) -> Sequence | None:
+        seq = self.sequences.get(seq_id)
+        if seq is not None:
+            self.finish(seq, FinishReason.ABORT)
+        return seq
+
+    # -- one step ----------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        plan: list[tuple[Sequence, int]] = []
+        preempted: list[str] = []
+
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._reserve(seq, n, preempted):
+                continue
+            plan.append((seq, n))
+            budget -= n
+
+        # Admit only when nothing was preempted: a step short of blocks for
+        # its running sequences has none to give to new ones.
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.can_allocate(
+                    self.blocks.blocks_needed(seq.seq_id, seq.num_computed_tokens + n)):
+                break
+            self.blocks.allocate(seq.seq_id, seq.num_computed_tokens + n)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            plan.append((seq, n))
+            budget -= n
+
+        self.stats.steps += 1
+        chunks = tuple(self._chunk(seq, n) for seq, n in plan)
+        return SchedulerOutput(chunks, tuple(preempted),
+                               self.config.max_num_batched_tokens - budget)
+
+    def _reserve(self, seq: Sequence, n: int, preempted: list[str]) -> bool:
+        """Make room for `n` more tokens of `seq`, preempting the most recently
+        admitted sequences if needed; False when `seq` itself was preempted."""
+        target = seq.num_computed_tokens + n
+        while not self.blocks.can_allocate(self.blocks.blocks_needed(seq.seq_id, target)):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim.seq_id)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq.seq_id, target)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        return ScheduledChunk(seq.seq_id, tuple(seq.token_ids[start:start + n]), start,
+                              tuple(self.blocks.block_table(seq.seq_id)),
+                              start + n == seq.num_tokens)
+
+    def update(self, output: SchedulerOutput, sampled: list[int]) -> list[tuple[Sequence, int]]:
+        """Record a finished step: `sampled[i]` is the token drawn for
+        `output.chunks[i]` (ignored where the chunk does not sample). Returns
+        the (sequence, new token) pairs; finished sequences free their blocks."""
+        new_tokens = []
+        for chunk, token in zip(output.chunks, sampled):
+            seq = self.sequences.get(chunk.seq_id)
+            if seq is None or seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted or preempted since the step was planned
+            seq.num_computed_tokens += chunk.num_tokens
+            if not chunk.samples:
+                continue
+            seq.token_ids.append(token)
+            new_tokens.append((seq, token))
+            reason = seq.stop_reason_for(token, self.config.max_model_len)
+            if reason is not None:
+                self.finish(seq, reason)
+        return new_tokens
+
+    def reset(self, reason: FinishReason = FinishReason.ABORT) -> list[Sequence]:
+        """Finish every sequence (after a failed step): nothing keeps a block."""
+        everyone = list(self.running) + list(self.waiting)
+        for seq in everyone:
+            self.finish(seq, reason)
+        return everyone

@@ -1,0 +1,68 @@
+"""A request's tokens as the scheduler sees them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"        # EOS, a stop token or a stop string
+    LENGTH = "length"    # max_tokens or the model's context
+    ABORT = "abort"      # cancelled by the caller or failed
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Prompt plus generated tokens; `num_computed_tokens` of them have K/V in
+    the cache. A step computes the rest (or a chunk of it); when it catches
+    up, the step's sampled token is appended."""
+
+    seq_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def stop_reason_for(self, token: int, max_model_len: int) -> FinishReason | None:
+        """Why generation ends after `token` was appended, if it does."""
+        if token in self.stop_token_ids or (not self.ignore_eos and token in self.eos_token_ids):
+            return FinishReason.STOP
+        if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,80 @@
+"""Small random-weight checkpoints written on the fly for engine tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 320,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 257,
+    "eos_token_id": 258,
+    "torch_dtype": "float32",
+}
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer with no merges: 256 byte tokens + 3 specials."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
+    }))
+
+
+def llama_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
+    rng = np.random.default_rng(seed)
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd = d // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * hd
+
+    def w(*shape, scale=0.08):
+        return mx.array(rng.normal(0, scale, size=shape).astype(np.float32))
+
+    weights = {"model.embed_tokens.weight": w(v, d, scale=0.5), "model.norm.weight": w(d) + 1}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights.update({
+            p + "self_attn.q_proj.weight": w(d, d), p + "self_attn.k_proj.weight": w(kv, d),
+            p + "self_attn.v_proj.weight": w(kv, d), p + "self_attn.o_proj.weight": w(d, d),
+            p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
+            p + "mlp.down_proj.weight": w(d, f),
+            p + "input_layernorm.weight": w(d) + 1, p + "post_attention_layernorm.weight": w(d) + 1,
+        })
+    if not config.get("tie_word_embeddings"):
+        weights["lm_head.weight"] = w(v, d, scale=0.3)
+    return weights
+
+
+def write_tiny_llama(path: Path, shards: int = 1, seed: int = 0, **overrides) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    config = {**TINY_LLAMA, **overrides}
+    (path / "config.json").write_text(json.dumps(config))
+    weights = llama_weights(config, seed)
+    names = sorted(weights)
+    for s in range(shards):
+        part = {k: weights[k] for k in names[s::shards]}
+        mx.save_safetensors(str(path / f"model-{s + 1:05d}-of-{shards:05d}.safetensors"), part)
+    write_byte_tokenizer(path)
+    return path

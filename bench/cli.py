@@ -1,0 +1,219 @@
+"""`conveyor bench`: throughput, latency and single-stream runs, peers side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import mlx.core as mx
+
+from bench import workloads
+from bench.runners import Result, run_conveyor, run_mlx_lm
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (see bench/RESULTS.md)")
+    kinds = p.add_subparsers(dest="bench_kind", required=True)
+    for kind in ("throughput", "latency"):
+        k = kinds.add_parser(kind, help=f"{kind} on DESIGN.md's workloads")
+        k.add_argument("--workload", choices=["decode-heavy", "mixed"], default="decode-heavy")
+        k.add_argument("--n", type=int, help="requests (default 64 decode-heavy, 256 mixed)")
+        k.add_argument("--input-len", type=int, default=128)
+        k.add_argument("--output-len", type=int, default=128)
+        _add_common(k)
+        k.add_argument("--plot", help="also run at several concurrencies and draw "
+                       "throughput vs concurrency to this PNG (needs matplotlib)")
+    s = kinds.add_parser("single", help="one request: prompt and generation tok/s")
+    s.add_argument("--input-len", type=int, default=512)
+    s.add_argument("--output-len", type=int, default=128)
+    _add_common(s)
+
+
+def _add_common(p) -> None:
+    p.add_argument("--model", help="model (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--synthetic", choices=["smollm2", "llama-1b", "llama-8b"],
+                   help="a random-weight model of this shape instead of --model")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--compare", choices=["mlx-lm"], help="run a peer on the same work")
+    p.add_argument("--peer-weights", choices=["as-loaded", "same"], default="as-loaded",
+                   help="the peer's weights: as mlx-lm loads them (quantized stays "
+                   "quantized), or exactly Conveyor's (e.g. dequantized fp32)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-bytes", type=int)
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+
+def _machine() -> str:
+    from engine import blas
+    from engine.backend import device_name
+
+    dev = device_name()
+    if dev != "cpu":
+        dev += " " + mx.device_info().get("device_name", "")
+    return (f"{dev}; {platform.machine()}; mlx {mx.__version__}; "
+            f"blas {blas.loaded() and blas.loaded().rsplit('/', 1)[-1]}")
+
+
+def _build(args):
+    """(Conveyor engine, peer model factory)."""
+    from engine.llm_engine import EngineArgs, LLMEngine
+
+    eargs = EngineArgs(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       kv_cache_bytes=args.kv_cache_bytes)
+    if args.synthetic:
+        from bench.synthetic import NullTokenizer, synthetic_model
+        from engine.backend import on_cpu
+
+        dtype = getattr(mx, args.dtype or ("float32" if on_cpu() else "bfloat16"))
+        model, config = synthetic_model(args.synthetic, dtype)
+        engine = LLMEngine(model, NullTokenizer(), config, eargs)
+        return engine, lambda: _mlx_lm_twin(model, config)
+    engine = LLMEngine.from_args(eargs)
+
+    def peer():
+        from mlx_lm.utils import load_model
+
+        from engine.loader import resolve_model_path
+
+        if args.peer_weights == "same":
+            return _mlx_lm_twin(engine.model, engine.config)
+        return load_model(resolve_model_path(args.model))[0]
+
+    return engine, peer
+
+
+def _mlx_lm_twin(model, config):
+    """mlx-lm's llama holding exactly the same weights (parameter names match)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    twin = llama.Model(llama.ModelArgs.from_dict(config))
+    twin.load_weights(tree_flatten(model.parameters()), strict=True)
+    return twin
+
+
+def _workload(args):
+    if args.workload == "mixed":
+        return workloads.mixed(args.n or 256)
+    return workloads.decode_heavy(args.n or 64, args.input_len, args.output_len)
+
+
+def _warm_up(engine) -> None:
+    run_conveyor(engine, workloads.decode_heavy(2, 16, 4))
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.bench_kind == "single":
+        return _run_single(args)
+    engine, peer = _build(args)
+    work = _workload(args)
+    _warm_up(engine)
+    results = [run_conveyor(engine, work)]
+    if args.compare == "mlx-lm":
+        model = peer()
+        run_mlx_lm(model, workloads.decode_heavy(2, 16, 4), 2)  # warm-up
+        results.append(run_mlx_lm(model, work, batch_size=min(len(work.prompts),
+                                                              args.max_num_seqs)))
+    _report(args, results)
+    if args.plot:
+        _plot(args, engine, work)
+    return 0
+
+
+def _report(args, results: list[Result]) -> None:
+    machine = _machine()
+    if args.json:
+        for r in results:
+            print(json.dumps({"machine": machine, **r.as_dict()}))
+        return
+    print(f"# {results[0].workload}: {results[0].requests} requests, "
+          f"{results[0].prompt_tokens} prompt tokens; {machine}")
+    print(f"{'engine':<10} {'out tok/s':>10} {'total tok/s':>12} {'seconds':>9} "
+          f"{'peak GB':>8}")
+    for r in results:
+        print(f"{r.engine:<10} {r.output_tps:>10.1f} {r.total_tps:>12.1f} {r.seconds:>9.2f} "
+              f"{r.peak_memory_gb:>8.2f}")
+    if len(results) > 1:
+        print(f"ratio conveyor/mlx-lm (output tok/s): "
+              f"{results[0].output_tps / results[1].output_tps:.2f}x")
+    extra = results[0].extra
+    if args.bench_kind == "latency":
+        for key in ("ttft_s", "tpot_s", "e2e_s"):
+            print(f"{key:<7} " + "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in extra[key].items()))
+    print(f"KV: {extra['kv_bytes_allocated'] / 2**20:.0f} MiB allocated, "
+          f"{extra['kv_bytes_peak_used'] / 2**20:.0f} MiB peak in use; "
+          f"{extra['steps']} steps, {extra['preemptions']} preemptions, "
+          f"padding waste {100 * extra['padding_waste']:.1f}%")
+
+
+def _plot(args, engine, work) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("conveyor: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return
+    levels = [c for c in (1, 4, 16, 64, 256) if c <= len(work.prompts)]
+    tps = []
+    for c in levels:
+        sub = workloads.Workload(work.name, work.prompts[:c], work.output_lens[:c])
+        tps.append(run_conveyor(engine, sub).output_tps)
+    plt.figure(figsize=(5, 3.5))
+    plt.plot(levels, tps, marker="o")
+    plt.xscale("log", base=2)
+    plt.xlabel("concurrent requests")
+    plt.ylabel("output tok/s")
+    plt.title(f"Conveyor {work.name}")
+    plt.tight_layout()
+    plt.savefig(args.plot)
+
+
+def _run_single(args) -> int:
+    import time
+
+    from engine.sampling_params import SamplingParams
+
+    engine, peer = _build(args)
+    prompt = workloads.decode_heavy(1, args.input_len, 1).prompts[0]
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
+                            detokenize=False)
+    rows = []
+    for attempt in range(2):  # the first run warms up
+        start = time.perf_counter()
+        request = engine.add_request(prompt, params)
+        first = None
+        while engine.has_unfinished():
+            engine.step()
+            if first is None and request.sequence.num_output_tokens:
+                first = time.perf_counter()
+        end = time.perf_counter()
+    rows.append(("conveyor", len(prompt) / (first - start),
+                 (args.output_len - 1) / (end - first)))
+    if args.compare == "mlx-lm":
+        from mlx_lm.generate import generate_step
+
+        model = peer()
+        for attempt in range(2):
+            start = time.perf_counter()
+            first = None
+            for i, _ in enumerate(generate_step(mx.array(prompt), model,
+                                                max_tokens=args.output_len)):
+                if i == 0:
+                    first = time.perf_counter()
+            end = time.perf_counter()
+        rows.append(("mlx-lm", len(prompt) / (first - start),
+                     (args.output_len - 1) / (end - first)))
+    print(f"# single stream: {len(prompt)}-token prompt, {args.output_len} new tokens; "
+          f"{_machine()}")
+    print(f"{'engine':<10} {'prompt tok/s':>13} {'gen tok/s':>10}")
+    for name, p, g in rows:
+        print(f"{name:<10} {p:>13.1f} {g:>10.1f}")
+    if len(rows) == 2:
+        print(f"ratio conveyor/mlx-lm: prompt {rows[0][1] / rows[1][1]:.2f}x, "
+              f"generation {rows[0][2] / rows[1][2]:.2f}x")
+    return 0

@@ -1,0 +1,47 @@
+"""Random-weight models shaped like real ones, for GPU runs without checkpoints."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+SHAPES = {
+    "smollm2": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                    tie_word_embeddings=True, rope_theta=100000.0),
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                     tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                     tie_word_embeddings=False, rope_theta=500000.0),
+}
+
+
+class NullTokenizer:
+    """Token ids in, token ids out: synthetic models have no vocabulary."""
+
+    eos_token_ids: set[int] = set()
+    chat_template = None
+
+
+def synthetic_config(name: str) -> dict:
+    return {"model_type": "llama", "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+            **SHAPES[name]}
+
+
+def synthetic_model(name: str, dtype: mx.Dtype):
+    """Conveyor's llama with small random weights in `dtype`."""
+    from models.llama import Model, ModelArgs
+
+    config = synthetic_config(name)
+    model = Model(ModelArgs.from_dict(config))
+    # Small weights keep activations finite in half precision.
+    model.update(_scaled(model.parameters(), dtype))
+    mx.eval(model.parameters())
+    return model, config
+
+
+def _scaled(params, dtype):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda a: (a * 0.02 if a.ndim > 1 else a).astype(dtype), params)

@@ -54,6 +54,7 @@ class Embedder:
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length)
+        self._untruncated: Tokenizer | None = None  # made on first use
         # Batches of one wave run side by side on their own streams: on the
         # CPU each stream has its own thread, so element-wise work (MLX runs
         # it on one thread per stream) uses both cores.
@@ -106,9 +107,10 @@ class Embedder:
 
     def count_tokens(self, text: str) -> int:
         """Tokens in `text` without truncation (special tokens included)."""
-        full = Tokenizer.from_str(self._tokenizer.to_str())
-        full.no_truncation()
-        return len(full.encode(text).ids)
+        if self._untruncated is None:
+            self._untruncated = Tokenizer.from_str(self._tokenizer.to_str())
+            self._untruncated.no_truncation()
+        return len(self._untruncated.encode(text).ids)
 
     def embed(self, texts: Sequence[str], *, truncate: bool = True,
               on_progress: Callable[[int], None] | None = None) -> EmbeddingResult:

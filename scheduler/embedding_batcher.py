@@ -43,29 +43,45 @@ def plan_embedding_batches(
     token_budget: int,
     max_batch_size: int,
     pad_multiple: int = 1,
+    max_padding: float = 0.1,
+    min_batch_tokens: int | None = None,
 ) -> Iterator[EmbeddingBatch]:
     """Yield batches covering every `(request index, token count)` item once.
 
     Items are taken longest first. A batch's padded size (rows x its longest
     item, rounded up to `pad_multiple`) stays within `token_budget` and its
     rows within `max_batch_size`; an item longer than the budget runs alone.
+    A batch also stops growing when padding would pass `max_padding` of its
+    tokens, unless it is still small (`min_batch_tokens`, default budget/8):
+    a few long texts then don't drag a crowd of short ones up to their length.
     Ties keep input order, so the plan is deterministic.
     """
     if token_budget < 1 or max_batch_size < 1 or pad_multiple < 1:
         raise ValueError("token_budget, max_batch_size and pad_multiple must be >= 1")
+    if min_batch_tokens is None:
+        min_batch_tokens = token_budget // 8
     order = sorted(items, key=lambda item: -item[1])
     start = 0
     while start < len(order):
         # The first item is the longest, so it fixes the row length.
-        padded_length = round_up(max(order[start][1], 1), pad_multiple)
-        rows = max(1, min(max_batch_size, token_budget // padded_length))
-        chunk = order[start:start + rows]
+        longest = max(order[start][1], 1)
+        padded_length = round_up(longest, pad_multiple)
+        rows_cap = max(1, min(max_batch_size, token_budget // padded_length))
+        end, real = start + 1, order[start][1]
+        while end < len(order) and end - start < rows_cap:
+            rows, grown = end - start + 1, real + order[end][1]
+            # Padding from mixing lengths, not from rounding up to pad_multiple.
+            if grown < (1.0 - max_padding) * rows * longest and \
+                    rows * padded_length > min_batch_tokens:
+                break
+            end, real = end + 1, grown
+        chunk = order[start:end]
         yield EmbeddingBatch(
             indices=tuple(i for i, _ in chunk),
             lengths=tuple(n for _, n in chunk),
             padded_length=padded_length,
         )
-        start += len(chunk)
+        start = end
 
 
 def padding_fraction(batches: Iterable[EmbeddingBatch]) -> float:

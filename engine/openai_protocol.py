@@ -425,6 +425,15 @@ def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
+def _token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    # A byte-level token may be part of a UTF-8 character: its own bytes, not
+    # those of the replacement character its text decodes to.
+    table = tokenizer.byte_table() if hasattr(tokenizer, "byte_table") else None
+    if table and 0 <= token_id < len(table):
+        return list(table[token_id])
+    return list(text.encode())
+
+
 def completion_response(request: CompletionRequest, outputs: Sequence[RequestOutput],
                         tokenizer, *, model: str, response_id: str | None = None,
                         created: int | None = None) -> CompletionResponse:
@@ -489,9 +498,10 @@ def _chat_logprob(lp: Logprob, tokenizer) -> ChatTokenLogprob:
     top = []
     for token_id, value in lp.top or ():
         text = _token_text(tokenizer, token_id)
-        top.append(TopLogprob(token=text, logprob=value, bytes=list(text.encode())))
-    return ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()),
-                            top_logprobs=top)
+        top.append(TopLogprob(token=text, logprob=value,
+                              bytes=_token_bytes(tokenizer, token_id, text)))
+    return ChatTokenLogprob(token=token, logprob=lp.logprob,
+                            bytes=_token_bytes(tokenizer, lp.token_id, token), top_logprobs=top)
 
 
 def embedding_response(request: EmbeddingRequest, vectors: np.ndarray,

@@ -1,0 +1,124 @@
+"""`conveyor serve`: the OpenAI-compatible HTTP server (engine/server.py)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+from engine.errors import ConveyorError
+
+DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `serve` on the `conveyor` command's subparsers."""
+    from engine.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING
+
+    p = subparsers.add_parser(
+        "serve", help="serve the OpenAI API (completions, chat, embeddings) over HTTP",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/embeddings, "
+        "/v1/models, /health, /metrics and /openapi.json. All clients share one "
+        "continuous-batching engine.")
+    p.add_argument("--model", help="generation model: directory, .gguf file or Hugging Face "
+                   "repo id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", help="the name clients pass as `model` "
+                   "(default: --model as given)")
+    p.add_argument("--embedding-model", default="default",
+                   help="encoder for /v1/embeddings: directory or repo id; 'default' is "
+                   "all-MiniLM-L6-v2, 'none' serves no embeddings (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s; 0.0.0.0 exposes the server)")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--api-key", help="require `Authorization: Bearer <key>` on /v1/*")
+    p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                   help="refuse new requests (429) while this many wait for admission "
+                   "(default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body (413 above it; default: %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype (default: float32 on the CPU, the model's on a GPU)")
+    p.add_argument("--keep-quantized", action="store_true", default=None,
+                   help="keep quantized weights quantized (default on a GPU only)")
+    p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    # Bound here rather than by uvicorn so that a busy port is a one-line
+    # user error, not uvicorn's exit.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConveyorError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from engine.async_llm import AsyncLLM
+    from engine.server import build_app
+
+    for name in ("max_waiting", "max_body_bytes", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) < 1:
+            raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.port < 65536:
+        raise ConveyorError(f"--port must be in [0, 65535], got {args.port}")
+    sock = _listen(args.host, args.port)
+    embedder = None
+    if args.embedding_model.lower() != "none":
+        from engine.embedder import Embedder
+
+        chosen = None if args.embedding_model == "default" else args.embedding_model
+        embedder = Embedder.load(chosen)
+        embedding_name = args.embedding_model if chosen else DEFAULT_EMBEDDING_NAME
+    else:
+        embedding_name = None
+    engine_args = {"dtype": args.dtype, "keep_quantized": args.keep_quantized,
+                   "kv_cache_bytes": args.kv_cache_bytes, "max_num_seqs": args.max_num_seqs,
+                   "max_num_batched_tokens": args.max_num_batched_tokens,
+                   "max_model_len": args.max_model_len}
+    llm = AsyncLLM(args.model, **engine_args)
+    try:
+        app = build_app(llm, embedder,
+                        model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
+                        embedding_model_name=embedding_name, api_key=args.api_key,
+                        max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
+        host, port = sock.getsockname()[:2]
+        print(f"conveyor: serving on http://{host}:{port}", file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        llm.close()
+        sock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="conveyor")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run_serve(args)
+    except ConveyorError as exc:
+        print(f"conveyor: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

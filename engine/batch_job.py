@@ -205,14 +205,17 @@ class BatchJob:
                 self._embeds.append(_PendingEmbedding(line, request, texts))
                 self._embed_texts += len(texts)
                 return None
-            self._submit(line, request)
+        except RequestError as exc:
+            return self._fail(line, str(exc), INVALID_REQUEST, status_code=400)
+        llm = self._get_llm()  # outside the try: a model that cannot load ends the job
+        try:
+            self._submit(line, request, llm)
         except ConveyorError as exc:  # RequestError, or a model with no chat template
             self._fail(line, str(exc), INVALID_REQUEST, status_code=400)
         return None
 
     def _submit(self, line: InputLine, request: CompletionRequest | ChatCompletionRequest,
-                ) -> None:
-        llm = self._get_llm()
+                llm) -> None:
         engine = llm.engine
         if isinstance(request, ChatCompletionRequest):
             inputs = chat_inputs(request, llm.tokenizer, engine.scheduler.config.max_model_len)

@@ -1,0 +1,566 @@
+"""`conveyor batch`: the OpenAI Batch format, resuming after kill -9, bad
+lines, lazy reading with a bounded queue, and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from engine import batch_job
+from engine.batch_file import (
+    BatchOutputLine,
+    OutputFile,
+    parse_input_line,
+    read_input,
+)
+from engine.batch_job import BatchJob
+from engine.cli_batch import add_batch_parser, run_batch
+from engine.errors import ConveyorError, RequestError
+from engine.openai_protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    chat_inputs,
+    completion_inputs,
+    embedding_texts,
+    parse_request,
+)
+
+EXAMPLES = Path(__file__).parent / "data" / "batch_examples"
+ROOT = Path(__file__).resolve().parent.parent
+KV_BYTES = 16 << 20
+
+
+# -- helpers -----------------------------------------------------------------------
+
+class FakeEmbedder:
+    """Deterministic vectors from the text, one token per word; texts longer
+    than `max_length` words are flagged truncated, like the real Embedder."""
+
+    max_length = 12
+    dim = 4
+
+    def __init__(self):
+        self.calls = 0
+
+    def embed(self, texts, truncate=True):
+        self.calls += 1
+        vectors = np.array([[len(t), t.count(" "), sum(map(ord, t)) % 97, 1.0] for t in texts],
+                           dtype=np.float32)
+        num_tokens = [len(t.split()) for t in texts]
+        return batch_job_result(vectors, [n > self.max_length for n in num_tokens],
+                                [min(n, self.max_length) for n in num_tokens])
+
+
+def batch_job_result(vectors, truncated, num_tokens):
+    from engine.embedder import EmbeddingResult
+
+    return EmbeddingResult(vectors=vectors, truncated=truncated, num_tokens=num_tokens)
+
+
+def line(custom_id, url, body, method="POST") -> str:
+    return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def by_id(path: Path) -> dict[str, dict]:
+    out = {}
+    for r in records(path):
+        assert r["custom_id"] not in out, f"{r['custom_id']} answered twice"
+        out[r["custom_id"]] = r
+    return out
+
+
+def answer(record: dict) -> tuple:
+    """What must not change between runs: the generated text and token counts."""
+    body = record["response"]["body"]
+    choices = body["choices"]
+    texts = tuple(c.get("text", c.get("message", {}).get("content")) for c in choices)
+    return texts, tuple(c["finish_reason"] for c in choices), body["usage"]["completion_tokens"]
+
+
+def make_job(tmp_path, tiny_llama_dir, input_path, *, max_num_seqs=8, embedder=None,
+             output=None) -> BatchJob:
+    from engine import LLM
+
+    embedder = embedder or FakeEmbedder()
+    return BatchJob(Path(input_path), Path(output or tmp_path / "out.jsonl"),
+                    lambda: LLM(str(tiny_llama_dir), kv_cache_bytes=KV_BYTES,
+                                max_num_seqs=max_num_seqs),
+                    lambda: embedder, model_name="tiny", max_in_flight=2 * max_num_seqs,
+                    embed_batch_texts=4, progress=False)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(x + "\n" for x in lines))
+    return path
+
+
+# -- format --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["openai_chat_input.jsonl", "openai_completions_input.jsonl",
+                                  "vllm_embeddings_input.jsonl"])
+def test_example_inputs_parse_and_round_trip(name, tiny_llama_dir):
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_llama_dir)
+    for n, raw in enumerate((EXAMPLES / name).read_bytes().splitlines(), start=1):
+        parsed = parse_input_line(n, raw)
+        assert parsed.error is None, parsed.error
+        # The line survives decode/encode unchanged (so files pass through as is).
+        assert msgspec.to_builtins(parsed.request) == json.loads(raw)
+        request = parse_request(parsed.request.url, parsed.request.body)
+        if isinstance(request, ChatCompletionRequest):
+            inputs = chat_inputs(request, tok, max_model_len=2048)
+            assert inputs[0].prompt == tok.encode(tok.apply_chat_template(
+                [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                  "".join(p.text for p in m.content)} for m in request.messages]),
+                add_special_tokens=False)
+        elif isinstance(request, CompletionRequest):
+            inputs = completion_inputs(request)
+        else:
+            assert isinstance(request, EmbeddingRequest)
+            assert embedding_texts(request)
+
+
+def test_example_inputs_map_to_the_right_sampling_params(tiny_llama_dir):
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_llama_dir)
+    chat = [parse_input_line(i, x).request for i, x in
+            enumerate((EXAMPLES / "openai_chat_input.jsonl").read_bytes().splitlines(), 1)]
+    r1 = chat_inputs(parse_request(chat[0].url, chat[0].body), tok, 2048)
+    assert len(r1) == 1 and r1[0].params.max_tokens == 1000
+    r3 = chat_inputs(parse_request(chat[2].url, chat[2].body), tok, 2048)
+    p = r3[0].params
+    assert (p.max_tokens, p.temperature, p.stop, p.seed, p.logprobs) == (20, 0, ["\n\n"], 7, 2)
+    assert tok.decode(r3[0].prompt).endswith("user: Name three colours.\nassistant:")
+
+    comp = [parse_input_line(i, x).request for i, x in
+            enumerate((EXAMPLES / "openai_completions_input.jsonl").read_bytes().splitlines(), 1)]
+    c2 = completion_inputs(parse_request(comp[1].url, comp[1].body))
+    # prompts × n, vLLM's order: both choices of prompt 0, then of prompt 1
+    assert [x.prompt for x in c2] == ["Once upon a time"] * 2 + ["The capital of France is"] * 2
+    assert all(x.params.logprobs == 1 and x.params.max_tokens == 5 for x in c2)
+    c3 = completion_inputs(parse_request(comp[2].url, comp[2].body))[0]
+    assert c3.prompt == [1, 450, 7483, 310]
+    q = c3.params
+    assert (q.top_k, q.min_p, q.repetition_penalty, q.ignore_eos, q.stop_token_ids, q.seed) == (
+        40, 0.05, 1.1, True, [2], 3)
+
+
+@pytest.mark.parametrize("name", ["openai_chat_output.jsonl", "openai_completions_output.jsonl",
+                                  "vllm_chat_output.jsonl", "vllm_embeddings_output.jsonl"])
+def test_example_outputs_round_trip(name):
+    kinds = {"chat.completion": ChatCompletionResponse, "text_completion": CompletionResponse,
+             "list": EmbeddingResponse}
+    for raw in (EXAMPLES / name).read_bytes().splitlines():
+        record = msgspec.json.decode(raw, type=BatchOutputLine)
+        assert msgspec.to_builtins(record) == json.loads(raw)  # unchanged, extras included
+        body = record.response.body
+        if record.response.status_code == 200:
+            typed = msgspec.convert(body, kinds[body["object"]])
+            assert typed.usage.prompt_tokens == body["usage"]["prompt_tokens"]
+            if isinstance(typed, ChatCompletionResponse):
+                assert typed.choices[0].message.content == body["choices"][0]["message"]["content"]
+            elif isinstance(typed, CompletionResponse):
+                assert typed.choices[0].text == body["choices"][0]["text"]
+            else:
+                assert typed.data[0].embedding == body["data"][0]["embedding"]
+        else:
+            assert record.error is not None or "error" in (body or {})
+
+
+def _keys(value) -> dict:
+    """The key tree of a JSON value (lists: their first element; a dict of
+    floats is data, token -> logprob, not structure)."""
+    if isinstance(value, dict) and value and all(isinstance(v, float) for v in value.values()):
+        return {}
+    if isinstance(value, dict):
+        return {k: _keys(v) for k, v in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return {"[0]": _keys(value[0])}
+    return {}
+
+
+def _missing(ours: dict, theirs: dict, path="") -> list[str]:
+    out = []
+    for k, sub in theirs.items():
+        if k not in ours:
+            out.append(path + k)
+        else:
+            out += _missing(ours[k], sub, path + k + ".")
+    return out
+
+
+def test_our_records_have_every_field_of_openai_and_vllm_records(tmp_path, tiny_llama_dir):
+    inputs = [x for name in ("openai_chat_input.jsonl", "openai_completions_input.jsonl",
+                             "vllm_embeddings_input.jsonl")
+              for x in (EXAMPLES / name).read_text().splitlines()]
+    inputs = [x.replace("request-", "e-") if "/v1/embeddings" in x else x for x in inputs]
+    inputs = [x.replace('"max_tokens": 1000', '"max_tokens": 12')
+              .replace("[1, 450, 7483, 310]", "[1, 45, 73, 31]") for x in inputs]  # tiny vocab
+    summary = make_job(tmp_path, tiny_llama_dir,
+                       write_lines(tmp_path / "in.jsonl", inputs)).run()
+    assert (summary.done, summary.failed) == (9, 0)
+    ours = by_id(tmp_path / "out.jsonl")
+    # Fields OpenAI has that Conveyor leaves out on purpose (no such feature).
+    extras = {"system_fingerprint", "id", "created", "tool_calls"}
+
+    def strip(tree):
+        return {k: strip(v) for k, v in tree.items() if k not in extras}
+
+    chat = json.loads((EXAMPLES / "openai_chat_output.jsonl").read_text().splitlines()[0])
+    vchat = json.loads((EXAMPLES / "vllm_chat_output.jsonl").read_text().splitlines()[0])
+    comp1, comp = map(json.loads,
+                      (EXAMPLES / "openai_completions_output.jsonl").read_text().splitlines())
+    emb = json.loads((EXAMPLES / "vllm_embeddings_output.jsonl").read_text().splitlines()[0])
+    for ours_id, example in [("request-1", chat), ("request-2", vchat), ("c-1", comp1),
+                             ("c-2", comp), ("e-1", emb)]:
+        mine = ours[ours_id]
+        assert mine["response"]["status_code"] == 200 and mine["error"] is None
+        tree = strip(_keys(example))
+        if ours_id == "e-1":  # vLLM adds completion_tokens: 0 to embedding usage
+            del tree["response"]["body"]["usage"]["completion_tokens"]
+        assert _missing(_keys(mine), tree) == [], ours_id
+        assert mine["id"].startswith("batch_req_")
+    # the body's "model" is reported back as the request gave it
+    models = {"request-1": "gpt-3.5-turbo-0125", "c-3": "meta-llama/Meta-Llama-3-8B",
+              "e-1": "intfloat/e5-mistral-7b-instruct", "e-3": "conveyor-embedding"}
+    for cid, model in models.items():
+        assert ours[cid]["response"]["body"]["model"] == model
+    # usage adds up and n × prompts choices come back in order
+    c2 = ours["c-2"]["response"]["body"]
+    assert [c["index"] for c in c2["choices"]] == [0, 1, 2, 3]
+    assert c2["choices"][0]["text"] == c2["choices"][1]["text"]  # greedy
+    usage = c2["usage"]
+    assert usage["completion_tokens"] == 20
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens"] == len(b"Once upon a time") + len(b"The capital of France is")
+    lp = c2["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
+    r3 = ours["request-3"]["response"]["body"]["choices"][0]
+    assert len(r3["logprobs"]["content"][0]["top_logprobs"]) == 2
+    b64 = ours["e-3"]["response"]["body"]["data"][0]["embedding"]
+    assert isinstance(b64, str) and len(base64.b64decode(b64)) == 4 * FakeEmbedder.dim
+    assert len(ours["e-2"]["response"]["body"]["data"]) == 2
+
+
+# -- bad lines -----------------------------------------------------------------------
+
+def test_bad_lines_get_error_records_and_the_job_goes_on(tmp_path, tiny_llama_dir):
+    C, CH, E = "/v1/completions", "/v1/chat/completions", "/v1/embeddings"
+    ok_c = {"prompt": "hello", "max_tokens": 3, "temperature": 0}
+    lines = [
+        line("ok-c", C, ok_c),
+        '{"custom_id": "broken", "method": ',                              # invalid JSON
+        '["a", "list"]',                                                   # not an object
+        json.dumps({"method": "POST", "url": C, "body": ok_c}),            # no custom_id
+        json.dumps({"custom_id": "no-url", "method": "POST", "body": ok_c}),
+        line("get", C, ok_c, method="GET"),
+        line("ok-chat", CH, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        "",                                                                # blank: skipped
+        line("bad-url", "/v1/images/generations", {"prompt": "a cat"}),
+        line("no-prompt", C, {"max_tokens": 3}),
+        line("bad-temp", C, {"prompt": "x", "temperature": -1}),
+        line("bad-type", C, {"prompt": "x", "max_tokens": "many"}),
+        line("too-long", C, {"prompt": "x" * 2100, "max_tokens": 4}),
+        line("ok-e", E, {"input": ["a b", "c"]}),
+        line("too-long-e", E, {"input": "w " * 20}),
+        line("tools", CH, {"messages": [{"role": "user", "content": "hi"}],
+                           "tools": [{"type": "function"}]}),
+        line("no-messages", CH, {"messages": []}),
+        line("ok-c", C, ok_c),                                             # duplicate
+    ]
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    summary = make_job(tmp_path, tiny_llama_dir, path).run()
+    out = records(tmp_path / "out.jsonl")
+    assert len(out) == len(lines) - 1
+    assert (summary.done, summary.failed, summary.skipped) == (3, 14, 0)
+    named = {}
+    for r in sorted(out, key=lambda r: int(r["id"].removeprefix("batch_req_"))):  # input order
+        named.setdefault(r["custom_id"], []).append(r)
+    for ok in ("ok-c", "ok-chat", "ok-e"):
+        assert named[ok][0]["response"]["status_code"] == 200 and named[ok][0]["error"] is None
+    assert named["ok-c"][0]["response"]["body"]["usage"]["completion_tokens"] == 3
+
+    def err(cid, k=0):
+        r = named[cid][k]
+        return r["error"]["code"], r["error"]["message"], (r["response"] or {}).get(
+            "status_code")
+
+    nameless = sorted(r["id"] for r in named[None])   # lines with no usable custom_id
+    assert nameless == ["batch_req_2", "batch_req_3", "batch_req_4"]
+    assert {err(None, k)[0] for k in range(3)} == {"invalid_json", "invalid_batch_line"}
+    assert err("no-url")[0] == "invalid_batch_line" and "url" in err("no-url")[1]
+    assert err("get")[0] == "invalid_batch_line" and "POST" in err("get")[1]
+    for cid, words in [("bad-url", "unsupported url"), ("no-prompt", "prompt"),
+                       ("bad-temp", "temperature"), ("bad-type", "max_tokens"),
+                       ("too-long", "exceeds the model's context"),
+                       ("too-long-e", "longer than the model's maximum"),
+                       ("tools", "tools"), ("no-messages", "messages")]:
+        code, message, status = err(cid)
+        assert (code, status) == ("invalid_request", 400), cid
+        assert words in message, (cid, message)
+        body = named[cid][0]["response"]["body"]
+        assert body["error"]["message"] == message  # OpenAI's error body too
+    dup = named["ok-c"][1]
+    assert dup["error"]["code"] == "duplicate_custom_id" and dup["id"] == "batch_req_18"
+
+    # Re-running answers nothing twice: the nameless and duplicate lines are
+    # recognised by their record ids, the rest by custom_id.
+    before = (tmp_path / "out.jsonl").read_bytes()
+    again = make_job(tmp_path, tiny_llama_dir, path).run()
+    assert (again.done, again.failed, again.skipped) == (0, 0, 17)
+    assert (tmp_path / "out.jsonl").read_bytes() == before
+
+
+def test_missing_model_or_input_is_a_job_error(tmp_path, tiny_llama_dir):
+    with pytest.raises(ConveyorError, match="input file not found"):
+        make_job(tmp_path, tiny_llama_dir, tmp_path / "nope.jsonl").run()
+    path = write_lines(tmp_path / "in.jsonl", [line("a", "/v1/completions", {"prompt": "x"})])
+    job = make_job(tmp_path, tiny_llama_dir, path)
+    job.load_llm = lambda: (_ for _ in ()).throw(ConveyorError("model not found: m"))
+    with pytest.raises(ConveyorError, match="model not found"):
+        job.run()
+
+
+# -- crash safety ----------------------------------------------------------------------
+
+def test_torn_last_line_is_dropped_and_the_rest_indexed(tmp_path):
+    good = [json.dumps({"id": f"batch_req_{i}", "custom_id": f"r{i}", "response": None,
+                        "error": None}) for i in range(3)]
+    out = tmp_path / "out.jsonl"
+    out.write_text("\n".join(good) + "\n" + good[0][:17])
+    with OutputFile.open(out) as f:
+        assert f.repaired_bytes == 17
+        assert f.index.custom_ids == {"r0", "r1", "r2"}
+    assert out.read_text() == "\n".join(good) + "\n"
+    out.write_text(good[0])  # a whole record, but its newline never made it
+    with OutputFile.open(out) as f:
+        assert f.repaired_bytes == len(good[0]) and f.index.records == 0
+    assert out.read_bytes() == b""
+    out.write_text(good[0] + "\nnot json\n" + good[1] + "\n")
+    with pytest.raises(ConveyorError, match="out.jsonl:2 is not a batch result"):
+        OutputFile.open(out)
+
+
+def _resume_input(path: Path, n: int) -> Path:
+    lines = []
+    for i in range(n):
+        if i % 2:
+            body = {"messages": [{"role": "user", "content": f"question {i} " * (1 + i % 4)}],
+                    "max_tokens": 6, "temperature": 0}
+            lines.append(line(f"req-{i}", "/v1/chat/completions", body))
+        else:
+            body = {"prompt": f"prompt {i} " * (1 + i % 6), "max_tokens": 6, "temperature": 0}
+            lines.append(line(f"req-{i}", "/v1/completions", body))
+    return write_lines(path, lines)
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def test_kill_9_at_random_points_then_resume_answers_every_id_once(tmp_path, tiny_llama_dir):
+    n = 240
+    inp = _resume_input(tmp_path / "in.jsonl", n)
+    # The reference: one uninterrupted run (greedy, so the same answers).
+    make_job(tmp_path, tiny_llama_dir, inp, output=tmp_path / "ref.jsonl").run()
+    reference = {k: answer(v) for k, v in by_id(tmp_path / "ref.jsonl").items()}
+    assert len(reference) == n
+
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "engine.cli_batch", "batch", "-i", str(inp), "-o", str(out),
+           "--model", str(tiny_llama_dir), "--kv-cache-bytes", str(KV_BYTES),
+           "--max-num-seqs", "8", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rng = random.Random(1234)
+    kills, torn = 0, False
+    for attempt in range(40):
+        if kills >= 6:
+            break
+        done_before = _count_lines(out)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        # Kill at a random moment: sometimes during start-up, mostly once a
+        # random number of new results has been written (mid-write included).
+        target = done_before + rng.randint(1, 40)
+        deadline = time.monotonic() + (rng.uniform(0.05, 0.6) if attempt % 3 == 0 else 20)
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _count_lines(out) >= target:
+                time.sleep(rng.uniform(0, 0.03))
+                break
+            time.sleep(0.005)
+        if proc.poll() is not None:
+            break  # finished before we could kill it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if not torn and _count_lines(out) > 0:
+            # A kill in the middle of a write: half a record, no newline.
+            with out.open("ab") as f:
+                f.write(b'{"id": "batch_req_99999", "custom_id": "req-')
+            torn = True
+    assert kills >= 5
+    final = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert final.returncode == 0, final.stderr
+    results = by_id(out)  # asserts no custom_id twice
+    assert sorted(results) == sorted(reference)
+    assert all(r["response"]["status_code"] == 200 for r in results.values())
+    assert {k: answer(v) for k, v in results.items()} == reference
+
+
+# -- lazy reading and backpressure ---------------------------------------------------
+
+def test_reader_is_lazy_and_its_memory_does_not_grow_with_the_file(tmp_path):
+    path = tmp_path / "big.jsonl"
+    row = line("id-{}", "/v1/completions", {"prompt": "p " * 40, "max_tokens": 8})
+    with path.open("w") as f:
+        for i in range(100_000):
+            f.write(row.replace("id-{}", f"id-{i}") + "\n")
+    it = read_input(path)
+    assert next(it).custom_id == "id-0"  # a generator: nothing read ahead
+    tracemalloc.start()
+    count = 1
+    for parsed in it:
+        count += 1
+        assert parsed.request is not None
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert count == 100_000
+    assert path.stat().st_size > 15e6 and peak < 1e6  # ~18 MB of input, < 1 MB held
+
+
+def test_engine_queue_stays_full_but_bounded(tmp_path, tiny_llama_dir, monkeypatch):
+    n, max_num_seqs = 300, 4
+    path = write_lines(tmp_path / "in.jsonl", [
+        line(f"r{i}", "/v1/completions",
+             {"prompt": f"p{i}", "max_tokens": 1 + i % 3, "temperature": 0})
+        for i in range(n)])
+    job = make_job(tmp_path, tiny_llama_dir, path, max_num_seqs=max_num_seqs)
+    bound = job.max_in_flight
+    seen = {"pulled": 0, "queued": []}
+
+    def watched(p):
+        for item in read_input(p):
+            answered = job.summary.done + job.summary.failed
+            # Lines read but not yet answered never exceed the bound.
+            assert seen["pulled"] - answered <= bound
+            if job._llm is not None:
+                stats = job._llm.engine.stats()
+                seen["queued"].append(stats.running + stats.waiting)
+            seen["pulled"] += 1
+            yield item
+
+    monkeypatch.setattr(batch_job, "read_input", watched)
+    summary = job.run()
+    assert (summary.done, summary.failed) == (n, 0)
+    assert summary.peak_in_flight == bound
+    queued = seen["queued"]
+    assert max(queued) <= bound
+    # Kept full: once running, each new line is read when the queue has just
+    # dropped below the bound, not when it ran dry.
+    assert sum(q >= bound - max_num_seqs for q in queued[bound:]) >= 0.9 * len(queued[bound:])
+
+
+# -- CLI -----------------------------------------------------------------------------
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="conveyor")
+    add_batch_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["batch", *argv])
+
+
+def test_cli_exit_codes_and_summary(tmp_path, tiny_llama_dir, capsys):
+    args = _parse(["-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl")])
+    assert run_batch(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"conveyor: error: input file not found: {tmp_path / 'missing.jsonl'}"]
+
+    inp = write_lines(tmp_path / "in.jsonl", [
+        line("a", "/v1/completions", {"prompt": "hi", "max_tokens": 2}), "not json"])
+    args = _parse(["-i", str(inp), "-o", str(tmp_path / "nodir" / "o.jsonl")])
+    assert run_batch(args) == 2
+    assert "output directory does not exist" in capsys.readouterr().err
+
+    args = _parse(["-i", str(inp), "-o", str(tmp_path / "o.jsonl"), "--model",
+                   str(tiny_llama_dir), "--kv-cache-bytes", str(KV_BYTES), "--max-num-seqs", "2"])
+    assert run_batch(args) == 0
+    err = capsys.readouterr().err
+    assert "1 done, 1 failed, 0 skipped" in err and "output tok/s" in err
+    assert run_batch(args) == 0
+    assert "0 done, 0 failed, 2 skipped" in capsys.readouterr().err
+    args = _parse(["-i", str(inp), "-o", str(tmp_path / "o.jsonl"), "-q"])
+    assert run_batch(args) == 0  # all answered: no model is even loaded
+    assert capsys.readouterr().err == ""
+    args = _parse(["-i", str(inp), "-o", str(tmp_path / "o2.jsonl"), "--model",
+                   str(tmp_path / "no-model")])
+    assert run_batch(args) == 2  # the model is found missing once a line needs it
+    assert capsys.readouterr().err.splitlines()[-1].startswith("conveyor: error: ")
+
+
+# -- the real models, end to end ---------------------------------------------------------
+
+def test_real_models_chat_and_embeddings(tmp_path, smollm_dir):
+    from engine.batch_job import run_batch_file
+    from engine.tokenizer import Tokenizer
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    inp = write_lines(tmp_path / "in.jsonl", [
+        line("chat", "/v1/chat/completions",
+             {"model": "SmolLM2", "messages": question, "max_tokens": 8, "temperature": 0}),
+        line("emb", "/v1/embeddings", {"input": ["Paris is in France.", "A cat."]}),
+    ])
+    summary = run_batch_file(inp, tmp_path / "out.jsonl", model=str(smollm_dir),
+                             max_num_seqs=4, progress=False,
+                             engine_args={"kv_cache_bytes": 64 << 20})
+    assert (summary.done, summary.failed) == (2, 0)
+    out = by_id(tmp_path / "out.jsonl")
+    chat = out["chat"]["response"]["body"]
+    tok = Tokenizer.from_dir(smollm_dir)
+    assert chat["model"] == "SmolLM2"
+    assert "Paris" in chat["choices"][0]["message"]["content"]
+    assert chat["usage"]["prompt_tokens"] == len(tok.apply_chat_template(question, tokenize=True))
+    emb = out["emb"]["response"]["body"]
+    assert emb["model"] == "all-MiniLM-L6-v2"
+    vectors = np.array([d["embedding"] for d in emb["data"]])
+    assert vectors.shape == (2, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    assert emb["usage"]["prompt_tokens"] > 4
+
+
+def test_protocol_refuses_what_it_cannot_honour():
+    with pytest.raises(RequestError, match="logit_bias"):
+        parse_request("/v1/completions", {"prompt": "x", "logit_bias": {"1": 5}})
+    with pytest.raises(RequestError, match="response_format"):
+        parse_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                               "response_format": {"type": "json_object"}})
+    with pytest.raises(RequestError, match="token-id input"):
+        embedding_texts(parse_request("/v1/embeddings", {"input": [1, 2, 3]}))
+    with pytest.raises(RequestError, match="invalid JSON"):
+        parse_request("/v1/completions", b"{nope")
+    request = parse_request("/v1/completions", {"prompt": "x", "n": 3, "seed": 10})
+    assert [i.params.seed for i in completion_inputs(request)] == [10, 11, 12]

@@ -158,6 +158,9 @@ class BatchJob:
                 self._flush_embeddings()
             if engine_busy:
                 self._step()
+            elif self._in_flight:  # a bug, not a user error: never spin forever
+                raise RuntimeError(f"{self._in_flight} requests in flight but the engine "
+                                   "has none")
             elif exhausted and not self._embeds:
                 return
 

@@ -398,7 +398,7 @@ def test_kill_9_at_random_points_then_resume_answers_every_id_once(tmp_path, tin
            "--max-num-seqs", "8", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rng = random.Random(1234)
-    kills, torn = 0, False
+    kills, torn, at_kill = 0, False, []
     for attempt in range(40):
         if kills >= 6:
             break
@@ -419,12 +419,15 @@ def test_kill_9_at_random_points_then_resume_answers_every_id_once(tmp_path, tin
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
+        at_kill.append(_count_lines(out))
         if not torn and _count_lines(out) > 0:
             # A kill in the middle of a write: half a record, no newline.
             with out.open("ab") as f:
                 f.write(b'{"id": "batch_req_99999", "custom_id": "req-')
             torn = True
     assert kills >= 5
+    print("records at each kill:", at_kill)
+    assert sum(0 < k < n for k in at_kill) >= 4  # most kills land mid-job
     final = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert final.returncode == 0, final.stderr
     results = by_id(out)  # asserts no custom_id twice
@@ -481,9 +484,9 @@ def test_engine_queue_stays_full_but_bounded(tmp_path, tiny_llama_dir, monkeypat
     assert summary.peak_in_flight == bound
     queued = seen["queued"]
     assert max(queued) <= bound
-    # Kept full: once running, each new line is read when the queue has just
-    # dropped below the bound, not when it ran dry.
-    assert sum(q >= bound - max_num_seqs for q in queued[bound:]) >= 0.9 * len(queued[bound:])
+    # Kept full: once running, a new line is read as soon as the queue drops
+    # below the bound (one step finishes at most max_num_seqs), not when it ran dry.
+    assert min(queued[bound:]) >= bound - max_num_seqs
 
 
 # -- CLI -----------------------------------------------------------------------------

@@ -35,13 +35,12 @@ def synthetic_model(name: str, dtype: mx.Dtype):
 
     config = synthetic_config(name)
     model = Model(ModelArgs.from_dict(config))
-    # Small weights keep activations finite in half precision.
-    model.update(_scaled(model.parameters(), dtype))
-    mx.eval(model.parameters())
+    # Small weights keep activations finite in half precision. Cast module by
+    # module so the fp32 initial values of an 8B model never all exist at once.
+    for _, module in model.named_modules():
+        local = {k: v for k, v in module.items() if isinstance(v, mx.array)}
+        if local:
+            module.update({k: (v * 0.02 if v.ndim > 1 else v).astype(dtype)
+                           for k, v in local.items()})
+            mx.eval(module.parameters())
     return model, config
-
-
-def _scaled(params, dtype):
-    from mlx.utils import tree_map
-
-    return tree_map(lambda a: (a * 0.02 if a.ndim > 1 else a).astype(dtype), params)

@@ -132,7 +132,7 @@ class BatchJob:
             raise ConveyorError("the output file must not be the input file")
         lines = read_input(self.input_path)
         self._start = time.monotonic()
-        with OutputFile.open(self.output_path) as out, self._progress_bar() as bar:
+        with OutputFile.open(self.output_path) as out, self._progress_bar(out) as bar:
             self._out, self._bar = out, bar
             self.summary.repaired_bytes = out.repaired_bytes
             try:
@@ -300,8 +300,9 @@ class BatchJob:
         self._advance()
 
     def _skipped(self) -> None:
+        # Not on the bar: its total leaves answered lines out, so the rate and
+        # ETA are those of the work still to do.
         self.summary.skipped += 1
-        self._advance()
 
     def _advance(self) -> None:
         if self._bar is None:
@@ -313,10 +314,12 @@ class BatchJob:
                 f"{self.summary.completion_tokens / elapsed:.1f} tok/s, "
                 f"{self.summary.failed} failed", refresh=False)
 
-    def _progress_bar(self):
+    def _progress_bar(self, out: OutputFile):
         from tqdm import tqdm
 
-        total = count_lines(self.input_path) if self.progress else None
+        total = None
+        if self.progress:
+            total = max(0, count_lines(self.input_path) - out.index.records)
         return tqdm(total=total, desc="batch", unit=" req", disable=not self.progress,
                     file=sys.stderr, dynamic_ncols=True)
 

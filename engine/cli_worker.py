@@ -82,7 +82,10 @@ def add_worker_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Connect, load the models, and run until stopped."""
-    import redis
+    try:
+        import redis
+    except ImportError:
+        raise ConveyorError("the worker needs the redis package (pip install redis)") from None
 
     from engine.queue_worker import QueueWorker, WorkerConfig
 

@@ -156,7 +156,7 @@ class EmbeddingJobs:
         self.model = model
         self.token_budget = token_budget
         self.max_jobs = max_jobs
-        self._tokens_per_text = 32.0  # running estimate, refined from each batch
+        self._tokens_per_job = 32.0  # running estimate, refined from each batch
         self._admitted: list[tuple[Job, Any, list[str]]] = []
 
     @classmethod
@@ -169,8 +169,8 @@ class EmbeddingJobs:
 
     def room(self) -> int:
         # Texts are not tokenized before they are read, so the read size comes
-        # from the tokens per text seen so far.
-        fits = int(self.token_budget // max(self._tokens_per_text, 1.0))
+        # from the tokens per job seen so far (a job may carry many texts).
+        fits = int(self.token_budget // max(self._tokens_per_job, 1.0))
         return max(1, min(self.max_jobs, fits)) - len(self._admitted)
 
     def admit(self, job: Job) -> Outcome | None:
@@ -200,9 +200,8 @@ class EmbeddingJobs:
             out.append(self._respond(job, request, result.vectors[start:end],
                                      result.num_tokens[start:end]))
             start = end
-        if texts:
-            seen = sum(result.num_tokens) / len(texts)
-            self._tokens_per_text = 0.5 * self._tokens_per_text + 0.5 * seen
+        seen = sum(result.num_tokens) / len(admitted)
+        self._tokens_per_job = 0.5 * self._tokens_per_job + 0.5 * seen
         return out
 
     def _run_alone(self, job: Job, request: Any, texts: list[str]) -> Outcome:
@@ -518,7 +517,7 @@ class QueueWorker:
                     break
         finally:
             restore()
-            self._refresh_metrics(force=True)
+            self.refresh_metrics(force=True)
         return 0
 
     # -- reading -------------------------------------------------------------
@@ -658,7 +657,7 @@ class QueueWorker:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.claim_idle_ms / 3000
             self._heartbeat()
-        self._refresh_metrics()
+        self.refresh_metrics()
 
     def _heartbeat(self) -> None:
         # Jobs that stay in flight across steps (generation) would look idle to
@@ -673,7 +672,9 @@ class QueueWorker:
         summary = self.redis.xpending(self.config.stream, self.config.group)
         return int(summary["pending"])
 
-    def _refresh_metrics(self, force: bool = False) -> None:
+    def refresh_metrics(self, force: bool = False) -> None:
+        """Sample the backlog (pending, lag) and log the metrics line, at most
+        once per log interval unless `force`."""
         now = time.monotonic()
         if not force and now < self._next_log:
             return

@@ -379,3 +379,41 @@ def test_result_record_shape(client, embedder):
     assert isinstance(result["response"]["body"]["data"][0]["embedding"], str)
     (_, fields), = client.xrange(RESULTS)
     assert fields == {b"id": b"shape", b"result": raw}
+
+
+def test_reads_never_exceed_what_one_batch_takes(client):
+    calls = []
+
+    class Result:
+        def __init__(self, n):
+            self.vectors = np.zeros((n, 2), np.float32)
+            self.num_tokens = [10] * n
+
+    def embed(texts):
+        calls.append(len(texts))
+        return Result(len(texts))
+
+    push_texts(client, texts_for(60))
+    handler = EmbeddingJobs(embed, model="stub", token_budget=100, max_jobs=50)
+    worker = QueueWorker(client, [handler], config())
+    worker.run()
+    assert sum(calls) == 60 and client.hlen(HASH) == 60
+    # 10 tokens a job and a 100-token budget: never more than 10 jobs a read
+    # (3 before the first batch showed the size, from the 32-token prior).
+    assert calls[0] == 3 and max(calls) <= 10
+
+
+def test_backlog_metrics(client):
+    client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    push_texts(client, texts_for(5))
+    time.sleep(0.3)
+    worker = QueueWorker(client, [EmbeddingJobs(lambda t: None, model="stub")], config())
+    worker.refresh_metrics(force=True)
+    m = worker.metrics
+    assert m.pending == 0 and m.lag_seconds >= 0.3
+    assert m.lag_entries in (None, 5)  # Redis 7 reports the count, 6.2 does not
+    client.xreadgroup(GROUP, "other", {STREAM: ">"}, count=2)
+    worker.refresh_metrics(force=True)
+    assert m.pending == 2
+    assert "pending 2" in m.log_line()
+    assert 'conveyor_worker_pending{consumer="test"} 2' in m.prometheus()

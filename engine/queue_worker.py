@@ -569,7 +569,10 @@ class QueueWorker:
         for entry_id, _ in live:
             pipe.xpending_range(cfg.stream, cfg.group, min=entry_id, max=entry_id, count=1)
         counts = [rows[0]["times_delivered"] if rows else 1 for rows in pipe.execute()]
+        running = {j.entry_id for h in self._all_handlers for j in h.in_flight()}
         for (entry_id, fields), attempts in zip(live, counts):
+            if entry_id in running:
+                continue  # our own job, still running: the claim only reset its idle time
             self.metrics.claimed += 1
             log.info("claimed %s (delivery %d)", entry_id, attempts)
             if attempts > cfg.max_attempts:

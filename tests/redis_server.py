@@ -91,7 +91,7 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
 
-    def __enter__(self) -> RedisServer:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

@@ -249,10 +249,18 @@ def test_generation_jobs_match_llm_generate(client, tiny_llama_dir):
          + [("chat", "/v1/chat/completions",
              {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
               "temperature": 0}),
-            ("long", "/v1/completions", {"prompt": "x" * 5000, "max_tokens": 2})])
-    worker = QueueWorker(client, [GenerationJobs(load, model="tiny")], config())
+            ("long", "/v1/completions", {"prompt": "x" * 5000, "max_tokens": 2}),
+            ("slow", "/v1/completions", {"prompt": "a", "max_tokens": 300, "ignore_eos": True,
+                                         "temperature": 0})])
+    # Jobs in flight for longer than claim_idle_ms are kept fresh (heartbeat),
+    # so neither this worker nor another takes them over while they run.
+    start = time.monotonic()
+    worker = QueueWorker(client, [GenerationJobs(load, model="tiny")],
+                         config(claim_idle_ms=30))
     worker.run()
+    assert time.monotonic() - start > 0.1
     assert loads == [1]
+    assert worker.metrics.claimed == 0 and worker.metrics.ok == 8
     got = results_by_id(client)
 
     llm = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20)
@@ -270,6 +278,7 @@ def test_generation_jobs_match_llm_generate(client, tiny_llama_dir):
     assert chat["choices"][0]["message"]["content"] == chat_want.outputs[0].text
     # Longer than the context: refused by the engine, answered with a 400.
     assert got["long"]["response"]["status_code"] == 400
+    assert got["slow"]["response"]["body"]["usage"]["completion_tokens"] == 300
     assert pending(client) == 0
 
 
@@ -417,3 +426,28 @@ def test_backlog_metrics(client):
     assert m.pending == 2
     assert "pending 2" in m.log_line()
     assert 'conveyor_worker_pending{consumer="test"} 2' in m.prometheus()
+
+
+def test_long_generation_job_is_not_taken_over_while_it_runs(client, tiny_llama_dir):
+    import threading
+
+    from engine.llm_engine import EngineArgs, LLMEngine
+
+    engine = LLMEngine.from_args(EngineArgs(model=str(tiny_llama_dir), kv_cache_bytes=16 << 20))
+    push(client, [("slow", "/v1/completions", {"prompt": "a", "max_tokens": 600,
+                                               "ignore_eos": True, "temperature": 0})])
+    owner = QueueWorker(client, [GenerationJobs(engine, model="tiny")],
+                        config(consumer="owner", claim_idle_ms=200))
+    thread = threading.Thread(target=owner.run)
+    start = time.monotonic()
+    thread.start()
+    wait_for(lambda: pending(client, "owner") == 1, 30, "the owner to take the job")
+    # A second worker polls for stale entries the whole time the job runs: the
+    # owner's heartbeat keeps the entry's idle time under claim_idle_ms.
+    thief = QueueWorker(client, [EmbeddingJobs(lambda t: None, model="stub")],
+                        config(consumer="thief", claim_idle_ms=200))
+    thief.run()
+    thread.join(60)
+    assert time.monotonic() - start > 0.4, "the job was too quick to test the heartbeat"
+    assert thief.metrics.claimed == 0 and thief.metrics.failed == 0
+    assert owner.metrics.ok == 1 and stream_result_ids(client) == ["slow"]

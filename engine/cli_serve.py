@@ -78,31 +78,31 @@ def run_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise ConveyorError(f"--port must be in [0, 65535], got {args.port}")
     sock = _listen(args.host, args.port)
-    embedder = None
-    if args.embedding_model.lower() != "none":
-        from engine.embedder import Embedder
-
-        chosen = None if args.embedding_model == "default" else args.embedding_model
-        embedder = Embedder.load(chosen)
-        embedding_name = args.embedding_model if chosen else DEFAULT_EMBEDDING_NAME
-    else:
-        embedding_name = None
-    engine_args = {"dtype": args.dtype, "keep_quantized": args.keep_quantized,
-                   "kv_cache_bytes": args.kv_cache_bytes, "max_num_seqs": args.max_num_seqs,
-                   "max_num_batched_tokens": args.max_num_batched_tokens,
-                   "max_model_len": args.max_model_len}
-    llm = AsyncLLM(args.model, **engine_args)
+    llm = embedder = None
     try:
+        if args.embedding_model.lower() != "none":
+            from engine.server import EmbeddingWorker
+
+            chosen = None if args.embedding_model == "default" else args.embedding_model
+            embedder = EmbeddingWorker.load(chosen, name=chosen or DEFAULT_EMBEDDING_NAME)
+        llm = AsyncLLM(args.model, dtype=args.dtype, keep_quantized=args.keep_quantized,
+                       kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       max_model_len=args.max_model_len)
         app = build_app(llm, embedder,
                         model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
-                        embedding_model_name=embedding_name, api_key=args.api_key,
+                        embedding_model_name=embedder.name if embedder else None,
+                        api_key=args.api_key,
                         max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
         host, port = sock.getsockname()[:2]
         print(f"conveyor: serving on http://{host}:{port}", file=sys.stderr, flush=True)
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        llm.close()
+        if llm is not None:
+            llm.close()
+        if embedder is not None:
+            embedder.close()
         sock.close()
     return 0
 

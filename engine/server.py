@@ -18,13 +18,14 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -46,18 +47,66 @@ DEFAULT_MAX_CHOICES = 128   # prompts × n in one body
 # -- bodies the protocol module does not define ----------------------------------
 
 # The server refuses unknown fields (a typo must not silently change the
-# answer), so it decodes into strict subclasses of the shared Structs.
+# answer), so it decodes into strict subclasses of the shared Structs. They
+# also restate SamplingParams' ranges as schema constraints, so /openapi.json
+# tells clients (and fuzzers) what a valid body is; SamplingParams still has
+# the last word.
+_Unit = Annotated[float, Meta(gt=0, le=1)]
+_Penalty = Annotated[float, Meta(ge=-2, le=2)]
+_Seed = Annotated[int, Meta(ge=0)]
+_Positive = Annotated[int, Meta(ge=1)]
+_TopK = Annotated[int, Meta(ge=-1)]
+_Logprobs = Annotated[int, Meta(ge=0, le=20)]
+_Stop = Annotated[str, Meta(min_length=1)] | list[Annotated[str, Meta(min_length=1)]]
+_TokenIds = list[Annotated[int, Meta(ge=0)]]
+_Choices = Annotated[int, Meta(ge=1, le=DEFAULT_MAX_CHOICES)]
+
+
 class CompletionBody(proto.CompletionRequest, kw_only=True, forbid_unknown_fields=True):
     """Body of POST /v1/completions."""
+
+    prompt: Annotated[str, Meta(min_length=1)] | Annotated[list[Any], Meta(min_length=1)]
+    n: _Choices = 1
+    temperature: Annotated[float, Meta(ge=0)] | None = None
+    top_p: _Unit | None = None
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
+    seed: _Seed | None = None
+    stop: _Stop | None = None
+    top_k: _TopK | None = None
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
+    stop_token_ids: _TokenIds | None = None
+    max_tokens: _Positive | None = 16
+    logprobs: _Logprobs | None = None
 
 
 class ChatCompletionBody(proto.ChatCompletionRequest, kw_only=True,
                          forbid_unknown_fields=True):
     """Body of POST /v1/chat/completions."""
 
+    messages: Annotated[list[proto.ChatMessage], Meta(min_length=1)]
+    n: _Choices = 1
+    temperature: Annotated[float, Meta(ge=0)] | None = None
+    top_p: _Unit | None = None
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
+    seed: _Seed | None = None
+    stop: _Stop | None = None
+    top_k: _TopK | None = None
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
+    stop_token_ids: _TokenIds | None = None
+    max_tokens: _Positive | None = None
+    max_completion_tokens: _Positive | None = None
+    top_logprobs: _Logprobs | None = None
+
 
 class EmbeddingBody(proto.EmbeddingRequest, kw_only=True, forbid_unknown_fields=True):
     """Body of POST /v1/embeddings."""
+
+    input: str | Annotated[list[str], Meta(min_length=1)]
+    dimensions: _Positive | None = None
 
 
 BODY_TYPES: dict[str, type] = {
@@ -164,6 +213,35 @@ def _bad_request(message: str) -> APIError:
     return APIError(400, message, param=param)
 
 
+class EmbeddingWorker:
+    """An Embedder on its own thread: loaded there and run there, one batch
+    at a time, so the event loop never waits on an encoder forward. (MLX
+    streams belong to the thread that made them, and the Embedder makes its
+    streams when it loads: it must run where it was loaded.)"""
+
+    def __init__(self, load: Callable[[], Any], name: str):
+        self.name = name
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="conveyor-embed")
+        self.embedder = self._thread.submit(load).result()
+        self.dim: int = self.embedder.dim
+        self.max_length: int = self.embedder.max_length
+
+    @classmethod
+    def load(cls, model: str | None = None, name: str | None = None) -> EmbeddingWorker:
+        """engine.embedder.Embedder.load(model) on the worker's thread."""
+        from engine.embedder import Embedder
+
+        return cls(lambda: Embedder.load(model), name or model or "all-MiniLM-L6-v2")
+
+    async def embed(self, texts: Sequence[str]):
+        """Embedder.embed(texts) on the worker thread: an EmbeddingResult."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self.embedder.embed, list(texts))
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
@@ -188,7 +266,6 @@ class OpenAIServer:
         self.max_choices = max_choices
         self.metrics = metrics_mod.ServerMetrics()
         self.created = int(time.time())
-        self._embed_lock = asyncio.Lock()
         self._ids = 0
 
     # -- plumbing --------------------------------------------------------------
@@ -335,9 +412,9 @@ class OpenAIServer:
         events = _merge(streams)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            render = self._chat_events if chat else self._completion_events
-            return EventStream(render(body, events, model, response_id, len(inputs),
-                                      include_usage), on_disconnect=self._client_gone)
+            return EventStream(self._events(body, events, model, response_id, len(inputs),
+                                            include_usage, chat=chat),
+                               on_disconnect=self._client_gone)
         finals: list[RequestOutput | None] = [None] * len(inputs)
 
         async def collect() -> None:
@@ -369,77 +446,77 @@ class OpenAIServer:
                 raise APIError(500, out.error if out else "the request did not finish",
                                type="server_error")
 
-    async def _completion_events(self, body, events, model: str, response_id: str,
-                                 num_choices: int, include_usage: bool
-                                 ) -> AsyncIterator[bytes]:
+    async def _events(self, body, events, model: str, response_id: str, num_choices: int,
+                      include_usage: bool, *, chat: bool) -> AsyncIterator[bytes]:
+        """The SSE body: one chunk per delta that shows something, the usage
+        chunk if asked for, then `[DONE]`. After the headers an error can only
+        travel inside the stream, as an OpenAI error body."""
         tok = self.llm.engine.tokenizer
         created = int(time.time())
-        # Echo goes out once, before the first token; deltas never repeat it.
-        plain = msgspec.structs.replace(body, echo=False)
         usage = _UsageCounter(num_choices)
-        echoed = [not body.echo] * num_choices
-        async with aclosing(events):
-            async for i, delta in events:
-                self._observe(delta)
-                if delta.error:
-                    yield _sse(_stream_error(delta.error))
-                    break
-                usage.add(i, delta)
-                choice = proto.completion_response(plain, [delta], tok, model=model,
-                                                   response_id=response_id,
-                                                   created=created).choices[0]
-                text = choice.text
-                if not (text or choice.finish_reason or choice.logprobs or not echoed[i]):
-                    continue  # a token whose text is held back (a partial character)
-                if not echoed[i]:
-                    echoed[i] = True
-                    text = tok.decode(delta.prompt_token_ids) + text
-                chunk = CompletionChunk(id=response_id, created=created, model=model, choices=[
-                    CompletionStreamChoice(index=i, text=text, logprobs=choice.logprobs,
-                                           finish_reason=choice.finish_reason,
-                                           stop_reason=choice.stop_reason)])
-                yield _sse(chunk)
-        if include_usage:
-            yield _sse(CompletionChunk(id=response_id, created=created, model=model,
-                                       choices=[], usage=usage.usage(body.n)))
+        if chat:
+            chunk_type, render = ChatCompletionChunk, self._chat_choice
+            # OpenAI's first event of each choice carries the role and no text.
+            yield _sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=[
+                ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                for i in range(num_choices)]))
+        else:
+            chunk_type, render = CompletionChunk, self._completion_choice
+            # Echoed prompts go out once, in each choice's first chunk.
+            body = _Echo(msgspec.structs.replace(body, echo=False), num_choices, body.echo)
+        try:
+            async with aclosing(events):
+                async for i, delta in events:
+                    self._observe(delta)
+                    if delta.error:
+                        raise APIError(500, delta.error, type="server_error")
+                    usage.add(i, delta)
+                    choice = render(body, i, delta, tok, model, response_id, created)
+                    if choice is not None:
+                        yield _sse(chunk_type(id=response_id, created=created, model=model,
+                                              choices=[choice]))
+        except Exception as exc:  # noqa: BLE001 - reported to the client in the stream
+            error = exc if isinstance(exc, APIError) else (
+                _bad_request(str(exc)) if isinstance(exc, ConveyorError)
+                else APIError(500, "internal server error", type="server_error"))
+            if error.status >= 500:
+                log.error("stream failed: %s", exc)
+            payload = proto.error_response(error.message, type=error.type, param=error.param,
+                                         code=error.code)
+            yield _sse(payload)
+        else:
+            if include_usage:
+                yield _sse(chunk_type(id=response_id, created=created, model=model,
+                                      choices=[], usage=usage.usage(getattr(body, "n", 1))))
         yield b"data: [DONE]\n\n"
 
-    async def _chat_events(self, body, events, model: str, response_id: str,
-                           num_choices: int, include_usage: bool) -> AsyncIterator[bytes]:
-        tok = self.llm.engine.tokenizer
-        created = int(time.time())
-        usage = _UsageCounter(num_choices)
-        # OpenAI's first event of each choice carries the role and no text.
-        for i in range(num_choices):
-            yield _sse(ChatCompletionChunk(id=response_id, created=created, model=model,
-                                           choices=[ChatStreamChoice(
-                                               index=i,
-                                               delta=ChatDelta(role="assistant", content=""))]))
-        async with aclosing(events):
-            async for i, delta in events:
-                self._observe(delta)
-                if delta.error:
-                    yield _sse(_stream_error(delta.error))
-                    break
-                usage.add(i, delta)
-                choice = proto.chat_response(body, [delta], tok, model=model,
-                                             response_id=response_id,
-                                             created=created).choices[0]
-                text = choice.message.content
-                if not (text or choice.finish_reason or choice.logprobs):
-                    continue  # a token whose text is held back (a partial character)
-                chunk = ChatCompletionChunk(id=response_id, created=created, model=model,
-                                            choices=[ChatStreamChoice(
-                                                index=i,
-                                                delta=ChatDelta(content=text or None),
-                                                logprobs=choice.logprobs,
-                                                finish_reason=choice.finish_reason,
-                                                stop_reason=choice.stop_reason)])
-                yield _sse(chunk)
-        if include_usage:
-            yield _sse(ChatCompletionChunk(id=response_id, created=created, model=model,
-                                           choices=[], usage=usage.usage(body.n)))
-        yield b"data: [DONE]\n\n"
+    @staticmethod
+    def _completion_choice(body: _Echo, i: int, delta: RequestOutput, tok, model: str,
+                           response_id: str, created: int) -> CompletionStreamChoice | None:
+        choice = proto.completion_response(body.request, [delta], tok, model=model,
+                                           response_id=response_id,
+                                           created=created).choices[0]
+        text = choice.text
+        if body.pending[i]:
+            body.pending[i] = False
+            text = tok.decode(delta.prompt_token_ids) + text
+        elif not (text or choice.finish_reason or choice.logprobs):
+            return None  # a token whose text is held back (a partial character)
+        return CompletionStreamChoice(index=i, text=text, logprobs=choice.logprobs,
+                                      finish_reason=choice.finish_reason,
+                                      stop_reason=choice.stop_reason)
+
+    @staticmethod
+    def _chat_choice(body, i: int, delta: RequestOutput, tok, model: str, response_id: str,
+                     created: int) -> ChatStreamChoice | None:
+        choice = proto.chat_response(body, [delta], tok, model=model, response_id=response_id,
+                                     created=created).choices[0]
+        text = choice.message.content
+        if not (text or choice.finish_reason or choice.logprobs):
+            return None  # a token whose text is held back (a partial character)
+        return ChatStreamChoice(index=i, delta=ChatDelta(content=text or None),
+                                logprobs=choice.logprobs, finish_reason=choice.finish_reason,
+                                stop_reason=choice.stop_reason)
 
     # -- embeddings ----------------------------------------------------------------
     async def embeddings(self, request: Request) -> Response:
@@ -449,11 +526,8 @@ class OpenAIServer:
         if body.dimensions is not None and body.dimensions != self.embedder.dim:
             raise APIError(400, f"dimensions={body.dimensions} is not supported: the model "
                            f"gives {self.embedder.dim}-dimensional vectors", param="dimensions")
-        # One batch at a time on a worker thread: the event loop keeps serving,
-        # and two encoder batches never fight over the same cores.
-        async with self._embed_lock:
-            result = await _until_disconnect(
-                request, run_in_threadpool(self.embedder.embed, texts), self._client_gone)
+        result = await _until_disconnect(request, self.embedder.embed(texts),
+                                         self._client_gone)
         self.metrics.embedding_requests += 1
         return _json(proto.embedding_response(body, result.vectors, result.num_tokens,
                                               model=model))
@@ -499,7 +573,7 @@ def build_app(llm: Any | None = None, embedder: Any | None = None, *,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               max_choices: int = DEFAULT_MAX_CHOICES) -> Starlette:
     """The ASGI app. `llm` is an AsyncLLM (generation; None: none served),
-    `embedder` an engine.embedder.Embedder (None: no /v1/embeddings model).
+    `embedder` an EmbeddingWorker (None: no /v1/embeddings model).
     The names are what clients pass as `model` and what /v1/models lists."""
     server = OpenAIServer(llm, embedder, model_name=model_name,
                           embedding_model_name=embedding_model_name or
@@ -663,8 +737,13 @@ class _UsageCounter:
                            total_tokens=prompt + self.completion)
 
 
-def _stream_error(message: str) -> proto.ErrorResponse:
-    return proto.error_response(message, type="server_error")
+class _Echo:
+    """A completions body with echo off, and which choices still owe their
+    echoed prompt (echo on: each choice's first chunk starts with it)."""
+
+    def __init__(self, request, num_choices: int, echo: bool):
+        self.request, self.n = request, request.n
+        self.pending = [echo] * num_choices
 
 
 def _sse(event: msgspec.Struct) -> bytes:

@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands living in their own modules: (name, module, add parser, run).
 COMMANDS = [
     ("embed", "engine.cli_embed", "add_embed_parser", "run_embed"),
+    ("batch", "engine.cli_batch", "add_batch_parser", "run_batch"),
     ("bench", "bench.cli", "add_bench_parser", "run_bench"),
 ]
 

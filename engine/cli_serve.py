@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import socket
 import sys
 
@@ -31,7 +33,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s; 0.0.0.0 exposes the server)")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    p.add_argument("--api-key", help="require `Authorization: Bearer <key>` on /v1/*")
+    p.add_argument("--api-key", default=os.environ.get("CONVEYOR_API_KEY"),
+                   help="require `Authorization: Bearer <key>` on /v1/* (default: "
+                   "$CONVEYOR_API_KEY; the environment keeps it out of `ps`)")
     p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help="refuse new requests (429) while this many wait for admission "
                    "(default: %(default)s)")
@@ -66,6 +70,13 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -78,6 +89,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise ConveyorError(f"--port must be in [0, 65535], got {args.port}")
     sock = _listen(args.host, args.port)
+    if not args.api_key and not _is_loopback(args.host):
+        print(f"conveyor: warning: listening on {args.host} without --api-key: anyone who "
+              "can reach this port can use the model", file=sys.stderr)
     llm = embedder = None
     try:
         if args.embedding_model.lower() != "none":

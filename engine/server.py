@@ -20,12 +20,13 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -42,6 +43,8 @@ log = logging.getLogger("conveyor.server")
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 DEFAULT_MAX_WAITING = 1024
 DEFAULT_MAX_CHOICES = 128   # prompts × n in one body
+TOKENIZE_INLINE_BYTES = 16 << 10  # larger bodies are tokenized on a worker thread
+RATE_SAMPLE_S = 1.0         # how often tokens/s samples the engine's counter
 
 
 # -- bodies the protocol module does not define ----------------------------------
@@ -266,7 +269,6 @@ class OpenAIServer:
         self.max_choices = max_choices
         self.metrics = metrics_mod.ServerMetrics()
         self.created = int(time.time())
-        self._ids = 0
 
     # -- plumbing --------------------------------------------------------------
     def route(self, path: str, handler: Callable[[Request], Awaitable[Response]],
@@ -326,7 +328,7 @@ class OpenAIServer:
             proto.parse_request(url, raw)  # the shared checks of unsupported features
         except ConveyorError as exc:
             raise _bad_request(str(exc)) from None
-        return body
+        return body, len(raw)
 
     def _served(self, requested: str | None, served: str | None, what: str) -> str:
         if served is None:
@@ -338,24 +340,23 @@ class OpenAIServer:
                            param="model")
         return served
 
-    def _next_id(self, prefix: str) -> str:
-        self._ids += 1
-        return f"{prefix}-{self._ids}-{proto.new_id('x')[2:14]}"
 
     # -- generation ----------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
-        body = await self._decode(request, proto.COMPLETIONS_URL)
-        model = self._served(body.model, self.model_name, "generation")
-        self._check_choices(body, len(proto.completion_prompts(body)))
-        inputs = proto.completion_inputs(body)
-        return await self._generate(request, body, inputs, model, chat=False)
+        return await self._generate(request, proto.COMPLETIONS_URL, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await self._decode(request, proto.CHAT_COMPLETIONS_URL)
-        model = self._served(body.model, self.model_name, "generation")
-        self._check_choices(body, 1)
-        inputs = proto.chat_inputs(body, self.llm.engine.tokenizer, self._max_model_len())
-        return await self._generate(request, body, inputs, model, chat=True)
+        return await self._generate(request, proto.CHAT_COMPLETIONS_URL, chat=True)
+
+    def _inputs(self, body, chat: bool) -> list[proto.EngineInput]:
+        """The body's engine inputs, prompts as checked token ids."""
+        if chat:
+            self._check_choices(body, 1)
+            inputs = proto.chat_inputs(body, self.llm.engine.tokenizer, self._max_model_len())
+        else:
+            self._check_choices(body, len(proto.completion_prompts(body)))
+            inputs = proto.completion_inputs(body)
+        return self._prepare(inputs)
 
     def _check_choices(self, body, num_prompts: int) -> None:
         # Checked before the protocol builds one input per choice: n=10**9
@@ -399,14 +400,19 @@ class OpenAIServer:
                            type="rate_limit_exceeded", code="queue_full",
                            headers={"Retry-After": "1"})
 
-    async def _generate(self, request: Request, body, inputs: list[proto.EngineInput],
-                        model: str, *, chat: bool) -> Response:
+    async def _generate(self, request: Request, url: str, *, chat: bool) -> Response:
+        body, size = await self._decode(request, url)
+        model = self._served(body.model, self.model_name, "generation")
         if getattr(self.llm, "error", None) is not None:
             raise APIError(503, "the engine has failed; restart the server",
                            type="server_error")
-        inputs = self._prepare(inputs)
+        # Tokenizing (and templating) a long prompt takes milliseconds: off the loop.
+        if size > TOKENIZE_INLINE_BYTES:
+            inputs = await run_in_threadpool(self._inputs, body, chat)
+        else:
+            inputs = self._inputs(body, chat)
         self._check_overload()
-        response_id = self._next_id("chatcmpl" if chat else "cmpl")
+        response_id = proto.new_id("chatcmpl" if chat else "cmpl")
         streams = [self.llm.generate(item.prompt, item.params, request_id=f"{response_id}-{i}")
                    for i, item in enumerate(inputs)]
         events = _merge(streams)
@@ -520,7 +526,7 @@ class OpenAIServer:
 
     # -- embeddings ----------------------------------------------------------------
     async def embeddings(self, request: Request) -> Response:
-        body = await self._decode(request, proto.EMBEDDINGS_URL)
+        body, _ = await self._decode(request, proto.EMBEDDINGS_URL)
         model = self._served(body.model, self.embedding_model_name, "embedding")
         texts = proto.embedding_texts(body)
         if body.dimensions is not None and body.dimensions != self.embedder.dim:
@@ -558,6 +564,13 @@ class OpenAIServer:
         if self.llm is not None and getattr(self.llm, "error", None) is not None:
             return _json(Health(status="engine failed"), status=503)
         return _json(Health(status="ok"))
+
+    async def sample_rates(self) -> None:
+        """Sample the generated-token counter every RATE_SAMPLE_S, so tokens/s
+        is right on the first scrape too."""
+        while self.llm is not None:
+            self.metrics.sample_rate(self.llm.engine.stats())
+            await asyncio.sleep(RATE_SAMPLE_S)
 
     async def prometheus(self, request: Request) -> Response:
         stats = self.llm.engine.stats() if self.llm is not None else None
@@ -597,7 +610,16 @@ def build_app(llm: Any | None = None, embedder: Any | None = None, *,
         return APIError(status, getattr(exc, "detail", None) or "error",
                         headers=getattr(exc, "headers", None)).response()
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        ticker = asyncio.ensure_future(server.sample_rates())
+        try:
+            yield
+        finally:
+            ticker.cancel()
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error},
+                    lifespan=lifespan)
     app.state.server = server
     return app
 

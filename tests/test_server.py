@@ -472,3 +472,19 @@ def test_metrics_after_traffic(server, client):
     assert m["conveyor_kv_blocks_total"] > 0
     assert m["conveyor_generation_tokens_per_second"] >= 0
     assert m['conveyor_http_requests_total{route="/v1/completions",status="200"}'] >= 1
+
+
+def test_default_models_end_to_end(smollm, minilm_dir):
+    """`conveyor serve` with no model arguments: SmolLM2 and MiniLM."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    want = _chat_reference(smollm, messages, 24)
+    with _serve("--kv-cache-bytes", str(256 << 20)) as url, openai.OpenAI(
+            base_url=url + "/v1", api_key="unused", max_retries=0) as c:
+        assert {m.id for m in c.models.list().data} == {"SmolLM2-135M-Instruct",
+                                                        "all-MiniLM-L6-v2"}
+        got = c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages,
+                                        max_tokens=24, temperature=0)
+        assert got.choices[0].message.content == want.outputs[0].text
+        assert "Paris" in got.choices[0].message.content
+        emb = c.embeddings.create(model="all-MiniLM-L6-v2", input=["Paris", "France"])
+        assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384

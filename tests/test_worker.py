@@ -94,6 +94,17 @@ def vector(result: dict) -> np.ndarray:
     return np.array(result["response"]["body"]["data"][0]["embedding"], dtype=np.float32)
 
 
+class StubResult:
+    """What an injected embed function returns (the shape of EmbeddingResult)."""
+
+    def __init__(self, vectors: np.ndarray, num_tokens: list[int]):
+        self.vectors, self.num_tokens = vectors, num_tokens
+
+    @classmethod
+    def of(cls, texts: list[str], tokens: int = 3) -> StubResult:
+        return cls(np.ones((len(texts), 4), np.float32), [tokens] * len(texts))
+
+
 def stream_id(entry: bytes) -> tuple[int, int]:
     millis, seq = entry.decode().split("-")
     return int(millis), int(seq)
@@ -190,16 +201,11 @@ def test_malformed_jobs_are_dead_lettered_after_n_attempts(client, embedder):
 def test_job_failing_in_the_model_is_retried_then_dead_lettered(client):
     calls = []
 
-    class Result:
-        def __init__(self, n):
-            self.vectors = np.ones((n, 4), np.float32)
-            self.num_tokens = [3] * n
-
     def embed(texts):  # an injected embed function: "boom" breaks any batch it is in
         calls.append(list(texts))
         if "boom" in texts:
             raise RuntimeError("kernel fault")
-        return Result(len(texts))
+        return StubResult.of(texts)
 
     push(client, [("a", EMBED, {"input": "fine"}), ("b", EMBED, {"input": "boom"}),
                   ("c", EMBED, {"input": ["also", "fine"]})])
@@ -393,14 +399,9 @@ def test_result_record_shape(client, embedder):
 def test_reads_never_exceed_what_one_batch_takes(client):
     calls = []
 
-    class Result:
-        def __init__(self, n):
-            self.vectors = np.zeros((n, 2), np.float32)
-            self.num_tokens = [10] * n
-
     def embed(texts):
         calls.append(len(texts))
-        return Result(len(texts))
+        return StubResult.of(texts, tokens=10)
 
     push_texts(client, texts_for(60))
     handler = EmbeddingJobs(embed, model="stub", token_budget=100, max_jobs=50)
@@ -455,15 +456,11 @@ def test_long_generation_job_is_not_taken_over_while_it_runs(client, tiny_llama_
 
 def test_pending_entry_deleted_from_the_stream_is_acked(client):
     client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-    gone, kept = push(client, [("gone", EMBED, {"input": "x"}), ("kept", EMBED, {"input": "y"})])
+    gone, _ = push(client, [("gone", EMBED, {"input": "x"}), ("kept", EMBED, {"input": "y"})])
     client.xreadgroup(GROUP, "ghost", {STREAM: ">"}, count=2)
     client.xdel(STREAM, gone)
     time.sleep(0.15)
 
-    class Result:
-        vectors = np.zeros((1, 2), np.float32)
-        num_tokens = [3]
-
-    QueueWorker(client, [EmbeddingJobs(lambda t: Result(), model="stub")], config()).run()
+    QueueWorker(client, [EmbeddingJobs(StubResult.of, model="stub")], config()).run()
     assert sorted(results_by_id(client)) == ["kept"]
     assert pending(client) == 0 and client.xlen(DEAD) == 0

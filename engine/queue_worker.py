@@ -186,14 +186,17 @@ class EmbeddingJobs:
         return [job for job, _, _ in self._admitted]
 
     def work(self) -> list[Outcome]:
-        admitted, self._admitted = self._admitted, []
+        admitted = self._admitted
         if not admitted:
             return []
-        texts = [t for _, _, ts in admitted for t in ts]
-        try:
-            result = self.embed(texts)
-        except Exception:  # noqa: BLE001 - find the job at fault by running each alone
-            return [self._run_alone(job, request, ts) for job, request, ts in admitted]
+        try:  # the jobs count as in flight until their batch has run
+            texts = [t for _, _, ts in admitted for t in ts]
+            try:
+                result = self.embed(texts)
+            except Exception:  # noqa: BLE001 - find the job at fault by running each alone
+                return [self._run_alone(job, request, ts) for job, request, ts in admitted]
+        finally:
+            self._admitted = []
         out, start = [], 0
         for job, request, ts in admitted:
             end = start + len(ts)
@@ -468,6 +471,7 @@ class QueueWorker:
         self._all_handlers = list(handlers)
         self.metrics = WorkerMetrics(consumer=config.consumer)
         self._stopping = threading.Event()
+        self._signal: tuple[int, int] | None = None  # (signal, jobs in flight) to log
         self._commit = redis.register_script(_COMMIT)
         self._bury = redis.register_script(_BURY)
         self._claim_cursor = "0-0"
@@ -501,6 +505,10 @@ class QueueWorker:
             self.ensure_group()
             while True:
                 busy = any(h.in_flight() for h in self._all_handlers)
+                if self._signal is not None:
+                    log.info("signal %d with %d jobs in flight: finishing them, then "
+                             "stopping", *self._signal)
+                    self._signal = None
                 if self.stopping and not busy:
                     break
                 got = 0 if self.stopping else self._fill(busy)
@@ -711,7 +719,8 @@ class QueueWorker:
             return lambda: None
 
         def on_signal(signum, frame):
-            log.info("signal %d: finishing the jobs in flight", signum)
+            # Only note it: the loop logs and stops at its next turn.
+            self._signal = (signum, self._in_flight_count())
             self.stop()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

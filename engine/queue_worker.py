@@ -511,7 +511,7 @@ class QueueWorker:
                     self._signal = None
                 if self.stopping and not busy:
                     break
-                got = 0 if self.stopping else self._fill(busy)
+                got = 0 if self.stopping else self._fill_or_recreate(busy)
                 outcomes: list[Outcome] = []
                 for handler in self._all_handlers:
                     if handler.in_flight():
@@ -537,6 +537,20 @@ class QueueWorker:
 
     def _in_flight_count(self) -> int:
         return sum(len(h.in_flight()) for h in self._all_handlers)
+
+    def _fill_or_recreate(self, busy: bool) -> int:
+        import redis as redis_lib
+
+        try:
+            return self._fill(busy)
+        except redis_lib.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or its group was deleted under us: start it again.
+            log.warning("the stream or group is gone (%s); recreating it", exc)
+            self._claim_cursor = "0-0"
+            self.ensure_group()
+            return 0
 
     def _fill(self, busy: bool) -> int:
         """Claim stale entries, then read new ones, never more than there is room

@@ -467,3 +467,22 @@ def test_pending_entry_deleted_from_the_stream_is_acked(client):
     QueueWorker(client, [EmbeddingJobs(StubResult.of, model="stub")], config()).run()
     assert sorted(results_by_id(client)) == ["kept"]
     assert pending(client) == 0 and client.xlen(DEAD) == 0
+
+
+def test_worker_recreates_a_deleted_stream(client):
+    import threading
+
+    worker = QueueWorker(client, [EmbeddingJobs(StubResult.of, model="stub")],
+                         config(drain=False))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(lambda: client.exists(STREAM), 10, "the group to be made")
+        client.delete(STREAM)
+        time.sleep(0.2)
+        push_texts(client, texts_for(3))
+        wait_for(lambda: client.hlen(HASH) == 3, 10, "the jobs pushed after the delete")
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert not thread.is_alive()

@@ -16,11 +16,14 @@ _EPILOG = """\
 jobs: XADD <stream> * id JOB_ID url /v1/embeddings body '{"input": "some text"}'
   url is /v1/embeddings, /v1/completions or /v1/chat/completions and body the
   JSON body that url takes over HTTP (and in batch files).
+  (custom_id works for id). These are a batch file's line fields (conveyor batch).
 results: the stream <results> gets one entry per job (fields id, result), and
-  the hash <results>:by-id maps each job id to the same result JSON:
-  {"id": ..., "url": ..., "response": {"status_code": 200, "body": {...}},
-   "consumer": ...}; a request the API refuses has status_code 400 and an
-  OpenAI error body. A job is answered once, however often it is delivered.
+  the hash <results>:by-id maps each job id to the same result JSON, a batch
+  output line: {"id": "queue_req_<entry>", "custom_id": JOB_ID, "response":
+  {"status_code": 200, "request_id": "<entry>", "body": {...}}, "error": null};
+  a request the API refuses has status_code 400, an OpenAI error body and
+  "error": {"code": "invalid_request", "message": ...}. A job is answered
+  once, however often it is delivered.
 failures: a job that cannot be read (no url/body, body not a JSON object,
   unknown url) or whose run fails is retried, by this or another worker, once
   it has been pending for --claim-idle-ms; after --max-attempts deliveries it

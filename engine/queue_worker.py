@@ -2,10 +2,12 @@
 
 Redis layout (names from the command line):
 
-    <stream>          jobs; each entry has fields id, url, body (a JSON object,
-                      the same body as the HTTP API and the batch files take)
+    <stream>          jobs; each entry has fields id (or custom_id), url and
+                      body: a batch-file line's fields, body the JSON object
+                      that url takes over HTTP
     <group>           the consumer group on <stream>; each worker is a consumer
-    <results>         stream of results: fields id (the job's) and result (JSON)
+    <results>         stream of results: fields id (the job's) and result, a
+                      batch output line (engine.batch_file) as JSON
     <results>:by-id   hash, job id -> result JSON: the one result of each job
     <stream>:dead     dead letters: the job's own fields plus error, attempts,
                       entry (its id in <stream>) and consumer
@@ -36,6 +38,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from engine.batch_file import INVALID_REQUEST, BatchError, BatchOutputLine, BatchResponse
 from engine.errors import ConveyorError, RequestError
 from engine.openai_protocol import (
     CHAT_COMPLETIONS_URL,
@@ -69,20 +72,6 @@ class Job(msgspec.Struct):
     attempts: int = 1         # deliveries so far, this one included
 
 
-class JobResponse(msgspec.Struct):
-    status_code: int
-    body: Any
-
-
-class JobResult(msgspec.Struct):
-    """What <results> and <results>:by-id hold for a job."""
-
-    id: str
-    url: str
-    response: JobResponse
-    consumer: str
-
-
 @dataclass
 class Outcome:
     """A job's end: a response (`body`), or a failure (`error`) to retry."""
@@ -90,7 +79,8 @@ class Outcome:
     job: Job
     status_code: int = 200
     body: Any = None
-    error: str | None = None
+    error: str | None = None     # the run failed: retry, or dead-letter
+    refusal: str | None = None   # the API's answer was an error (status_code 400)
 
 
 class MalformedJob(Exception):
@@ -105,7 +95,8 @@ def decode_job(entry_id: str, raw: dict[bytes, bytes], attempts: int = 1) -> Job
             fields[key.decode()] = value.decode()
         except UnicodeDecodeError:
             raise MalformedJob(f"field {key!r} is not UTF-8") from None
-    job_id = fields.get("id") or entry_id
+    # "custom_id" as in a batch file's lines, or plain "id".
+    job_id = fields.get("custom_id") or fields.get("id") or entry_id
     url = fields.get("url")
     if not url:
         raise MalformedJob("the job has no url field")
@@ -137,7 +128,20 @@ class JobHandler(Protocol):
 
 
 def _refused(job: Job, exc: Exception) -> Outcome:
-    return Outcome(job, 400, msgspec.to_builtins(error_response(str(exc))))
+    body = error_response(str(exc), code=INVALID_REQUEST)
+    return Outcome(job, 400, msgspec.to_builtins(body), refusal=str(exc))
+
+
+def result_record(outcome: Outcome) -> BatchOutputLine:
+    """A job's result as a batch output line (engine.batch_file's format):
+    custom_id is the job id, request_id the job's entry in the stream."""
+    job = outcome.job
+    error = (BatchError(code=INVALID_REQUEST, message=outcome.refusal)
+             if outcome.refusal is not None else None)
+    return BatchOutputLine(
+        id=f"queue_req_{job.entry_id}", custom_id=job.job_id, error=error,
+        response=BatchResponse(status_code=outcome.status_code, request_id=job.entry_id,
+                               body=outcome.body))
 
 
 class EmbeddingJobs:
@@ -642,9 +646,8 @@ class QueueWorker:
         answered: list[Outcome] = []
         for out in outcomes:
             if out.error is None:
-                result = JobResult(out.job.job_id, out.job.url,
-                                   JobResponse(out.status_code, out.body), cfg.consumer)
-                args += [out.job.entry_id, out.job.job_id, msgspec.json.encode(result)]
+                args += [out.job.entry_id, out.job.job_id,
+                         msgspec.json.encode(result_record(out))]
                 answered.append(out)
             elif out.job.attempts >= cfg.max_attempts:
                 self._dead_letter(out.job, out.error)

@@ -7,6 +7,7 @@ subprocess (`python -m engine.cli_worker`), as an operator would.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -387,16 +388,28 @@ def test_cli_reports_unreachable_redis_in_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("conveyor: error: cannot reach Redis")
 
 
-def test_result_record_shape(client, embedder):
-    push(client, [("shape", EMBED, {"input": "x", "encoding_format": "base64"})])
-    QueueWorker(client, [EmbeddingJobs.from_embedder(embedder)], config(consumer="w7")).run()
+def test_result_record_is_a_batch_output_line(client, embedder):
+    from engine.batch_file import BatchOutputLine
+
+    entry, _ = push(client, [("shape", EMBED, {"input": "x", "encoding_format": "base64"}),
+                            ("no", EMBED, {"input": []})])
+    QueueWorker(client, [EmbeddingJobs.from_embedder(embedder)], config()).run()
     raw = client.hget(HASH, "shape")
-    result = msgspec.json.decode(raw)
-    assert set(result) == {"id", "url", "response", "consumer"}
-    assert (result["id"], result["url"], result["consumer"]) == ("shape", EMBED, "w7")
-    assert isinstance(result["response"]["body"]["data"][0]["embedding"], str)
-    (_, fields), = client.xrange(RESULTS)
-    assert fields == {b"id": b"shape", b"result": raw}
+    result = msgspec.json.decode(raw, type=BatchOutputLine)
+    assert (result.id, result.custom_id, result.error) == (f"queue_req_{entry}", "shape", None)
+    assert result.response.status_code == 200 and result.response.request_id == entry
+    data = result.response.body["data"][0]["embedding"]
+    np.testing.assert_allclose(np.frombuffer(base64.b64decode(data), "<f4"),
+                               embedder.embed(["x"]).vectors[0], atol=1e-6)
+    no = msgspec.json.decode(client.hget(HASH, "no"), type=BatchOutputLine)
+    assert no.response.status_code == 400 and no.error.code == "invalid_request"
+    assert no.error.message == no.response.body["error"]["message"]
+    stream = {f[b"id"]: f[b"result"] for _, f in client.xrange(RESULTS)}
+    assert stream == {b"shape": raw, b"no": client.hget(HASH, "no")}
+    # A batch file line's custom_id names the job as well as id does.
+    client.xadd(STREAM, {"custom_id": "from-batch", "url": EMBED, "body": '{"input": "y"}'})
+    QueueWorker(client, [EmbeddingJobs.from_embedder(embedder)], config()).run()
+    assert client.hexists(HASH, "from-batch")
 
 
 def test_reads_never_exceed_what_one_batch_takes(client):

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = [
     ("embed", "engine.cli_embed", "add_embed_parser", "run_embed"),
     ("batch", "engine.cli_batch", "add_batch_parser", "run_batch"),
+    ("serve", "engine.cli_serve", "add_serve_parser", "run_serve"),
+    ("worker", "engine.cli_worker", "add_worker_parser", "run_worker"),
     ("bench", "bench.cli", "add_bench_parser", "run_bench"),
 ]
 

@@ -92,7 +92,15 @@ class ModelRunner:
             num_decode=len(decode), decode_rows=None, decode_mask=None, num_prefill_tokens=n - len(decode),
             prefill_gather=None, prefill_rows=None, prefill_mask=None, prefill_unpad=None,
             num_padding=pad)
-        if decode:
+        if decode and self.cache.decode_kernel:
+            ctx = np.array([c.start + 1 for c in decode], dtype=np.int32)
+            width = bucket(-(-int(ctx.max()) // self.bs), self.width_bucket)
+            tables = np.zeros((len(decode), width), dtype=np.int32)
+            for r, c in enumerate(decode):
+                tables[r, :len(c.block_table)] = c.block_table[:width]
+            meta.decode_block_tables = mx.array(tables)
+            meta.decode_context_lens = mx.array(ctx)
+        elif decode:
             ctx = np.array([c.start + 1 for c in decode])
             dslots = self._context_slots(decode, int(ctx.max()))
             meta.decode_rows = mx.array(self.cache.head_rows(dslots).astype(np.int32))

@@ -37,7 +37,21 @@ class AttentionMetadata:
     prefill_rows: mx.array | None     # [Bp, Hkv, Lp]
     prefill_mask: mx.array | None     # [Bp, 1, Tp, Lp] key position <= query position
     prefill_unpad: mx.array | None    # [Np] index into the flattened [Bp*Tp] output
-    num_padding: int
+    num_padding: int = 0
+    decode_block_tables: mx.array | None = None  # [Bd, W] (in-place kernel only)
+    decode_context_lens: mx.array | None = None  # [Bd]
+
+
+def _cuda_kernel_available() -> bool:
+    from kvcache import cuda_paged_attention
+
+    return cuda_paged_attention.available()
+
+
+def paged_decode_attention(*args, **kwargs):
+    from kvcache.cuda_paged_attention import paged_decode_attention as kernel
+
+    return kernel(*args, **kwargs)
 
 
 class PagedKVCache:
@@ -51,6 +65,8 @@ class PagedKVCache:
         self.k = [mx.zeros(shape, dtype) for _ in range(num_layers)]
         self.v = [mx.zeros(shape, dtype) for _ in range(num_layers)]
         mx.eval(self.k, self.v)
+        # On CUDA, decode attention reads the pools in place (once verified).
+        self.decode_kernel = _cuda_kernel_available()
 
     @property
     def scratch_slot(self) -> int:
@@ -96,7 +112,13 @@ class PagedLayerView:
         cache.write(self.layer, meta.write_rows, k, v)
         k_pool, v_pool = cache.k[self.layer], cache.v[self.layer]
         outs = []
-        if meta.num_decode:
+        if meta.num_decode and meta.decode_block_tables is not None:
+            od = paged_decode_attention(
+                q[:meta.num_decode].astype(cache.dtype), k_pool, v_pool,
+                meta.decode_block_tables, meta.decode_context_lens, scale, cache.block_size,
+                cache.n_kv_heads)
+            outs.append(od.astype(q.dtype))
+        elif meta.num_decode:
             qd = q[:meta.num_decode][:, :, None, :]                    # [Bd, H, 1, D]
             kd = k_pool[meta.decode_rows]                               # [Bd, Hkv, Ld, D]
             vd = v_pool[meta.decode_rows]

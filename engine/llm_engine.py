@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import msgspec
 
-from engine.backend import on_cpu
+from engine.backend import device_name, on_cpu
 from engine.errors import RequestError
 from engine.model_runner import ModelRunner
 from engine.outputs import Logprob
@@ -24,7 +24,11 @@ from scheduler.scheduler import RequestTooLong, Scheduler, SchedulerConfig
 from scheduler.sequence import FinishReason
 
 CPU_KV_CACHE_BYTES = 2 << 30      # a fixed 2 GiB on the CPU
-GPU_KV_CACHE_FRACTION = 0.5       # of device memory, on a GPU
+GPU_KV_CACHE_FRACTION = 0.5       # of device memory, on Metal
+# On CUDA every K/V write copies its whole pool (MLX does not update it in
+# place there; see DESIGN.md), so a step costs a copy of the whole budget:
+# keep it modest unless told otherwise.
+CUDA_KV_CACHE_BYTES = 4 << 30
 
 
 class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -206,6 +210,8 @@ class LLMEngine:
 def _default_kv_bytes() -> int:
     if on_cpu():
         return CPU_KV_CACHE_BYTES
+    if device_name() == "cuda":
+        return CUDA_KV_CACHE_BYTES
     return int(mx.device_info()["memory_size"] * GPU_KV_CACHE_FRACTION)
 
 

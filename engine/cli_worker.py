@@ -10,6 +10,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from engine.cli_common import add_engine_args, engine_kwargs
 from engine.errors import ConveyorError
 
 _EPILOG = """\
@@ -73,12 +74,8 @@ def add_worker_parser(subparsers) -> argparse.ArgumentParser:
                    "(default: all-MiniLM-L6-v2)")
     m.add_argument("--batch-tokens", type=int, help="padded tokens per embedding batch")
     m.add_argument("--max-batch-size", type=int, help="texts per embedding batch")
-    m.add_argument("--model", help="generation model, loaded on the first generation job "
-                   "(default: SmolLM2-135M-Instruct)")
-    m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    m.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
-    m.add_argument("--max-num-seqs", type=int, default=256)
-    m.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    add_engine_args(m, model_help="generation model, loaded on the first generation job "
+                    "(default: SmolLM2-135M-Instruct)")
     p.set_defaults(run=run_worker)
     return p
 
@@ -135,10 +132,7 @@ def _handlers(args: argparse.Namespace, tasks: set[str]) -> list:
         def load_engine():
             from engine.llm_engine import EngineArgs, LLMEngine
 
-            return LLMEngine.from_args(EngineArgs(
-                model=args.model, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes,
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens))
+            return LLMEngine.from_args(EngineArgs(model=args.model, **engine_kwargs(args)))
 
         name = os.path.basename(args.model.rstrip("/")) if args.model else "SmolLM2-135M-Instruct"
         handlers.append(GenerationJobs(load_engine, model=name))

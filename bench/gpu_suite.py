@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--models", default="llama-1b,llama-8b")
     ap.add_argument("--sizes", default="64,256")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="uncompiled decode steps")
     args = ap.parse_args()
     print("machine:", _machine(), flush=True)
     print("write cost:", write_cost(), flush=True)
@@ -97,8 +98,11 @@ def main() -> None:
             work = workloads.decode_heavy(n, 128, 16 if args.quick else 128)
             eng = LLMEngine(model, NullTokenizer(), config, EngineArgs(
                 max_num_seqs=max(256, n), max_num_batched_tokens=4096,
-                kv_cache_bytes=kv_budget(model, work)))
-            run_conveyor(eng, workloads.decode_heavy(4, 16, 4))           # warm-up
+                kv_cache_bytes=kv_budget(model, work),
+                compile=False if args.no_compile else None))
+            # Warm-up at the batch size measured: compiles its decode graphs, as
+            # a server does for each batch-size bucket on first use.
+            run_conveyor(eng, workloads.decode_heavy(n, 16, 4))
             ours = run_conveyor(eng, work)
             # Breakdown on a fresh decode batch of the same size.
             for p in work.prompts:

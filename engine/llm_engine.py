@@ -43,6 +43,7 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     seed: int = 0
+    compile: bool | None = None   # compiled decode steps; None: on CUDA only
 
 
 @dataclass
@@ -82,7 +83,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len),
             self.blocks)
-        self.runner = ModelRunner(model, self.cache)
+        compile_decode = args.compile if args.compile is not None else device_name() == "cuda"
+        self.runner = ModelRunner(model, self.cache, compile_decode=compile_decode)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._rng = random.Random(args.seed)

@@ -26,14 +26,15 @@ class Batch:
     input_ids: mx.array       # [N] packed, padded
     positions: mx.array       # [N]
     meta: AttentionMetadata
-    logits_index: mx.array    # [len(chunks)] packed index of each chunk's last token
+    logits_index: mx.array | None  # [len(chunks)] packed index of each chunk's last token
     num_tokens: int           # real tokens
     num_padded: int           # N
+    compiled: bool = False    # a pure-decode step for the compiled CUDA forward
 
 
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, token_bucket: int = 8, width_bucket: int = 4,
-                 chunk_bucket: int = 16):
+                 chunk_bucket: int = 16, compile_decode: bool = False):
         self.model = model
         self.cache = cache
         self.bs = cache.block_size
@@ -41,6 +42,13 @@ class ModelRunner:
             token_bucket, width_bucket, chunk_bucket)
         self.real_tokens = 0
         self.padded_tokens = 0
+        # Pure-decode steps on CUDA run one compiled graph per (rows, width)
+        # bucket: fewer launches and no per-op Python. Needs the in-place
+        # attention kernel, whose rows may be padding (they read the scratch block).
+        self._compiled = None
+        if compile_decode and cache.decode_kernel:
+            state = [cache.k, cache.v]
+            self._compiled = mx.compile(self._decode_graph, inputs=state, outputs=state)
 
     @property
     def padding_waste(self) -> float:
@@ -83,6 +91,8 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> Batch:
         chunks = list(out.chunks)
+        if self._compiled is not None and all(c.num_tokens == 1 for c in chunks):
+            return self._prepare_compiled_decode(chunks)
         decode = [c for c in chunks if c.num_tokens == 1]
         prefill = [c for c in chunks if c.num_tokens > 1]
         ids, pos, slots, last = self._token_lists(decode + prefill)
@@ -138,5 +148,45 @@ class ModelRunner:
 
     def forward(self, batch: Batch) -> mx.array:
         """Logits [len(chunks), vocab] for each chunk's last token (lazy)."""
+        if batch.compiled:
+            meta = batch.meta
+            logits = self._compiled(batch.input_ids, batch.positions, meta.write_rows,
+                                    meta.decode_block_tables, meta.decode_context_lens)
+            return logits[:batch.num_tokens]
         return self.model(batch.input_ids, batch.positions, self.cache.views(batch.meta),
                           logits_index=batch.logits_index)
+
+    def _prepare_compiled_decode(self, chunks: list[ScheduledChunk]) -> Batch:
+        # Rows are padded to a power of two with decode rows of context 1 that
+        # write to and read from the scratch slot, so every shape in the
+        # graph comes from the bucket and nothing else.
+        n = len(chunks)
+        rows = max(8, 1 << (n - 1).bit_length())
+        ids, pos, slots, _ = self._token_lists(chunks)
+        pad = rows - n
+        ids += [0] * pad
+        pos += [0] * pad
+        slots += [self.cache.scratch_slot] * pad
+        ctx = [c.start + 1 for c in chunks] + [1] * pad
+        # Table widths in powers of two (>= 16 blocks): few graphs to compile.
+        width = max(16, 1 << (-(-max(ctx) // self.bs) - 1).bit_length())
+        tables = self._tables(chunks, width, 0)
+        if pad:
+            tables = np.concatenate([tables, np.full((pad, width), self.cache.num_blocks)])
+        self.real_tokens += n
+        self.padded_tokens += rows
+        meta = AttentionMetadata(
+            write_rows=mx.array(self.cache.head_rows(np.array(slots)).astype(np.int32)),
+            num_decode=rows, decode_rows=None, decode_mask=None, num_prefill_tokens=0,
+            prefill_gather=None, prefill_rows=None, prefill_mask=None, prefill_unpad=None,
+            decode_block_tables=mx.array(tables.astype(np.int32)),
+            decode_context_lens=mx.array(ctx, dtype=mx.int32))
+        return Batch(mx.array(ids, dtype=mx.int32), mx.array(pos, dtype=mx.int32), meta, None,
+                     n, rows, compiled=True)
+
+    def _decode_graph(self, ids, positions, write_rows, tables, context_lens):
+        meta = AttentionMetadata(
+            write_rows=write_rows, num_decode=ids.shape[0], decode_rows=None, decode_mask=None,
+            num_prefill_tokens=0, prefill_gather=None, prefill_rows=None, prefill_mask=None,
+            prefill_unpad=None, decode_block_tables=tables, decode_context_lens=context_lens)
+        return self.model(ids, positions, self.cache.views(meta))

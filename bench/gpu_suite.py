@@ -14,9 +14,9 @@ import gc
 import json
 import time
 
-import engine  # noqa: F401
 import mlx.core as mx
 
+import engine  # noqa: F401
 from bench import workloads
 from bench.cli import _machine, _mlx_lm_twin
 from bench.runners import run_conveyor, run_mlx_lm

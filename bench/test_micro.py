@@ -4,11 +4,11 @@
 Compare each with `test_forward_decode_256`: a SmolLM2 decode step's forward.
 """
 
-import engine  # noqa: F401  (preloads the BLAS)
 import mlx.core as mx
 import numpy as np
 import pytest
 
+import engine  # noqa: F401  (preloads the BLAS)
 from engine.sampler import SamplingRow, sample
 from engine.sampling_params import SamplingParams
 from kvcache.block_manager import BlockManager
@@ -76,8 +76,8 @@ def test_detokenizer_256_tokens(benchmark, smollm_dir):
 
 def test_forward_decode_256(benchmark, smollm_dir):
     from engine.llm_engine import EngineArgs, LLMEngine
-    from engine.tokenizer import Tokenizer
     from engine.loader import load_model
+    from engine.tokenizer import Tokenizer
 
     model, config = load_model(smollm_dir)
     eng = LLMEngine(model, Tokenizer.from_dir(smollm_dir), config,

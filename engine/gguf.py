@@ -298,7 +298,8 @@ def _llama_config(path: Path, meta: dict, weights: dict) -> dict:
         "num_key_value_heads": n_kv_heads,
         "head_dim": head_dim,
         # f32 in GGUF: keep 7 significant digits so 1e-5 doesn't read 9.9999997e-06
-        "rms_norm_eps": float(f"{_scalar(meta, 'llama.attention.layer_norm_rms_epsilon', 1e-5):.7g}"),
+        "rms_norm_eps": float(
+            f"{_scalar(meta, 'llama.attention.layer_norm_rms_epsilon', 1e-5):.7g}"),
         "vocab_size": int(vocab),
         "max_position_embeddings": int(_scalar(meta, "llama.context_length", 2048)),
         "rope_theta": float(_scalar(meta, "llama.rope.freq_base", 10000.0)),
@@ -500,7 +501,8 @@ def _build_tokenizer(path: Path, meta: dict, config: dict):
         return tokens[int(value)]
 
     bos, eos = name_of("tokenizer.ggml.bos_token_id"), name_of("tokenizer.ggml.eos_token_id")
-    pad, unk = name_of("tokenizer.ggml.padding_token_id"), name_of("tokenizer.ggml.unknown_token_id")
+    pad = name_of("tokenizer.ggml.padding_token_id")
+    unk = name_of("tokenizer.ggml.unknown_token_id")
     add_bos = bool(_scalar(meta, "tokenizer.ggml.add_bos_token", False))
     add_eos = bool(_scalar(meta, "tokenizer.ggml.add_eos_token", False))
     byte_level = processors.ByteLevel(trim_offsets=False)

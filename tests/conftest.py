@@ -1,9 +1,9 @@
 """Shared fixtures. `import engine` comes first: it preloads the BLAS."""
 
-import engine  # noqa: F401  (must precede mlx)
 import pytest
-
 from tiny_models import write_tiny_llama
+
+import engine  # noqa: F401  (must precede mlx)
 
 
 @pytest.fixture(scope="session")

@@ -428,7 +428,8 @@ def test_kill_9_at_random_points_then_resume_answers_every_id_once(tmp_path, tin
     assert kills >= 5
     print("records at each kill:", at_kill)
     assert sum(0 < k < n for k in at_kill) >= 4  # most kills land mid-job
-    final = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    final = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)
     assert final.returncode == 0, final.stderr
     results = by_id(out)  # asserts no custom_id twice
     assert sorted(results) == sorted(reference)

@@ -333,7 +333,8 @@ def test_tiny_gguf_all_float(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization" not in cfg
     weights = mx.load(str(out / "model.safetensors"))
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+    for name in ("model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.1.self_attn.k_proj.weight"):
         np.testing.assert_array_equal(np.array(weights[name]), hf[name])
 
 

@@ -9,11 +9,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from tiny_models import write_tiny_llama
 
 from engine.cli import main
 from engine.errors import ModelLoadError
 from engine.loader import load_model, resolve_model_path
-from tiny_models import write_tiny_llama
 
 IDS = mx.array([5, 6, 7, 100, 200, 3, 9, 11, 42, 250], dtype=mx.int32)
 

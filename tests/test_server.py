@@ -404,7 +404,8 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
            "--seed", "7", "--phases", "examples,fuzzing", "--workers", "2",
            "--generation-database", "none", "--no-color", "-H", f"Authorization: Bearer {KEY}",
            "--report", "json", "--report-dir", str(tmp_path)]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240,
+                         cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "Server error" not in run.stdout
 

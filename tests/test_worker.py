@@ -25,7 +25,7 @@ from redis_server import RedisServer, _free_port, find_redis_server
 
 redis = pytest.importorskip("redis", reason="the worker needs the redis package")
 
-from engine.queue_worker import (
+from engine.queue_worker import (  # noqa: E402  (after the importorskip)
     EmbeddingJobs,
     GenerationJobs,
     QueueWorker,

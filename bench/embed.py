@@ -59,9 +59,9 @@ def count_tokens(model_dir: str, texts: list[str], max_length: int = 256) -> int
 
 
 def run_conveyor(texts: list[str], *, batch_tokens: int | None, warmup: int) -> dict:
-    import engine  # noqa: F401  (preloads the BLAS before mlx)
     import mlx.core as mx
 
+    import engine  # noqa: F401  (preloads the BLAS before mlx)
     from engine import blas
     from engine.embedder import Embedder
 

@@ -76,7 +76,7 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-truncate", action="store_true",
                    help="fail instead of truncating texts longer than the model's maximum")
     p.add_argument("--batch-tokens", type=int,
-                   help="padded tokens per batch (default 8192)")
+                   help="padded tokens per batch (default 2048)")
     p.add_argument("--max-batch-size", type=int, help="texts per batch (default 256)")
     p.add_argument("--pooling", help="override the model's pooling: mean, cls, max, "
                    "lasttoken, mean_sqrt_len, or several joined by '+'")

@@ -8,8 +8,12 @@ input order. There is no KV cache: every text is a single prefill.
 
 from __future__ import annotations
 
+import ctypes
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,7 @@ class Embedder:
     """An encoder model, its tokenizer and pooling; `embed(texts)` -> vectors."""
 
     def __init__(self, model: Any, tokenizer: Tokenizer, pooling: Pooling, *, max_length: int,
-                 hidden_size: int, pad_token_id: int = 0, batch_tokens: int = 8192,
+                 hidden_size: int, pad_token_id: int = 0, batch_tokens: int = 2048,
                  max_batch_size: int = 256, num_streams: int | None = None,
                  name: str = ""):
         self.model = model
@@ -55,12 +59,16 @@ class Embedder:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length)
         self._untruncated: Tokenizer | None = None  # made on first use
-        # Batches of one wave run side by side on their own streams: on the
-        # CPU each stream has its own thread, so element-wise work (MLX runs
-        # it on one thread per stream) uses both cores.
+        on_cpu = mx.default_device() == mx.cpu
+        # Consecutive batches alternate between streams. On the CPU each stream
+        # has its own thread, and MLX runs element-wise ops on the stream's
+        # thread alone, so two streams (with a one-thread BLAS each) keep both
+        # cores busy where one stream leaves one idle outside the matmuls.
         if num_streams is None:
-            num_streams = 2 if mx.default_device() == mx.cpu else 1
+            num_streams = min(2, os.cpu_count() or 1) if on_cpu else 1
         self._streams = [mx.new_stream(mx.default_device()) for _ in range(max(1, num_streams))]
+        if on_cpu:
+            _raise_cpu_cache_limit()
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, pooling: str | None = None,
@@ -96,7 +104,7 @@ class Embedder:
             net, tokenizer, read_pooling(path, mode=pooling, normalize=normalize),
             max_length=_max_length(path, config), hidden_size=net.hidden_size,
             pad_token_id=int(config.get("pad_token_id") or 0),
-            batch_tokens=batch_tokens or max_num_batched_tokens or 8192,
+            batch_tokens=batch_tokens or max_num_batched_tokens or 2048,
             max_batch_size=max_batch_size or max_num_seqs or 256,
             num_streams=num_streams, name=path.name)
 
@@ -138,19 +146,35 @@ class Embedder:
             ((i, len(t)) for i, t in enumerate(ids)),
             token_budget=self.batch_tokens, max_batch_size=self.max_batch_size))
         done = 0
-        for start in range(0, len(batches), len(self._streams)):
-            wave = batches[start:start + len(self._streams)]
-            outputs = []
-            for batch, stream in zip(wave, self._streams):
-                with mx.stream(stream):
-                    outputs.append(self._forward([ids[i] for i in batch.indices],
-                                                 batch.padded_length))
-            mx.eval(outputs)
-            for batch, out in zip(wave, outputs):
-                vectors[list(batch.indices)] = np.asarray(out)
+        in_flight: deque = deque()  # waves started and not yet collected
+        n_streams = len(self._streams)
+
+        def collect() -> None:
+            nonlocal done
+            for batch, out in in_flight.popleft():
+                vectors[list(batch.indices)] = np.asarray(out)  # waits for this wave only
                 done += batch.rows
             if on_progress is not None:
                 on_progress(done)
+
+        with _blas_threads(1 if n_streams > 1 else None):
+            for start in range(0, len(batches), n_streams):
+                wave = []
+                for batch, stream in zip(batches[start:start + n_streams], self._streams,
+                                         strict=False):
+                    with mx.stream(stream):
+                        wave.append((batch, self._forward([ids[i] for i in batch.indices],
+                                                          batch.padded_length)))
+                # One evaluation per wave, over all its streams at once (separate
+                # calls would run the streams one after the other), started
+                # before the previous wave is collected so Python's work of
+                # preparing batches overlaps the computation.
+                mx.async_eval([out for _, out in wave])
+                in_flight.append(wave)
+                if len(in_flight) > 1:
+                    collect()
+            while in_flight:
+                collect()
         return EmbeddingResult(vectors=vectors, truncated=truncated,
                                num_tokens=[len(t) for t in ids])
 
@@ -163,6 +187,40 @@ class Embedder:
         ids_mx, mask_mx = mx.array(ids), mx.array(mask)
         hidden = self.model(ids_mx, mask_mx)
         return pool(hidden, mask_mx, self.pooling).astype(mx.float32)
+
+
+def _raise_cpu_cache_limit(limit: int = 2 << 30) -> None:
+    """MLX's CPU buffer cache defaults to 32 MiB: a batch's larger arrays were
+    returned to the OS after every use and page-faulted back in (~30 ms per
+    44 MB array). Raise it, never lower it."""
+    try:
+        limit = min(limit, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8)
+    except (ValueError, OSError):
+        pass
+    previous = mx.set_cache_limit(limit)
+    if previous > limit:
+        mx.set_cache_limit(previous)
+
+
+@contextmanager
+def _blas_threads(n: int | None) -> Iterator[None]:
+    """Run with the preloaded MKL limited to n threads (None: unchanged)."""
+    from engine import blas
+
+    path = blas.loaded()
+    lib = None
+    if n is not None and path and "mkl" in path:
+        try:
+            lib = ctypes.CDLL(path)
+            previous = lib.MKL_Get_Max_Threads()
+            lib.MKL_Set_Num_Threads(n)
+        except (OSError, AttributeError):
+            lib = None
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.MKL_Set_Num_Threads(previous)
 
 
 def resolve_embedding_model(model: str | Path | None) -> Path:

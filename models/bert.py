@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -260,6 +261,19 @@ class Model(nn.Module):
         attention_mask: mx.array | None = None,
         token_type_ids: mx.array | None = None,
     ) -> mx.array:
+        for hidden in self.stages(input_ids, attention_mask, token_type_ids):
+            pass
+        return hidden
+
+    def stages(
+        self,
+        input_ids: mx.array,
+        attention_mask: mx.array | None = None,
+        token_type_ids: mx.array | None = None,
+    ) -> Iterator[mx.array]:
+        """The hidden states after the embeddings and after each layer, built
+        lazily; the last one is the model's output. A caller running several
+        batches on several streams evaluates them layer by layer, interleaved."""
         fast = self.fast_math
         x = self.embeddings(input_ids, token_type_ids)
         mask = None
@@ -272,9 +286,10 @@ class Model(nn.Module):
                 mask = mx.where(keep, 0.0, -1e4).astype(x.dtype)[:, None, :, None]
             else:
                 mask = keep[:, None, None, :]
+        yield x
         for layer in self.layers:
             x = layer(x, mask, fast)
-        return x
+            yield x
 
     @property
     def hidden_size(self) -> int:

@@ -138,6 +138,27 @@ def test_progress_reports_every_text(reference, embedded):
     assert seen == sorted(seen) and seen[-1] == len(reference[0])
 
 
+def test_stages_end_in_the_output(embedder):
+    ids = mx.array([[101, 7592, 2088, 102, 0]], dtype=mx.int32)
+    mask = (ids != 0).astype(mx.int32)
+    stages = list(embedder.model.stages(ids, mask))
+    assert len(stages) == 1 + len(embedder.model.layers)
+    np.testing.assert_array_equal(np.array(stages[-1]), np.array(embedder.model(ids, mask)))
+
+
+def test_blas_threads_restored(embedder):
+    import ctypes
+
+    from engine import blas
+
+    if not blas.loaded() or "mkl" not in blas.loaded():
+        pytest.skip("no MKL preloaded")
+    mkl = ctypes.CDLL(blas.loaded())
+    before = mkl.MKL_Get_Max_Threads()
+    embedder.embed(["one", "two", "three"])
+    assert mkl.MKL_Get_Max_Threads() == before
+
+
 def test_llm_api_embed(reference):
     from engine import LLM
 

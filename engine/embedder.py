@@ -2,7 +2,8 @@
 
 texts → tokens (truncated to the model's limit, reported per text) → batches
 from scheduler.embedding_batcher (length-sorted, bounded by a token budget) →
-encoder forward + pooling, one `mx.eval` per wave of batches → vectors in
+encoder forward + pooling, a wave of batches at a time (one batch per CPU
+stream, evaluation started asynchronously, one wait per wave) → vectors in
 input order. There is no KV cache: every text is a single prefill.
 """
 

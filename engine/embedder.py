@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -67,7 +68,10 @@ class Embedder:
         # cores busy where one stream leaves one idle outside the matmuls.
         if num_streams is None:
             num_streams = min(2, os.cpu_count() or 1) if on_cpu else 1
-        self._streams = [mx.new_stream(mx.default_device()) for _ in range(max(1, num_streams))]
+        self.num_streams = max(1, num_streams)
+        # MLX streams belong to the thread that made them: each thread calling
+        # embed() gets its own set, made on first use.
+        self._thread_streams = threading.local()
         if on_cpu:
             _raise_cpu_cache_limit()
 
@@ -148,7 +152,8 @@ class Embedder:
             token_budget=self.batch_tokens, max_batch_size=self.max_batch_size))
         done = 0
         in_flight: deque = deque()  # waves started and not yet collected
-        n_streams = len(self._streams)
+        streams = self._streams()
+        n_streams = len(streams)
 
         def collect() -> None:
             nonlocal done
@@ -162,7 +167,7 @@ class Embedder:
             for start in range(0, len(batches), n_streams):
                 wave = batches[start:start + n_streams]
                 outputs = self._start_wave([[ids[i] for i in b.indices] for b in wave],
-                                           [b.padded_length for b in wave])
+                                           [b.padded_length for b in wave], streams)
                 in_flight.append(list(zip(wave, outputs, strict=True)))
                 # Collect the previous wave only now: Python prepares a wave
                 # while the streams still compute the one before.
@@ -173,7 +178,15 @@ class Embedder:
         return EmbeddingResult(vectors=vectors, truncated=truncated,
                                num_tokens=[len(t) for t in ids])
 
-    def _start_wave(self, rows: list[list[list[int]]], lengths: list[int]) -> list[mx.array]:
+    def _streams(self) -> list:
+        streams = getattr(self._thread_streams, "streams", None)
+        if streams is None:
+            streams = [mx.new_stream(mx.default_device()) for _ in range(self.num_streams)]
+            self._thread_streams.streams = streams
+        return streams
+
+    def _start_wave(self, rows: list[list[list[int]]], lengths: list[int],
+                    streams: list) -> list[mx.array]:
         """Start the batches of one wave, batch j on stream j, and return their
         pooled vectors (evaluation started, not finished).
 
@@ -182,7 +195,7 @@ class Embedder:
         batch's, and MLX's limit on in-flight work then leaves the second
         stream idle for much of the time (1.5 cores busy instead of 2)."""
         staged = []
-        for batch_rows, length, stream in zip(rows, lengths, self._streams, strict=False):
+        for batch_rows, length, stream in zip(rows, lengths, streams, strict=False):
             with mx.stream(stream):
                 ids = np.full((len(batch_rows), length), self.pad_token_id, dtype=np.int32)
                 mask = np.zeros((len(batch_rows), length), dtype=np.int32)

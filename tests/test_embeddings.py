@@ -146,6 +146,19 @@ def test_stages_end_in_the_output(embedder):
     np.testing.assert_array_equal(np.array(stages[-1]), np.array(embedder.model(ids, mask)))
 
 
+def test_embed_from_another_thread(embedder):
+    import threading
+
+    # MLX streams are per thread: the embedder makes its own in each caller.
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(
+        v=embedder.embed(["hello world", "another text"]).vectors))
+    worker.start()
+    worker.join()
+    np.testing.assert_allclose(results["v"], embedder.embed(["hello world", "another text"])
+                               .vectors, atol=1e-6)
+
+
 def test_blas_threads_restored(embedder):
     import ctypes
 

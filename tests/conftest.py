@@ -1,9 +1,8 @@
-"""Shared fixtures. `import engine` comes first: it preloads the BLAS."""
+"""Shared fixtures. (pyproject's `-p engine` has imported engine, and so
+preloaded the BLAS, before this file imports mlx.)"""
 
 import pytest
 from tiny_models import write_tiny_llama
-
-import engine  # noqa: F401  (must precede mlx)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ quantized (less memory traffic) and float weights keep their dtype.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -74,3 +75,16 @@ def choose_weight_format(quantized: bool, config: dict, dtype: str | None,
 
 def _name(dtype: mx.Dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def raise_cpu_cache_limit(limit: int = 2 << 30) -> None:
+    """MLX's CPU buffer cache defaults to 32 MiB: larger arrays (a step's
+    activations, gathered K/V) went back to the OS after every use and were
+    page-faulted in again (~30 ms for a 44 MB array). Raise it, never lower it."""
+    try:
+        limit = min(limit, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8)
+    except (ValueError, OSError):
+        pass
+    previous = mx.set_cache_limit(limit)
+    if previous > limit:
+        mx.set_cache_limit(previous)

@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import Tokenizer
 
+from engine.backend import raise_cpu_cache_limit
 from engine.errors import ModelLoadError, RequestError
 from engine.pooling import Pooling, pool, pooled_dim, read_pooling
 from scheduler.embedding_batcher import plan_embedding_batches
@@ -73,7 +74,7 @@ class Embedder:
         # embed() gets its own set, made on first use.
         self._thread_streams = threading.local()
         if on_cpu:
-            _raise_cpu_cache_limit()
+            raise_cpu_cache_limit()
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, pooling: str | None = None,
@@ -223,19 +224,6 @@ class Embedder:
                 outputs.append(pool(hidden, mask_mx, self.pooling).astype(mx.float32))
         mx.async_eval(outputs)
         return outputs
-
-
-def _raise_cpu_cache_limit(limit: int = 2 << 30) -> None:
-    """MLX's CPU buffer cache defaults to 32 MiB: a batch's larger arrays were
-    returned to the OS after every use and page-faulted back in (~30 ms per
-    44 MB array). Raise it, never lower it."""
-    try:
-        limit = min(limit, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8)
-    except (ValueError, OSError):
-        pass
-    previous = mx.set_cache_limit(limit)
-    if previous > limit:
-        mx.set_cache_limit(previous)
 
 
 @contextmanager

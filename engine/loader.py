@@ -20,7 +20,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import models
-from engine.backend import WeightFormat, choose_weight_format, log_once
+from engine.backend import (
+    WeightFormat,
+    choose_weight_format,
+    log_once,
+    on_cpu,
+    raise_cpu_cache_limit,
+)
 from engine.errors import ModelLoadError
 
 # Architectures that share another's file.
@@ -177,6 +183,8 @@ def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | N
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
                     for _, m in model.named_modules())
     fmt: WeightFormat = choose_weight_format(quantized, config, dtype, keep_quantized)
+    if on_cpu():
+        raise_cpu_cache_limit()
     if quantized and not fmt.keep_quantized:
         model = _dequantized(model, fmt.dtype)
     _cast_floats(model, fmt.dtype)

@@ -166,7 +166,7 @@ class EmbeddingJobs:
     @classmethod
     def from_embedder(cls, embedder: Any) -> EmbeddingJobs:
         """Sized to one wave of `embedder`'s batches (rows and padded tokens)."""
-        streams = max(1, len(getattr(embedder, "_streams", ())) or 1)
+        streams = max(1, getattr(embedder, "num_streams", 1))
         return cls(embedder.embed, model=embedder.name or "embedding",
                    token_budget=embedder.batch_tokens * streams,
                    max_jobs=embedder.max_batch_size * streams)

@@ -28,6 +28,7 @@ from typing import Any, Self
 import msgspec
 
 from engine.errors import ConveyorError
+from engine.input_file import open_input
 
 # Error codes of the records this runner writes (OpenAI's style: snake_case).
 INVALID_JSON = "invalid_json"
@@ -115,15 +116,7 @@ def parse_input_line(line: int, raw: bytes) -> InputLine:
 def read_input(path: Path) -> Iterator[InputLine]:
     """The input's lines one at a time (never the whole file in memory).
     Blank lines are skipped; they are not requests."""
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        raise ConveyorError(f"input file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConveyorError(f"input is a directory, not a file: {path}") from None
-    except OSError as exc:
-        raise ConveyorError(f"cannot read {path}: {exc.strerror}") from None
-    with f:
+    with open_input(path) as f:
         for n, raw in enumerate(f, start=1):
             if n == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark

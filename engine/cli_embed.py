@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from engine.errors import ConveyorError
+from engine.input_file import open_input
 
 _EPILOG = """\
 input:
@@ -90,14 +91,8 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
 
 def read_inputs(path: Path) -> list[InputLine]:
     """Read the input file line by line; each undecodable line carries an error."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConveyorError(f"input file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConveyorError(f"input is a directory, not a file: {path}") from None
-    except OSError as exc:
-        raise ConveyorError(f"cannot read {path}: {exc.strerror}") from None
+    with open_input(path) as f:
+        data = f.read()
     json_lines = path.suffix.lower() in (".jsonl", ".ndjson")
     raw_lines = data.split(b"\n")
     if raw_lines and raw_lines[-1] == b"":

@@ -37,15 +37,5 @@ def mixed(n: int = 256) -> Workload:
     return Workload("mixed", prompts, [int(k) for k in out_lens])
 
 
-WORDS = ("the of and to in is was for on that with as by at from it an be this which or "
-         "are have not had but were all one their has been more when there also new can "
-         "time first into two other after some only over most such used many before may "
-         "city school system world river music state team water light story house market "
-         "model engine batch token memory queue worker stream server request").split()
-
-
-def embed_texts(n: int = 4096, seed: int = 2) -> list[str]:
-    """Texts of 5–200 words drawn from a fixed word list."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(5, 201, size=n)
-    return [" ".join(rng.choice(WORDS, size=int(k))) for k in lengths]
+# The embed workload (4,096 texts of 5-200 words) lives with its benchmark:
+# bench/embed.py, make_texts().

@@ -147,7 +147,7 @@ class LLMEngine:
             self._fail_all(exc)
             raise
         touched: dict[str, Request] = {}
-        for i, (seq, token) in enumerate(self.scheduler.update(out, tokens)):
+        for seq, token in self.scheduler.update(out, tokens):
             request = self.requests[seq.seq_id]
             self.generated_tokens += 1
             if request.append(token, logprobs(seq.seq_id, token)) and not seq.is_finished:

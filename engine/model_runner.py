@@ -108,9 +108,7 @@ class ModelRunner:
 
         meta = AttentionMetadata(
             write_rows=mx.array(self.cache.head_rows(np.array(slots)).astype(np.int32)),
-            num_decode=len(decode), decode_rows=None, decode_mask=None,
-            num_prefill_tokens=n - len(decode), prefill_gather=None, prefill_rows=None,
-            prefill_mask=None, prefill_unpad=None, num_padding=pad)
+            num_decode=len(decode), num_prefill_tokens=n - len(decode), num_padding=pad)
         if decode and self.cache.decode_kernel:
             ctx = [c.start + 1 for c in decode]
             width = bucket(-(-max(ctx) // self.bs), self.width_bucket)
@@ -177,16 +175,13 @@ class ModelRunner:
         self.padded_tokens += rows
         meta = AttentionMetadata(
             write_rows=mx.array(self.cache.head_rows(np.array(slots)).astype(np.int32)),
-            num_decode=rows, decode_rows=None, decode_mask=None, num_prefill_tokens=0,
-            prefill_gather=None, prefill_rows=None, prefill_mask=None, prefill_unpad=None,
-            decode_block_tables=mx.array(tables.astype(np.int32)),
+            num_decode=rows, decode_block_tables=mx.array(tables.astype(np.int32)),
             decode_context_lens=mx.array(ctx, dtype=mx.int32))
         return Batch(mx.array(ids, dtype=mx.int32), mx.array(pos, dtype=mx.int32), meta, None,
                      n, rows, compiled=True)
 
     def _decode_graph(self, ids, positions, write_rows, tables, context_lens):
         meta = AttentionMetadata(
-            write_rows=write_rows, num_decode=ids.shape[0], decode_rows=None, decode_mask=None,
-            num_prefill_tokens=0, prefill_gather=None, prefill_rows=None, prefill_mask=None,
-            prefill_unpad=None, decode_block_tables=tables, decode_context_lens=context_lens)
+            write_rows=write_rows, num_decode=ids.shape[0], decode_block_tables=tables,
+            decode_context_lens=context_lens)
         return self.model(ids, positions, self.cache.views(meta))

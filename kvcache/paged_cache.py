@@ -29,17 +29,20 @@ class AttentionMetadata:
     """Per-step arrays shared by every layer (built by the model runner)."""
 
     write_rows: mx.array              # [N * Hkv] pool rows of each packed token's K/V
-    num_decode: int                   # decode rows = first num_decode tokens
-    decode_rows: mx.array | None      # [Bd, Hkv, Ld] pool rows of each row's keys
-    decode_mask: mx.array | None      # [Bd, 1, 1, Ld] key is inside the context
-    num_prefill_tokens: int
-    prefill_gather: mx.array | None   # [Bp, Tp] packed index of each chunk token
-    prefill_rows: mx.array | None     # [Bp, Hkv, Lp]
-    prefill_mask: mx.array | None     # [Bp, 1, Tp, Lp] key position <= query position
-    prefill_unpad: mx.array | None    # [Np] index into the flattened [Bp*Tp] output
+    num_decode: int = 0               # decode rows = first num_decode tokens
+    num_prefill_tokens: int = 0
     num_padding: int = 0
-    decode_block_tables: mx.array | None = None  # [Bd, W] (in-place kernel only)
+    # Decode rows, portable path:
+    decode_rows: mx.array | None = None   # [Bd, Hkv, Ld] pool rows of each row's keys
+    decode_mask: mx.array | None = None   # [Bd, 1, 1, Ld] key is inside the context
+    # Decode rows, in-place CUDA kernel:
+    decode_block_tables: mx.array | None = None  # [Bd, W]
     decode_context_lens: mx.array | None = None  # [Bd]
+    # Prefill chunks:
+    prefill_gather: mx.array | None = None  # [Bp, Tp] packed index of each chunk token
+    prefill_rows: mx.array | None = None    # [Bp, Hkv, Lp]
+    prefill_mask: mx.array | None = None    # [Bp, 1, Tp, Lp] key position <= query position
+    prefill_unpad: mx.array | None = None   # [Np] index into the flattened [Bp*Tp] output
 
 
 def _cuda_kernel_available() -> bool:

@@ -65,6 +65,11 @@ class AsyncLLM:
             if not finished:
                 self._inbox.put(("abort", request_id))
 
+    def num_pending(self) -> int:
+        """Commands posted but not yet taken by the engine thread (new requests
+        among them): with the scheduler's waiting queue, the load not yet admitted."""
+        return self._inbox.qsize()
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 

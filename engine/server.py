@@ -391,8 +391,7 @@ class OpenAIServer:
     def _check_overload(self) -> None:
         # Requests posted to the engine's inbox but not yet admitted count as
         # waiting too: a burst arriving during one step must not slip through.
-        inbox = getattr(self.llm, "_inbox", None)
-        waiting = self.llm.engine.stats().waiting + (inbox.qsize() if inbox else 0)
+        waiting = self.llm.engine.stats().waiting + self.llm.num_pending()
         if waiting >= self.max_waiting:
             self.metrics.rejected_overload += 1
             raise APIError(429, f"the server is busy: {waiting} requests are waiting "

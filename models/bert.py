@@ -16,6 +16,7 @@ import mlx.core as mx
 from mlx import nn
 
 from models.base import BaseModelArgs
+from models.fast_math import default_fast_math, exp_from_arg, exp_shifted_arg, gelu_erf_fast
 
 
 @dataclass
@@ -57,82 +58,6 @@ def _activation(name: str):
     return table[name]
 
 
-# --- CPU fast path --------------------------------------------------------
-# MLX's CPU backend evaluates erf and exp one scalar at a time (~12-25 ns an
-# element), which made GELU and softmax cost more than the matmuls. These
-# replacements use only +, -, *, / and abs, which compiled kernels vectorise.
-# Two rules learnt by measuring (mlx 0.32.4, x86-64):
-# - mx.compile fuses chains of at most ~11 element-wise ops; a longer chain
-#   is cut into pieces that run as slow strided loops, so each function below
-#   is one short stage, and a computation longer than that is two stages.
-# - maximum/minimum compile to branches (NaN checks) that mispredict on real
-#   data; clamps are written with abs, which is branch-free.
-# The portable path (nn.gelu, mx.fast.scaled_dot_product_attention) stays the
-# reference; tests compare the two.
-
-# erf(u) ~ u P(u^2) / Q(u^2) on [-4, 4] (|erf(4)| rounds to 1 in float32),
-# fitted by iteratively reweighted linear least squares; max error 5e-7.
-_ERF_P = (1.1283790615336429, 0.19436662375062852, 0.05321445522644634,
-          0.003921289069845491, 0.0002858949581840997, 1.9857108196913795e-06)
-_ERF_Q = (1.0, 0.5055848432268858, 0.11569413048864537, 0.015280582978218226,
-          0.001195793873540697, 3.748076753173048e-05)
-# e^y on [-1, 0]: degree-7 Chebyshev interpolant in monomial form.
-_EXP_C = (0.9999999995114079, 0.9999999374035076, 0.49999867939792075, 0.16665600674653547,
-          0.04162415464268321, 0.008240356910079072, 0.0012740899603045364,
-          0.00012118171798647381)
-_EXP_FLOOR = 32.0  # e^x is computed for x >= -32 (e^-32 = 1.3e-14) and held there below
-
-
-def _estrin(c, z):
-    """c[0] + c[1] z + ... + c[n] z^n with a shallow (Estrin) evaluation tree."""
-    terms = [c[i] + c[i + 1] * z if i + 1 < len(c) else c[i] for i in range(0, len(c), 2)]
-    power = z * z
-    while len(terms) > 1:
-        terms = [terms[i] + power * terms[i + 1] if i + 1 < len(terms) else terms[i]
-                 for i in range(0, len(terms), 2)]
-        power = power * power
-    return terms[0]
-
-
-@mx.compile
-def _gelu_arg(x: mx.array) -> mx.array:
-    u = x * 0.7071067811865476
-    return 0.5 * (mx.abs(u + 4.0) - mx.abs(u - 4.0))  # clamp to [-4, 4]
-
-
-@mx.compile
-def _gelu_poly(x: mx.array, u: mx.array) -> mx.array:
-    z = u * u
-    half = 0.5 * x
-    return half + (half * u) * _estrin(_ERF_P, z) / _estrin(_ERF_Q, z)
-
-
-def gelu_erf_fast(x: mx.array) -> mx.array:
-    """0.5 x (1 + erf(x / sqrt 2)) with a rational erf; |error| < 2e-6."""
-    return _gelu_poly(x, _gelu_arg(x))
-
-
-@mx.compile
-def _exp_arg(s: mx.array, shift: mx.array) -> mx.array:
-    # max(s - shift, -32) / 32, in [-1, 0] when shift >= s
-    d = s - shift
-    return ((d - _EXP_FLOOR) + mx.abs(d + _EXP_FLOOR)) * (0.5 / _EXP_FLOOR)
-
-
-@mx.compile
-def _exp_poly(y: mx.array) -> mx.array:
-    # e^(32 y) = (e^y)^32
-    p = _estrin(_EXP_C, y)
-    for _ in range(5):
-        p = p * p
-    return p
-
-
-def exp_nonpositive(x: mx.array) -> mx.array:
-    """e^x for x <= 0, relative error < 2e-5; e^-32 for any x below -32."""
-    return _exp_poly(_exp_arg(x, mx.array(0.0, dtype=x.dtype)))
-
-
 def attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float,
                   key_bias: mx.array | None) -> mx.array:
     """softmax(q k^T * scale + bias) v for q, k, v [B, H, T, d]; `key_bias` is
@@ -143,14 +68,9 @@ def attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float,
     scores = k @ (q * scale).swapaxes(-1, -2)
     if key_bias is not None:
         scores = scores + key_bias
-    e = _exp_poly(_exp_arg(scores, scores.max(axis=-2, keepdims=True)))
+    e = exp_from_arg(exp_shifted_arg(scores, scores.max(axis=-2, keepdims=True)))
     # Normalise after the product: [B, H, T, d] is smaller than [B, H, T, T].
     return (e.swapaxes(-1, -2) @ v) / e.sum(axis=-2, keepdims=True).swapaxes(-1, -2)
-
-
-def default_fast_math() -> bool:
-    """Use the CPU fast path when MLX computes on the CPU."""
-    return mx.default_device() == mx.cpu
 
 
 class Embeddings(nn.Module):

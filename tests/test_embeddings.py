@@ -19,7 +19,7 @@ from mlx import nn
 import engine  # noqa: F401  (preloads the BLAS before mlx)
 from engine.errors import ConveyorError, RequestError
 from engine.pooling import Pooling, pool, read_pooling
-from models.bert import exp_nonpositive, gelu_erf_fast
+from models.fast_math import exp_nonpositive, gelu_erf_fast
 from scheduler.embedding_batcher import padding_fraction, plan_embedding_batches
 
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.npz"

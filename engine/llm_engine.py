@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from dataclasses import dataclass
 
 import mlx.core as mx
 import msgspec
 
-from engine.backend import device_name, on_cpu
+from engine.backend import device_name, log_once, on_cpu
 from engine.errors import RequestError
 from engine.model_runner import ModelRunner
 from engine.outputs import Logprob
@@ -43,6 +44,9 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_model_len: int | None = None
     seed: int = 0
     compile: bool | None = None   # compiled decode steps; None: on CUDA only
+    # Attention through the device's paged kernel (C on the CPU, CUDA), which
+    # reads K/V in place; False runs the portable MLX path. None: where one builds.
+    paged_kernel: bool | None = None
 
 
 @dataclass
@@ -58,6 +62,24 @@ class EngineStats:
     generated_tokens: int
     running: int
     waiting: int
+
+
+def _cpu_attention(args: EngineArgs, head_dim: int, dtype: mx.Dtype):
+    """The CPU paged-attention kernel, when it applies and builds here."""
+    if args.paged_kernel is False or not on_cpu() or dtype != mx.float32:
+        return None
+    from engine import native
+    from engine.model_store import cache_dir
+    from kvcache import cpu_paged_attention as cpa
+
+    library = native.build_library(
+        "cpu_paged_attention", cpa.SOURCE, cpa.compile_args(head_dim, args.block_size),
+        native.openmp_link_args() + ["-lm"], cache_dir() / "kernels")
+    if library is None:
+        log_once("no C compiler, or the CPU attention kernel did not build: "
+                 "attention runs on the portable MLX path (slower)")
+        return None
+    return cpa.CpuPagedAttention(library, head_dim, args.block_size, os.cpu_count() or 1)
 
 
 class LLMEngine:
@@ -77,7 +99,10 @@ class LLMEngine:
             raise RequestError(f"kv_cache_bytes={budget} is smaller than one KV block "
                                f"({per_block} bytes)")
         self.cache = PagedKVCache(margs.num_hidden_layers, num_blocks, args.block_size,
-                                  margs.num_key_value_heads, margs.head_dim, dtype)
+                                  margs.num_key_value_heads, margs.head_dim, dtype,
+                                  cpu_attention=_cpu_attention(args, margs.head_dim, dtype))
+        if args.paged_kernel is False:
+            self.cache.decode_kernel = False
         self.blocks = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len),

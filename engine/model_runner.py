@@ -106,10 +106,13 @@ class ModelRunner:
         self.padded_tokens += padded
         logits_index = [last[c.seq_id] for c in chunks]
 
+        write_rows = self.cache.head_rows(np.array(slots)).astype(np.int32)
         meta = AttentionMetadata(
-            write_rows=mx.array(self.cache.head_rows(np.array(slots)).astype(np.int32)),
+            write_rows=mx.array(write_rows),
             num_decode=len(decode), num_prefill_tokens=n - len(decode), num_padding=pad)
-        if decode and self.cache.decode_kernel:
+        if self.cache.cpu_attention is not None:
+            self._prepare_host(meta, decode + prefill, slots, pos, pad)
+        elif decode and self.cache.decode_kernel:
             ctx = [c.start + 1 for c in decode]
             width = bucket(-(-max(ctx) // self.bs), self.width_bucket)
             meta.decode_block_tables = mx.array(self._tables(decode, width, 0).astype(np.int32))
@@ -120,10 +123,24 @@ class ModelRunner:
             meta.decode_rows = mx.array(self.cache.head_rows(dslots).astype(np.int32))
             mask = np.arange(dslots.shape[1])[None, :] < ctx[:, None]
             meta.decode_mask = mx.array(mask[:, None, None, :])
-        if prefill:
+        if prefill and self.cache.cpu_attention is None:
             self._prepare_prefill(meta, prefill, len(decode))
         return Batch(mx.array(ids, dtype=mx.int32), mx.array(pos, dtype=mx.int32), meta,
                      mx.array(logits_index, dtype=mx.int32), n, padded)
+
+    def _prepare_host(self, meta: AttentionMetadata, ordered: list[ScheduledChunk],
+                      slots: list[int], positions: list[int], pad: int) -> None:
+        # One query per packed token, causal by construction: a token at
+        # position p sees slots 0..p of its own chunk's table.
+        width = max(len(c.block_table) for c in ordered)
+        meta.host_write_slots = np.array(slots, dtype=np.int64)
+        meta.host_tables = self._tables(ordered, width, 0).astype(np.int32)
+        table_of = np.repeat(np.arange(len(ordered), dtype=np.int32),
+                             [c.num_tokens for c in ordered])
+        meta.host_table_of = np.concatenate([table_of, np.zeros(pad, np.int32)])
+        context = np.array(positions, dtype=np.int32) + 1
+        context[len(context) - pad:] = 0
+        meta.host_context = context
 
     def _prepare_prefill(self, meta: AttentionMetadata, prefill: list[ScheduledChunk],
                          first: int) -> None:

@@ -43,6 +43,12 @@ class AttentionMetadata:
     prefill_rows: mx.array | None = None    # [Bp, Hkv, Lp]
     prefill_mask: mx.array | None = None    # [Bp, 1, Tp, Lp] key position <= query position
     prefill_unpad: mx.array | None = None   # [Np] index into the flattened [Bp*Tp] output
+    # Every packed token, CPU kernel (host arrays): token i attends to the first
+    # host_context[i] slots of block table host_tables[host_table_of[i]].
+    host_write_slots: np.ndarray | None = None  # [N] token slot of each packed token
+    host_tables: np.ndarray | None = None      # [chunks, W]
+    host_table_of: np.ndarray | None = None    # [N]
+    host_context: np.ndarray | None = None     # [N]; 0 for padding
 
 
 def _cuda_kernel_available() -> bool:
@@ -59,7 +65,7 @@ def paged_decode_attention(*args, **kwargs):
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int,
-                 head_dim: int, dtype: mx.Dtype = mx.float32):
+                 head_dim: int, dtype: mx.Dtype = mx.float32, cpu_attention=None):
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -70,6 +76,16 @@ class PagedKVCache:
         mx.eval(self.k, self.v)
         # On CUDA, decode attention reads the pools in place (once verified).
         self.decode_kernel = _cuda_kernel_available()
+        # On the CPU, a C kernel (cpu_paged_attention) reads and writes the
+        # pools in place, in its own layout, through numpy views of the same
+        # memory; the MLX arrays are then never written by MLX.
+        self.cpu_attention = None
+        if cpu_attention is not None and dtype == mx.float32 and mx.default_device() == mx.cpu:
+            views = [cpu_attention.pool_views(_host_view(k), _host_view(v), n_kv_heads)
+                     for k, v in zip(self.k, self.v)]
+            self.k_host = [k for k, _ in views]
+            self.v_host = [v for _, v in views]
+            self.cpu_attention = cpu_attention
 
     @property
     def scratch_slot(self) -> int:
@@ -103,6 +119,13 @@ class PagedKVCache:
         self.v[layer][rows] = v.reshape(-1, d).astype(self.dtype)
 
 
+def _host_view(pool: mx.array) -> np.ndarray:
+    view = np.asarray(pool)
+    if not (view.flags.writeable and view.flags.c_contiguous):
+        raise RuntimeError("paged cache: pool memory is not a writable contiguous buffer")
+    return view
+
+
 class PagedLayerView:
     """What one attention layer sees: the same small interface as a
     contiguous cache, `attend(q, k, v, scale)` on packed [N, heads, dim]."""
@@ -112,6 +135,8 @@ class PagedLayerView:
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         meta, cache = self.meta, self.cache
+        if meta.host_tables is not None:
+            return self._attend_host(q, k, v, scale)
         cache.write(self.layer, meta.write_rows, k, v)
         k_pool, v_pool = cache.k[self.layer], cache.v[self.layer]
         outs = []
@@ -139,3 +164,14 @@ class PagedLayerView:
         if meta.num_padding:
             outs.append(mx.zeros((meta.num_padding, q.shape[1], q.shape[2]), q.dtype))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+
+    def _attend_host(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        # The kernel runs outside MLX's graph: evaluate this layer's q/k/v, write
+        # K/V into the pools and attend in place, hand the result back to MLX.
+        meta, cache, layer = self.meta, self.cache, self.layer
+        mx.eval(q, k, v)
+        kernel, k_pool, v_pool = cache.cpu_attention, cache.k_host[layer], cache.v_host[layer]
+        kernel.write(k_pool, v_pool, meta.host_write_slots, np.asarray(k), np.asarray(v))
+        out = kernel(np.asarray(q), k_pool, v_pool, meta.host_tables, meta.host_table_of,
+                     meta.host_context, scale)
+        return mx.array(out)

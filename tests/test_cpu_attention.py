@@ -1,0 +1,112 @@
+"""The CPU paged-attention kernel against a numpy reference and against the
+portable MLX path, and the CPU fast SiLU against MLX's."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from engine import LLM, SamplingParams, native
+from engine.model_store import cache_dir
+from kvcache import cpu_paged_attention as cpa
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def build_kernel(head_dim, block_size):
+    library = native.build_library(
+        "cpu_paged_attention", cpa.SOURCE, cpa.compile_args(head_dim, block_size),
+        native.openmp_link_args() + ["-lm"], cache_dir() / "kernels")
+    if library is None:
+        pytest.skip("no C compiler on this machine")
+    return cpa.CpuPagedAttention(library, head_dim, block_size, threads=2)
+
+
+def reference(q, keys, values, tables, qrow, ctx, block_size, scale):
+    """Plain numpy attention over logical per-slot keys/values [slots, Hkv, D]."""
+    n, heads, _ = q.shape
+    group = heads // keys.shape[1]
+    out = np.zeros_like(q)
+    for i in range(n):
+        if ctx[i] == 0:
+            continue
+        table = tables[qrow[i]]
+        slots = (table[:, None] * block_size + np.arange(block_size)).reshape(-1)[:ctx[i]]
+        for h in range(heads):
+            k, v = keys[slots, h // group], values[slots, h // group]
+            s = k @ q[i, h] * scale
+            p = np.exp(s - s.max())
+            out[i, h] = (p / p.sum()) @ v
+    return out
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads,block_size",
+                         [(64, 9, 3, 16), (16, 4, 2, 16), (32, 8, 8, 8), (64, 8, 2, 16)])
+def test_kernel_matches_reference(head_dim, heads, kv_heads, block_size):
+    kernel = build_kernel(head_dim, block_size)
+    rng = np.random.default_rng(0)
+    num_blocks, width = 128, 160 // block_size + 1
+    k_flat = np.zeros(num_blocks * block_size * kv_heads * head_dim, np.float32)
+    v_flat = np.zeros_like(k_flat)
+    k_pool, v_pool = kernel.pool_views(k_flat, v_flat, kv_heads)
+    slots = num_blocks * block_size
+    keys = rng.standard_normal((slots, kv_heads, head_dim)).astype(np.float32)
+    values = rng.standard_normal((slots, kv_heads, head_dim)).astype(np.float32)
+    # Written in a shuffled order: the layout, not the order, must matter.
+    order = rng.permutation(slots)
+    kernel.write(k_pool, v_pool, order, keys[order], values[order])
+    tables = rng.permutation(num_blocks)[:4 * width].reshape(4, width).astype(np.int32)
+    # Decode-like rows (one query each), a prompt chunk (consecutive positions
+    # of one table: causal), a context of exactly one block, and padding (0).
+    qrow = np.array([0, 1, 2, 2, 2, 2, 3, 0], np.int32)
+    ctx = np.array([1, 150, 37, 38, 39, 40, block_size, 0], np.int32)
+    q = rng.standard_normal((len(qrow), heads, head_dim)).astype(np.float32)
+    scale = head_dim ** -0.5
+    got = kernel(q, k_pool, v_pool, tables, qrow, ctx, scale)
+    want = reference(q, keys, values, tables, qrow, ctx, block_size, scale)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    assert not got[-1].any()
+
+
+def test_kernel_rejects_context_past_the_table():
+    kernel = build_kernel(16, 16)
+    k_pool, v_pool = kernel.pool_views(np.zeros(4 * 16 * 16, np.float32),
+                                       np.zeros(4 * 16 * 16, np.float32), 1)
+    q = np.zeros((1, 1, 16), np.float32)
+    with pytest.raises(RuntimeError):
+        kernel(q, k_pool, v_pool, np.zeros((1, 2), np.int32), np.zeros(1, np.int32),
+               np.array([33], np.int32), 1.0)
+
+
+def test_engine_kernel_and_portable_paths_agree(tiny_llama_dir):
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in (3, 40, 130, 17, 250, 1)]
+    params = SamplingParams(max_tokens=20, **GREEDY)
+    # A small token budget mixes decode rows and prompt chunks in one step.
+    kernel = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, max_num_batched_tokens=64)
+    portable = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, max_num_batched_tokens=64,
+                   paged_kernel=False)
+    if kernel.engine.cache.cpu_attention is None:
+        pytest.skip("no C compiler on this machine")
+    assert portable.engine.cache.cpu_attention is None
+    got = kernel.generate(prompts, params, use_tqdm=False)
+    want = portable.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+def test_engine_runs_without_a_compiler(tiny_llama_dir, monkeypatch, capsys):
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    llm = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20)
+    assert llm.engine.cache.cpu_attention is None
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_fast_silu_matches_mlx():
+    from models.fast_math import silu_mul_fast
+
+    g = mx.concatenate([mx.linspace(-60, 60, 20001), mx.array([0.0, -0.0, 1e-30, -1e-30])])
+    u = mx.ones_like(g)
+    want = np.array(nn.silu(g))
+    got = np.array(silu_mul_fast(g, u))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)

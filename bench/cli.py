@@ -43,6 +43,8 @@ def _add_common(p) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-bytes", type=int)
+    p.add_argument("--no-paged-kernel", dest="paged_kernel", action="store_false", default=None,
+                   help="Conveyor's attention on the portable MLX path")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
 
@@ -63,7 +65,7 @@ def _build(args):
 
     eargs = EngineArgs(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       kv_cache_bytes=args.kv_cache_bytes)
+                       kv_cache_bytes=args.kv_cache_bytes, paged_kernel=args.paged_kernel)
     if args.synthetic:
         from bench.synthetic import NullTokenizer, synthetic_model
         from engine.backend import on_cpu
@@ -132,14 +134,18 @@ def _report(args, results: list[Result]) -> None:
         return
     print(f"# {results[0].workload}: {results[0].requests} requests, "
           f"{results[0].prompt_tokens} prompt tokens; {machine}")
-    print(f"{'engine':<10} {'out tok/s':>10} {'total tok/s':>12} {'seconds':>9} "
-          f"{'peak GB':>8}")
+    print(f"{'engine':<10} {'out tok/s':>10} {'total tok/s':>12} {'decode tok/s':>13} "
+          f"{'seconds':>9} {'peak GB':>8}")
     for r in results:
-        print(f"{r.engine:<10} {r.output_tps:>10.1f} {r.total_tps:>12.1f} {r.seconds:>9.2f} "
-              f"{r.peak_memory_gb:>8.2f}")
+        decode = f"{r.decode_tps:.1f}" if r.decode_tps else "-"
+        print(f"{r.engine:<10} {r.output_tps:>10.1f} {r.total_tps:>12.1f} {decode:>13} "
+              f"{r.seconds:>9.2f} {r.peak_memory_gb:>8.2f}")
     if len(results) > 1:
-        print(f"ratio conveyor/mlx-lm (output tok/s): "
-              f"{results[0].output_tps / results[1].output_tps:.2f}x")
+        line = (f"ratio conveyor/mlx-lm: output tok/s "
+                f"{results[0].output_tps / results[1].output_tps:.2f}x")
+        if results[0].decode_tps and results[1].decode_tps:
+            line += f", decode phase {results[0].decode_tps / results[1].decode_tps:.2f}x"
+        print(line)
     extra = results[0].extra
     if args.bench_kind == "latency":
         for key in ("ttft_s", "tpot_s", "e2e_s"):

@@ -30,9 +30,42 @@ class Result:
     def total_tps(self) -> float:
         return (self.prompt_tokens + self.output_tokens) / self.seconds
 
+    @property
+    def decode_tps(self) -> float | None:
+        """Output tok/s once every request has its first token: the decode
+        phase alone (what llama.cpp's batched-bench calls generation speed)."""
+        phase = self.extra.get("decode_phase")
+        return phase["tokens"] / phase["seconds"] if phase and phase["seconds"] > 0 else None
+
     def as_dict(self) -> dict:
+        decode = self.decode_tps
         return {**asdict(self), "output_tok_s": round(self.output_tps, 1),
-                "total_tok_s": round(self.total_tps, 1)}
+                "total_tok_s": round(self.total_tps, 1),
+                "decode_tok_s": round(decode, 1) if decode else None}
+
+
+class DecodePhase:
+    """Marks the moment every request has produced a token, and counts the
+    tokens and seconds after it."""
+
+    def __init__(self, num_requests: int):
+        self.num_requests = num_requests
+        self.started: set = set()
+        self.t0: float | None = None
+        self.tokens = 0
+
+    def saw(self, request_key, new_tokens: int = 1) -> None:
+        if self.t0 is not None:
+            self.tokens += new_tokens
+            return
+        self.started.add(request_key)
+        if len(self.started) == self.num_requests:
+            self.t0 = time.perf_counter()
+
+    def result(self, end: float) -> dict | None:
+        if self.t0 is None:
+            return None
+        return {"tokens": self.tokens, "seconds": end - self.t0}
 
 
 def _reset_peak() -> None:
@@ -61,11 +94,19 @@ def run_conveyor(engine, workload: Workload, on_step=None) -> Result:
         temperature=0, max_tokens=n, ignore_eos=True, detokenize=False))
         for p, n in zip(workload.prompts, workload.output_lens)]
     steps0 = engine.stats().steps
+    phase = DecodePhase(len(requests))
+    counts = [0] * len(requests)
     while engine.has_unfinished():
         engine.step()
+        for i, r in enumerate(requests):
+            n = r.sequence.num_output_tokens
+            if n > counts[i]:
+                phase.saw(i, n - counts[i])
+                counts[i] = n
         if on_step:
             on_step()
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    seconds = end - start
     out = sum(r.sequence.num_output_tokens for r in requests)
     stats = engine.stats()
     block_bytes = engine.cache.nbytes // (engine.cache.num_blocks + 1)
@@ -82,7 +123,7 @@ def run_conveyor(engine, workload: Workload, on_step=None) -> Result:
                       // engine.cache.block_size,
                       "padding_waste": round(stats.padding_waste, 4),
                       "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
-                      "e2e_s": percentiles(e2e)})
+                      "e2e_s": percentiles(e2e), "decode_phase": phase.result(end)})
 
 
 def _tokens_at_peak(workload: Workload) -> int:
@@ -100,12 +141,14 @@ def run_mlx_lm(model, workload: Workload, batch_size: int) -> Result:
                          prefill_batch_size=min(batch_size, 8))
     gen.insert(workload.prompts, max_tokens=list(workload.output_lens))
     remaining, out = len(workload.prompts), 0
+    phase = DecodePhase(len(workload.prompts))
     while remaining:
         for response in gen.next_generated():
             out += 1
+            phase.saw(response.uid)
             if response.finish_reason is not None:
                 remaining -= 1
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
     gen.close()
     return Result("mlx-lm", workload.name, len(workload.prompts), workload.num_prompt_tokens,
-                  out, seconds, _peak_gb())
+                  out, end - start, _peak_gb(), {"decode_phase": phase.result(end)})

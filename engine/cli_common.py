@@ -23,6 +23,8 @@ def add_engine_args(p, model_help: str = DEFAULT_MODEL_HELP) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per engine step (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--no-paged-kernel", dest="paged_kernel", action="store_false", default=None,
+                   help="attention on the portable MLX path instead of the device's kernel")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -30,7 +32,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"dtype": args.dtype, "keep_quantized": args.keep_quantized,
               "kv_cache_bytes": args.kv_cache_bytes, "max_num_seqs": args.max_num_seqs,
               "max_num_batched_tokens": args.max_num_batched_tokens,
-              "max_model_len": args.max_model_len}
+              "max_model_len": args.max_model_len, "paged_kernel": args.paged_kernel}
     for name in ("kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
         if kwargs[name] is not None and kwargs[name] < 1:
             raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")

@@ -15,6 +15,7 @@ import mlx.nn as nn
 
 from models.base import BaseModelArgs, causal_attention
 from models.fast_math import default_fast_math, silu_mul_fast
+from models.linear import Linear
 from models.rope import RoPE
 
 
@@ -52,10 +53,10 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.scale = args.head_dim**-0.5
         dim, bias = args.hidden_size, args.attention_bias
-        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        self.q_proj = Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=bias)
         self.rope = RoPE(self.head_dim, args.rope_theta, args.rope_scaling, args.rope_traditional)
 
     def __call__(self, x: mx.array, positions: mx.array, cache) -> mx.array:
@@ -75,9 +76,9 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
         # On the CPU, MLX's scalar sigmoid cost more than the matmuls' share.
         self.fast_silu = default_fast_math()
 

@@ -134,14 +134,28 @@ static void attend_token(const job_t *j, int i, float *s) {
         attend_head_any(j, q + h * G * D, table, ctx, h, s, out + h * G * D, G);
 }
 
-/* Returns 0 on success, -1 on bad arguments or failed allocation. Query
- * tokens are shared out dynamically over the OpenMP threads; linked against
- * the BLAS's own OpenMP runtime, these are the threads that just ran the
- * matmuls, so the two never compete for cores. */
-int paged_attention(const float *q, const float *k_pool, const float *v_pool,
-                    const int32_t *tables, const int32_t *qrow, const int32_t *ctx,
-                    float *out, int n_queries, int width, int heads, int kv_heads,
-                    float scale, int threads) {
+/* Store the K/V [kv_heads, HEAD_DIM] of one new token at token slot `slot`. */
+static void write_token(float *k_pool, float *v_pool, int64_t slot, const float *k,
+                        const float *v, int kv_heads) {
+    const int64_t block = slot / BS, offset = slot % BS;
+    for (int h = 0; h < kv_heads; ++h) {
+        float *kt = k_pool + (block * kv_heads + h) * (D * BS) + offset;
+        float *vt = v_pool + ((block * kv_heads + h) * BS + offset) * D;
+        for (int d = 0; d < D; ++d) kt[d * BS] = k[h * D + d];
+        memcpy(vt, v + h * D, sizeof(float) * D);
+    }
+}
+
+/* Writes the K/V of `n_new` new tokens (k_new, v_new [n_new, kv_heads,
+ * HEAD_DIM]) at `slots`, then attends every query token; either count may
+ * be 0. The writes finish before any query reads: a prompt chunk's tokens
+ * see each other's keys. Returns 0 on success, -1 on bad arguments or
+ * failed allocation. Work is shared out dynamically over the OpenMP threads
+ * (the main thread takes on what a slow-to-wake worker leaves). */
+int paged_attention(float *k_pool, float *v_pool, const float *k_new, const float *v_new,
+                    const int64_t *slots, int n_new, const float *q, const int32_t *tables,
+                    const int32_t *qrow, const int32_t *ctx, float *out, int n_queries,
+                    int width, int heads, int kv_heads, float scale, int threads) {
     if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP) return -1;
     int max_ctx = 0;
     for (int i = 0; i < n_queries; ++i) {
@@ -152,11 +166,16 @@ int paged_attention(const float *q, const float *k_pool, const float *v_pool,
                        scale, max_ctx};
     const int G = heads / kv_heads;
     const size_t scratch = (size_t)G * ((max_ctx + BS - 1) / BS * BS + BS);
+    const int64_t per_token = (int64_t)kv_heads * D;
     int failed = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(|| : failed)
     {
-        float *s = malloc(sizeof(float) * scratch);
-        if (!s) failed = 1;
+#pragma omp for schedule(static)
+        for (int i = 0; i < n_new; ++i)
+            write_token(k_pool, v_pool, slots[i], k_new + i * per_token, v_new + i * per_token,
+                        kv_heads);
+        float *s = n_queries ? malloc(sizeof(float) * scratch) : NULL;
+        if (n_queries && !s) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_queries; ++i)
             if (s) attend_token(&job, i, s);

@@ -25,6 +25,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
 _I32 = ctypes.POINTER(ctypes.c_int32)
+_I64 = ctypes.POINTER(ctypes.c_int64)
 _F32 = ctypes.POINTER(ctypes.c_float)
 
 
@@ -41,8 +42,8 @@ class CpuPagedAttention:
         self.head_dim, self.block_size, self.threads = head_dim, block_size, threads
         self._fn = ctypes.CDLL(str(library)).paged_attention
         self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [_F32, _F32, _F32, _I32, _I32, _I32, _F32] + \
-            [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int]
+        self._fn.argtypes = [_F32, _F32, _F32, _F32, _I64, ctypes.c_int, _F32, _I32, _I32, _I32,
+                             _F32] + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int]
 
     def pool_views(self, k_pool: np.ndarray, v_pool: np.ndarray, kv_heads: int):
         """The kernel's [blocks, kv_heads, ...] views of two flat pools."""
@@ -57,28 +58,43 @@ class CpuPagedAttention:
     def write(self, k_view: np.ndarray, v_view: np.ndarray, slots: np.ndarray,
               k: np.ndarray, v: np.ndarray) -> None:
         """Store k, v [N, kv_heads, head_dim] at token `slots` [N]."""
-        block, offset = np.divmod(slots, self.block_size)
-        heads = np.arange(k_view.shape[1])
-        k_view[block[:, None], heads, :, offset[:, None]] = k
-        v_view[block[:, None], heads, offset[:, None], :] = v
+        self(None, k_view, v_view, np.zeros((1, 1), np.int32), np.zeros(0, np.int32),
+             np.zeros(0, np.int32), 1.0, k_new=k, v_new=v, slots=slots)
 
-    def __call__(self, q: np.ndarray, k_view: np.ndarray, v_view: np.ndarray,
-                 tables: np.ndarray, qrow: np.ndarray, ctx: np.ndarray,
-                 scale: float) -> np.ndarray:
-        """q [N, heads, head_dim] float32; tables [T, width] int32; qrow and
-        ctx [N] int32: query i attends to the first ctx[i] slots of table
-        qrow[i]. Returns [N, heads, head_dim] float32."""
+    def __call__(self, q: np.ndarray | None, k_view: np.ndarray, v_view: np.ndarray,
+                 tables: np.ndarray, qrow: np.ndarray, ctx: np.ndarray, scale: float,
+                 k_new: np.ndarray | None = None, v_new: np.ndarray | None = None,
+                 slots: np.ndarray | None = None) -> np.ndarray:
+        """Write k_new, v_new [M, kv_heads, head_dim] at token `slots` [M] (if
+        given), then attend q [N, heads, head_dim]: query i sees the first
+        ctx[i] slots of block table tables[qrow[i]] (tables [T, width], int32).
+        Returns [N, heads, head_dim] float32."""
+        kv_heads, d = k_view.shape[1], self.head_dim
+        if q is None:
+            q = np.zeros((0, kv_heads, d), np.float32)
         q = np.ascontiguousarray(q, dtype=np.float32)
-        n, heads, d = q.shape
-        if d != self.head_dim:
-            raise ValueError(f"kernel built for head_dim {self.head_dim}, got {d}")
+        n, heads, qd = q.shape
+        if qd != d:
+            raise ValueError(f"kernel built for head_dim {d}, got {qd}")
+        if k_new is None:
+            k_new = v_new = np.zeros((0, kv_heads, d), np.float32)
+            slots = np.zeros(0, np.int64)
+        k_new = np.ascontiguousarray(k_new, dtype=np.float32)
+        v_new = np.ascontiguousarray(v_new, dtype=np.float32)
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        m = len(slots)
+        if k_new.shape != (m, kv_heads, d) or v_new.shape != k_new.shape:
+            raise ValueError(f"new K/V of shape {k_new.shape} do not fit the pools")
+        if m and (slots.min() < 0 or slots.max() >= k_view.shape[0] * self.block_size):
+            raise ValueError("slots out of the pools' range")
         tables = np.ascontiguousarray(tables, dtype=np.int32)
         qrow = np.ascontiguousarray(qrow, dtype=np.int32)
         ctx = np.ascontiguousarray(ctx, dtype=np.int32)
         out = np.empty_like(q)
-        rc = self._fn(_ptr(q, _F32), _ptr(k_view, _F32), _ptr(v_view, _F32),
+        rc = self._fn(_ptr(k_view, _F32), _ptr(v_view, _F32), _ptr(k_new, _F32),
+                      _ptr(v_new, _F32), _ptr(slots, _I64), m, _ptr(q, _F32),
                       _ptr(tables, _I32), _ptr(qrow, _I32), _ptr(ctx, _I32), _ptr(out, _F32),
-                      n, tables.shape[1], heads, k_view.shape[1], scale, self.threads)
+                      n, tables.shape[1], heads, kv_heads, scale, self.threads)
         if rc != 0:
             raise RuntimeError("cpu paged attention: bad arguments or out of memory")
         return out

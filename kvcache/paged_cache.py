@@ -170,8 +170,8 @@ class PagedLayerView:
         # K/V into the pools and attend in place, hand the result back to MLX.
         meta, cache, layer = self.meta, self.cache, self.layer
         mx.eval(q, k, v)
-        kernel, k_pool, v_pool = cache.cpu_attention, cache.k_host[layer], cache.v_host[layer]
-        kernel.write(k_pool, v_pool, meta.host_write_slots, np.asarray(k), np.asarray(v))
-        out = kernel(np.asarray(q), k_pool, v_pool, meta.host_tables, meta.host_table_of,
-                     meta.host_context, scale)
+        out = cache.cpu_attention(
+            np.asarray(q), cache.k_host[layer], cache.v_host[layer], meta.host_tables,
+            meta.host_table_of, meta.host_context, scale, k_new=np.asarray(k),
+            v_new=np.asarray(v), slots=meta.host_write_slots)
         return mx.array(out)

@@ -42,6 +42,8 @@ def main() -> None:
     print(f"greedy equal to mlx-lm: {same}/{len(prompts)}", flush=True)
     _, uncompiled = run(model, config, prompts, kv_cache_bytes=1 << 30, compile=False)
     print("compiled == uncompiled:", tokens == uncompiled, flush=True)
+    _, portable = run(model, config, prompts, kv_cache_bytes=1 << 30, paged_kernel=False)
+    print("kernel == portable path:", tokens == portable, flush=True)
     # 40 blocks of 16 tokens: less than the 8 prompts need at once.
     per_block = 16 * 30 * 3 * 64 * 4 * 2
     tight, preempted = run(model, config, prompts, kv_cache_bytes=40 * per_block)

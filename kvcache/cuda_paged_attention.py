@@ -33,6 +33,21 @@ _SOURCE = """
         for (int i = 0; i < PER_LANE; ++i)
             qv[g][i] = static_cast<float>(q[((size_t)b * KVH * G + kvh * G + g) * D
                                             + lane * PER_LANE + i]) * scale;
+    // This row's new token (position ctx - 1) is stored into the pools here,
+    // in place: an MLX scatter on CUDA copies the whole pool. Within this
+    // launch it is read from k_new/v_new, never back from the pools.
+    const size_t new_at = ((size_t)b * KVH + kvh) * D + lane * PER_LANE;
+    if (warp == 0) {
+        const int t = ctx - 1;
+        const int block = block_tables[(size_t)b * W + t / BS];
+        const size_t row = ((size_t)(block * BS + t % BS) * KVH + kvh) * D + lane * PER_LANE;
+        T* k_out = (T*)k_pool;
+        T* v_out = (T*)v_pool;
+        for (int i = 0; i < PER_LANE; ++i) {
+            k_out[row + i] = k_new[new_at + i];
+            v_out[row + i] = v_new[new_at + i];
+        }
+    }
     float m[G], l[G], acc[G][PER_LANE];
     for (int g = 0; g < G; ++g) {
         m[g] = -INFINITY; l[g] = 0.f;
@@ -41,10 +56,11 @@ _SOURCE = """
     for (int t = warp; t < ctx; t += NWARPS) {
         const int block = block_tables[(size_t)b * W + t / BS];
         const size_t row = ((size_t)(block * BS + t % BS) * KVH + kvh) * D + lane * PER_LANE;
+        const bool fresh = t == ctx - 1;
         float kv[PER_LANE], vv[PER_LANE];
         for (int i = 0; i < PER_LANE; ++i) {
-            kv[i] = static_cast<float>(k_pool[row + i]);
-            vv[i] = static_cast<float>(v_pool[row + i]);
+            kv[i] = static_cast<float>(fresh ? k_new[new_at + i] : k_pool[row + i]);
+            vv[i] = static_cast<float>(fresh ? v_new[new_at + i] : v_pool[row + i]);
         }
         for (int g = 0; g < G; ++g) {
             float s = 0.f;
@@ -95,21 +111,25 @@ def _get_kernel():
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(
             name="conveyor_paged_decode_attention",
-            input_names=["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale_in",
-                         "width_in"],
+            input_names=["q", "k_pool", "v_pool", "k_new", "v_new", "block_tables",
+                         "context_lens", "scale_in", "width_in"],
             output_names=["out"], source=_SOURCE)
     return _kernel
 
 
-def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array,
-                           block_tables: mx.array, context_lens: mx.array, scale: float,
-                           block_size: int, n_kv_heads: int) -> mx.array:
-    """q: [B, H, D]; pools: [slots * Hkv, D]; block_tables: [B, W] int32;
-    context_lens: [B] int32 (tokens to attend, the new one included)."""
+def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, k_new: mx.array,
+                           v_new: mx.array, block_tables: mx.array, context_lens: mx.array,
+                           scale: float, block_size: int, n_kv_heads: int) -> mx.array:
+    """q: [B, H, D]; pools: [slots * Hkv, D]; k_new, v_new: [B, Hkv, D], each
+    row's new token, which the kernel stores into the pools *in place* at
+    position context_lens - 1 (MLX does not see that write: the pools must be
+    live, contiguous arrays); block_tables: [B, W] int32; context_lens: [B]
+    int32 (tokens to attend, the new one included)."""
     batch, heads, dim = q.shape
     width = block_tables.shape[1]
     return _get_kernel()(
-        inputs=[q, k_pool, v_pool, block_tables, context_lens,
+        inputs=[q, k_pool, v_pool, k_new.astype(k_pool.dtype), v_new.astype(v_pool.dtype),
+                block_tables, context_lens,
                 mx.array([scale], dtype=mx.float32), mx.array([width], dtype=mx.int32)],
         template=[("T", q.dtype), ("D", dim), ("G", heads // n_kv_heads), ("KVH", n_kv_heads),
                   ("BS", block_size), ("NWARPS", WARPS)],
@@ -144,16 +164,28 @@ def verify(dtype=mx.bfloat16) -> bool:
         tables = rng.permutation(blocks)[:batch * width].reshape(batch, width).astype(np.int32)
         lens = np.array([1, 17, 33, 90, 96], dtype=np.int32)
         q = mx.array(rng.normal(size=(batch, kvh * g, d)), dtype=dtype)
-        got = paged_decode_attention(q, k_pool, v_pool, mx.array(tables), mx.array(lens),
-                                     d**-0.5, bs, kvh)
+        k_new = mx.array(rng.normal(size=(batch, kvh, d)), dtype=dtype)
+        v_new = mx.array(rng.normal(size=(batch, kvh, d)), dtype=dtype)
         slots = (tables[:, :, None] * bs + np.arange(bs)).reshape(batch, -1)
+        new_rows = (slots[np.arange(batch), lens - 1][:, None] * kvh + np.arange(kvh)).reshape(-1)
+        # The reference sees the new tokens written the portable way.
+        k_ref, v_ref = mx.array(k_pool), mx.array(v_pool)
+        k_ref[mx.array(new_rows)] = k_new.reshape(-1, d)
+        v_ref[mx.array(new_rows)] = v_new.reshape(-1, d)
+        mx.eval(k_pool, v_pool, k_ref, v_ref)
+        got = paged_decode_attention(q, k_pool, v_pool, k_new, v_new, mx.array(tables),
+                                     mx.array(lens), d**-0.5, bs, kvh)
+        mx.eval(got)
         rows = slots[:, None, :] * kvh + np.arange(kvh)[None, :, None]
         mask = np.arange(slots.shape[1])[None, :] < lens[:, None]
         ref = mx.fast.scaled_dot_product_attention(
-            q[:, :, None, :], k_pool[mx.array(rows)], v_pool[mx.array(rows)], scale=d**-0.5,
+            q[:, :, None, :], k_ref[mx.array(rows)], v_ref[mx.array(rows)], scale=d**-0.5,
             mask=mx.array(mask[:, None, None, :]))[:, :, 0, :]
         err = mx.abs(got.astype(mx.float32) - ref.astype(mx.float32)).max().item()
-        return err < 2e-2
+        # ... and the pools now hold the new tokens, written in place.
+        stored = mx.abs(k_pool[mx.array(new_rows)] - k_new.reshape(-1, d)).max().item() + \
+            mx.abs(v_pool[mx.array(new_rows)] - v_new.reshape(-1, d)).max().item()
+        return err < 2e-2 and stored == 0
     except Exception as exc:  # a compile or launch failure: fall back
         import sys
         print(f"conveyor: CUDA paged attention unavailable ({type(exc).__name__}: {exc})",

@@ -137,12 +137,19 @@ class PagedLayerView:
         meta, cache = self.meta, self.cache
         if meta.host_tables is not None:
             return self._attend_host(q, k, v, scale)
-        cache.write(self.layer, meta.write_rows, k, v)
+        nd = meta.num_decode
+        in_kernel = nd and meta.decode_block_tables is not None
+        if not in_kernel:
+            cache.write(self.layer, meta.write_rows, k, v)
+        elif nd < k.shape[0]:
+            # Decode rows store their K/V inside the kernel; the rest (prompt
+            # chunks, padding) through MLX first, so the kernel gets the live pools.
+            cache.write(self.layer, meta.write_rows[nd * cache.n_kv_heads:], k[nd:], v[nd:])
         k_pool, v_pool = cache.k[self.layer], cache.v[self.layer]
         outs = []
-        if meta.num_decode and meta.decode_block_tables is not None:
+        if in_kernel:
             od = paged_decode_attention(
-                q[:meta.num_decode].astype(cache.dtype), k_pool, v_pool,
+                q[:nd].astype(cache.dtype), k_pool, v_pool, k[:nd], v[:nd],
                 meta.decode_block_tables, meta.decode_context_lens, scale, cache.block_size,
                 cache.n_kv_heads)
             outs.append(od.astype(q.dtype))

@@ -3,9 +3,11 @@
 The portable path gathers every sequence's context into a new array before
 attention; on an H100 that gather cost ~4x the attention itself. Here one
 thread block handles one (sequence, KV head): its 4 warps walk the block
-table, each warp taking every 4th token, with an online softmax for all the
-query heads of the group, and the warps' partial results are merged through
-shared memory at the end. K/V rows are read straight from the pools.
+table, each warp taking runs of UNROLL tokens (all their loads issued before
+any is used), with an online softmax for all the query heads of the group,
+and the warps' partial results are merged through shared memory at the end.
+K/V rows are read straight from the pools, and the row's new token is
+stored into them by the kernel itself.
 
 Used only after `verify()` has matched it against the portable path on this
 device; everywhere else the portable path runs.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 WARPS = 4
+UNROLL = 4  # tokens a warp loads before computing on them
 
 _SOURCE = """
     constexpr int PER_LANE = D / 32;
@@ -53,25 +56,38 @@ _SOURCE = """
         m[g] = -INFINITY; l[g] = 0.f;
         for (int i = 0; i < PER_LANE; ++i) acc[g][i] = 0.f;
     }
-    for (int t = warp; t < ctx; t += NWARPS) {
-        const int block = block_tables[(size_t)b * W + t / BS];
-        const size_t row = ((size_t)(block * BS + t % BS) * KVH + kvh) * D + lane * PER_LANE;
-        const bool fresh = t == ctx - 1;
-        float kv[PER_LANE], vv[PER_LANE];
-        for (int i = 0; i < PER_LANE; ++i) {
-            kv[i] = static_cast<float>(fresh ? k_new[new_at + i] : k_pool[row + i]);
-            vv[i] = static_cast<float>(fresh ? v_new[new_at + i] : v_pool[row + i]);
+    // Each warp takes UNROLL consecutive tokens at a time and issues all their
+    // K/V loads (one vector load per lane and row) before using any: more
+    // bytes in flight per warp, which is what decode attention waits on.
+    struct alignas(sizeof(T) * PER_LANE) Lanes { T v[PER_LANE]; };
+    for (int t0 = warp * UNROLL; t0 < ctx; t0 += NWARPS * UNROLL) {
+        Lanes kl[UNROLL], vl[UNROLL];
+        for (int u = 0; u < UNROLL; ++u) {
+            const int t = t0 + u < ctx ? t0 + u : ctx - 1;
+            const int block = block_tables[(size_t)b * W + t / BS];
+            const size_t row = ((size_t)(block * BS + t % BS) * KVH + kvh) * D
+                               + lane * PER_LANE;
+            const bool fresh = t == ctx - 1;
+            kl[u] = *reinterpret_cast<const Lanes*>(fresh ? k_new + new_at : k_pool + row);
+            vl[u] = *reinterpret_cast<const Lanes*>(fresh ? v_new + new_at : v_pool + row);
         }
-        for (int g = 0; g < G; ++g) {
-            float s = 0.f;
-            for (int i = 0; i < PER_LANE; ++i) s += qv[g][i] * kv[i];
-            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
-            const float m_new = fmaxf(m[g], s);
-            const float corr = __expf(m[g] - m_new);
-            const float p = __expf(s - m_new);
-            l[g] = l[g] * corr + p;
-            for (int i = 0; i < PER_LANE; ++i) acc[g][i] = acc[g][i] * corr + p * vv[i];
-            m[g] = m_new;
+        for (int u = 0; u < UNROLL && t0 + u < ctx; ++u) {
+            float kv[PER_LANE], vv[PER_LANE];
+            for (int i = 0; i < PER_LANE; ++i) {
+                kv[i] = static_cast<float>(kl[u].v[i]);
+                vv[i] = static_cast<float>(vl[u].v[i]);
+            }
+            for (int g = 0; g < G; ++g) {
+                float s = 0.f;
+                for (int i = 0; i < PER_LANE; ++i) s += qv[g][i] * kv[i];
+                for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+                const float m_new = fmaxf(m[g], s);
+                const float corr = __expf(m[g] - m_new);
+                const float p = __expf(s - m_new);
+                l[g] = l[g] * corr + p;
+                for (int i = 0; i < PER_LANE; ++i) acc[g][i] = acc[g][i] * corr + p * vv[i];
+                m[g] = m_new;
+            }
         }
     }
     __shared__ float sm_m[NWARPS][G];
@@ -132,7 +148,7 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, k_ne
                 block_tables, context_lens,
                 mx.array([scale], dtype=mx.float32), mx.array([width], dtype=mx.int32)],
         template=[("T", q.dtype), ("D", dim), ("G", heads // n_kv_heads), ("KVH", n_kv_heads),
-                  ("BS", block_size), ("NWARPS", WARPS)],
+                  ("BS", block_size), ("NWARPS", WARPS), ("UNROLL", UNROLL)],
         grid=(batch * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(batch, heads, dim)], output_dtypes=[q.dtype])[0]
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.sampling_params import SamplingParams
+from models.fast_math import default_fast_math, exp_from_arg, exp_shifted_arg
 
 MAX_CANDIDATES = 1024  # tokens considered by top-k / top-p filtering
 
@@ -33,6 +34,27 @@ class SamplerOutput:
     logprobs: mx.array | None      # [B] logprob of each sampled token
     top_ids: mx.array | None       # [B, K]
     top_logprobs: mx.array | None  # [B, K]
+
+
+# MLX's CPU exp and log run one scalar at a time: over a [64, 49152] logits
+# array a logsumexp took ~38 ms and Gumbel noise (two logs) ~75 ms, more than
+# a decode step's attention. On the CPU the exp is the vectorised polynomial
+# of models/fast_math.py and full-vocabulary draws use the inverse CDF (one
+# uniform a row), which needs no log at all.
+_FAST_EXP = default_fast_math()
+
+
+def _exp_below(x: mx.array, top: mx.array) -> mx.array:
+    """e^(x - top) for finite x <= top (top broadcast along the last axis)."""
+    if _FAST_EXP:
+        return exp_from_arg(exp_shifted_arg(x, top))
+    return mx.exp(x - top)
+
+
+def _logsumexp(x: mx.array) -> mx.array:
+    """logsumexp over the last axis (keepdims) of finite x."""
+    top = x.max(axis=-1, keepdims=True)
+    return top + mx.log(_exp_below(x, top).sum(axis=-1, keepdims=True))
 
 
 def _hash_uniform(seeds: mx.array, steps: mx.array, token_ids: mx.array) -> mx.array:
@@ -89,7 +111,7 @@ def sample(logits: mx.array, rows: list[SamplingRow]) -> SamplerOutput:
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits, rows)
     want_logprobs = any(r.params.logprobs is not None for r in rows)
-    logprobs_all = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if want_logprobs else None
+    logprobs_all = logits - _logsumexp(logits) if want_logprobs else None
 
     tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
     if not all(r.params.greedy for r in rows):
@@ -109,10 +131,16 @@ def sample(logits: mx.array, rows: list[SamplingRow]) -> SamplerOutput:
     return out
 
 
+def _row_seeds(rows: list[SamplingRow]) -> mx.array:
+    return mx.array([(r.seed ^ (r.seed >> 32)) & 0xFFFFFFFF for r in rows], dtype=mx.uint32)
+
+
+def _row_steps(rows: list[SamplingRow]) -> mx.array:
+    return mx.array([len(r.output_token_ids) for r in rows], dtype=mx.uint32)
+
+
 def _gumbel(rows: list[SamplingRow], token_ids: mx.array) -> mx.array:
-    seeds = mx.array([(r.seed ^ (r.seed >> 32)) & 0xFFFFFFFF for r in rows], dtype=mx.uint32)
-    steps = mx.array([len(r.output_token_ids) for r in rows], dtype=mx.uint32)
-    return -mx.log(-mx.log(_hash_uniform(seeds, steps, token_ids)))
+    return -mx.log(-mx.log(_hash_uniform(_row_seeds(rows), _row_steps(rows), token_ids)))
 
 
 def _sample_random(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
@@ -124,7 +152,7 @@ def _sample_random(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
     top_p = [r.params.top_p for r in rows]
     min_p = [r.params.min_p for r in rows]
     if not (any(top_k) or any(p < 1 for p in top_p) or any(min_p)):
-        return mx.argmax(scaled + _gumbel(rows, mx.arange(vocab)), axis=-1).astype(mx.int32)
+        return _inverse_cdf(scaled, rows)
 
     # Filtering keeps few tokens, so draw among the top MAX_CANDIDATES only:
     # whole-vocabulary sorts and noise are slow on the CPU (seconds at 256
@@ -138,10 +166,23 @@ def _sample_random(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
     rank = mx.arange(cand)[None, :]
     keep = rank < mx.array([k or cand for k in top_k])[:, None]
     # Probabilities against the whole vocabulary.
-    probs = mx.exp(vals - mx.logsumexp(scaled, axis=-1, keepdims=True))
+    probs = mx.exp(vals - _logsumexp(scaled))
     before = mx.cumsum(mx.where(keep, probs, 0), axis=-1) - probs
     keep = keep & (before < mx.array(top_p, dtype=mx.float32)[:, None])
     keep = keep & (probs >= mx.array(min_p, dtype=mx.float32)[:, None] * probs[:, :1])
     keep = keep | (rank == 0)  # the most likely token always survives
     choice = mx.argmax(mx.where(keep, vals, neg_inf) + _gumbel(rows, ids), axis=-1)
     return mx.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(mx.int32)
+
+
+def _inverse_cdf(scaled: mx.array, rows: list[SamplingRow]) -> mx.array:
+    """One draw a row from softmax(scaled) over the whole vocabulary: the
+    first token whose cumulative weight passes u * total, u keyed by (seed,
+    output index) as the candidates' noise is."""
+    weights = _exp_below(scaled, scaled.max(axis=-1, keepdims=True))
+    cdf = mx.cumsum(weights, axis=-1)
+    total = cdf[:, -1:]
+    u = _hash_uniform(_row_seeds(rows), _row_steps(rows), mx.array([-1], dtype=mx.int32))
+    # u < 1, but u * total may round up to total: keep the target inside.
+    target = mx.minimum(u * total, total * (1 - 2**-20))
+    return mx.argmax(cdf > target, axis=-1).astype(mx.int32)

@@ -150,8 +150,10 @@ static void write_token(float *k_pool, float *v_pool, int64_t slot, const float 
  * HEAD_DIM]) at `slots`, then attends every query token; either count may
  * be 0. The writes finish before any query reads: a prompt chunk's tokens
  * see each other's keys. Returns 0 on success, -1 on bad arguments or
- * failed allocation. Work is shared out dynamically over the OpenMP threads
- * (the main thread takes on what a slow-to-wake worker leaves). */
+ * failed allocation. Both loops share work out dynamically over the OpenMP
+ * threads: the worker is often slow to get a core (the BLAS's own worker
+ * spins on it after a matmul), and a static split made the main thread wait
+ * for it at the barrier. */
 int paged_attention(float *k_pool, float *v_pool, const float *k_new, const float *v_new,
                     const int64_t *slots, int n_new, const float *q, const int32_t *tables,
                     const int32_t *qrow, const int32_t *ctx, float *out, int n_queries,
@@ -170,7 +172,7 @@ int paged_attention(float *k_pool, float *v_pool, const float *k_new, const floa
     int failed = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(|| : failed)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
         for (int i = 0; i < n_new; ++i)
             write_token(k_pool, v_pool, slots[i], k_new + i * per_token, v_new + i * per_token,
                         kv_heads);

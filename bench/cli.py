@@ -41,7 +41,8 @@ def _add_common(p) -> None:
                    help="the peer's weights: as mlx-lm loads them (quantized stays "
                    "quantized), or exactly Conveyor's (e.g. dequantized fp32)")
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="default: 2048 on the CPU, 8192 on a GPU")
     p.add_argument("--kv-cache-bytes", type=int)
     p.add_argument("--no-paged-kernel", dest="paged_kernel", action="store_false", default=None,
                    help="Conveyor's attention on the portable MLX path")

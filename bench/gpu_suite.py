@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,256")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="uncompiled decode steps")
+    ap.add_argument("--max-num-batched-tokens", type=int,
+                    help="Conveyor's token budget a step (default: the engine's)")
     args = ap.parse_args()
     print("machine:", _machine(), flush=True)
     print("write cost:", write_cost(), flush=True)
@@ -97,7 +99,7 @@ def main() -> None:
         for n in [int(s) for s in args.sizes.split(",")]:
             work = workloads.decode_heavy(n, 128, 16 if args.quick else 128)
             eng = LLMEngine(model, NullTokenizer(), config, EngineArgs(
-                max_num_seqs=max(256, n), max_num_batched_tokens=4096,
+                max_num_seqs=max(256, n), max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_bytes=kv_budget(model, work),
                 compile=False if args.no_compile else None))
             # Warm-up at the batch size measured: compiles its decode graphs, as
@@ -115,6 +117,7 @@ def main() -> None:
             for rid in list(eng.requests):
                 eng.abort_request(rid)
             row = {"model": name, "n": n, "conveyor_out_tok_s": round(ours.output_tps),
+                   "conveyor_decode_tok_s": round(ours.decode_tps or 0),
                    "conveyor_peak_gb": round(ours.peak_memory_gb, 1),
                    "kv_gib": round(eng.cache.nbytes / 2**30, 2), "decode_step_ms": phases}
             del eng
@@ -124,6 +127,7 @@ def main() -> None:
                 run_mlx_lm(twin, workloads.decode_heavy(4, 16, 4), 4)
                 peer = run_mlx_lm(twin, work, batch_size=n)
                 row["mlx_lm_out_tok_s"] = round(peer.output_tps)
+                row["mlx_lm_decode_tok_s"] = round(peer.decode_tps or 0)
                 row["mlx_lm_peak_gb"] = round(peer.peak_memory_gb, 1)
                 row["ratio"] = round(ours.output_tps / peer.output_tps, 2)
             print(json.dumps(row), flush=True)

@@ -20,8 +20,8 @@ def add_engine_args(p, model_help: str = DEFAULT_MODEL_HELP) -> None:
     p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="sequences per engine step (default: %(default)s)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens per engine step (default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="tokens per engine step (default: 2048 on the CPU, 8192 on a GPU)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--no-paged-kernel", dest="paged_kernel", action="store_false", default=None,
                    help="attention on the portable MLX path instead of the device's kernel")

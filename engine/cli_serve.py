@@ -76,7 +76,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.server import build_app
 
     for name in ("max_waiting", "max_body_bytes", "max_num_seqs", "max_num_batched_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.port < 65536:
         raise ConveyorError(f"--port must be in [0, 65535], got {args.port}")

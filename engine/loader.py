@@ -28,6 +28,7 @@ from engine.backend import (
     raise_cpu_cache_limit,
 )
 from engine.errors import ModelLoadError
+from models.linear import Linear
 
 # Architectures that share another's file.
 MODEL_TYPE_ALIASES = {"mistral": "llama"}
@@ -126,14 +127,17 @@ def _quantize(model: nn.Module, config: dict, weights: dict[str, mx.array]) -> N
                 class_predicate=predicate)
 
 
-def _dequantized(module: nn.Module, dtype: mx.Dtype) -> nn.Module:
+def _dequantized(module: nn.Module, dtype: mx.Dtype, name: str = "") -> nn.Module:
     def dense(q) -> mx.array:
         return mx.dequantize(q.weight, q.scales, q.get("biases"), q.group_size, q.bits
                              ).astype(dtype)
 
     if isinstance(module, nn.QuantizedLinear):
         out_dim, in_dim = module.weight.shape[0], module.scales.shape[1] * module.group_size
-        layer = nn.Linear(in_dim, out_dim, bias="bias" in module)
+        # models.linear.Linear picks its CPU matmul layout; an LM head stays a
+        # plain nn.Linear: the sampler reduces over its rows, slow on a transposed view.
+        kind = nn.Linear if name.endswith("lm_head") else Linear
+        layer = kind(in_dim, out_dim, bias="bias" in module)
         layer.weight = dense(module)
         if "bias" in module:
             layer.bias = module.bias.astype(dtype)
@@ -143,12 +147,12 @@ def _dequantized(module: nn.Module, dtype: mx.Dtype) -> nn.Module:
         layer = nn.Embedding(num, dim)
         layer.weight = dense(module)
         return layer
-    for name, child in module.items():
+    for key, child in module.items():
         if isinstance(child, nn.Module):
-            module[name] = _dequantized(child, dtype)
+            module[key] = _dequantized(child, dtype, f"{name}.{key}")
         elif isinstance(child, list):
-            module[name] = [_dequantized(c, dtype) if isinstance(c, nn.Module) else c
-                            for c in child]
+            module[key] = [_dequantized(c, dtype, f"{name}.{key}.{i}")
+                           if isinstance(c, nn.Module) else c for i, c in enumerate(child)]
     return module
 
 

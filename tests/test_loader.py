@@ -14,6 +14,7 @@ from tiny_models import write_tiny_llama
 from engine.cli import main
 from engine.errors import ModelLoadError
 from engine.loader import load_model, resolve_model_path
+from models.linear import Linear
 
 IDS = mx.array([5, 6, 7, 100, 200, 3, 9, 11, 42, 250], dtype=mx.int32)
 
@@ -93,7 +94,11 @@ def test_quantized_weights_kept_or_dequantized(tmp_path):
     assert isinstance(kept.model.layers[1].self_attn.q_proj, nn.QuantizedLinear)
     assert kept.model.layers[0].mlp.down_proj.bits == 8
     dense, _ = load_model(path)   # on the CPU: dequantized to fp32 by default
-    assert type(dense.model.layers[1].self_attn.q_proj) is nn.Linear
+    # Dense again: Conveyor's Linear (it picks the CPU matmul layout); an LM
+    # head stays a plain nn.Linear, which the sampler reads row by row.
+    assert type(dense.model.layers[1].self_attn.q_proj) is Linear
+    if "lm_head" in dense:
+        assert type(dense.lm_head) is nn.Linear
     assert dense.model.layers[1].self_attn.q_proj.weight.dtype == mx.float32
     for model in (kept, dense):
         np.testing.assert_allclose(np.array(model(IDS)), ref, rtol=1e-3, atol=1e-3)

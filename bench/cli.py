@@ -44,6 +44,8 @@ def _add_common(p) -> None:
     p.add_argument("--max-num-batched-tokens", type=int,
                    help="default: 2048 on the CPU, 8192 on a GPU")
     p.add_argument("--kv-cache-bytes", type=int)
+    p.add_argument("--kv-cache-dtype", choices=["float32", "float16", "bfloat16"],
+                   help="Conveyor's K/V storage (default: the model's dtype)")
     p.add_argument("--no-paged-kernel", dest="paged_kernel", action="store_false", default=None,
                    help="Conveyor's attention on the portable MLX path")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
@@ -66,7 +68,8 @@ def _build(args):
 
     eargs = EngineArgs(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       kv_cache_bytes=args.kv_cache_bytes, paged_kernel=args.paged_kernel)
+                       kv_cache_bytes=args.kv_cache_bytes, paged_kernel=args.paged_kernel,
+                       kv_cache_dtype=args.kv_cache_dtype)
     if args.synthetic:
         from bench.synthetic import NullTokenizer, synthetic_model
         from engine.backend import on_cpu

@@ -18,6 +18,9 @@ def add_engine_args(p, model_help: str = DEFAULT_MODEL_HELP) -> None:
     p.add_argument("--keep-quantized", action="store_true", default=None,
                    help="keep quantized weights quantized (default on a GPU only)")
     p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
+    p.add_argument("--kv-cache-dtype", choices=["float32", "float16", "bfloat16"],
+                   help="K/V storage (default: the model's dtype; float16 halves what "
+                        "attention reads)")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="sequences per engine step (default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int,
@@ -32,7 +35,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"dtype": args.dtype, "keep_quantized": args.keep_quantized,
               "kv_cache_bytes": args.kv_cache_bytes, "max_num_seqs": args.max_num_seqs,
               "max_num_batched_tokens": args.max_num_batched_tokens,
-              "max_model_len": args.max_model_len, "paged_kernel": args.paged_kernel}
+              "max_model_len": args.max_model_len, "paged_kernel": args.paged_kernel,
+              "kv_cache_dtype": args.kv_cache_dtype}
     for name in ("kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
         if kwargs[name] is not None and kwargs[name] < 1:
             raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")

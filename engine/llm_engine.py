@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import msgspec
+import numpy as np
 
-from engine.backend import device_name, log_once, on_cpu
+from engine.backend import DTYPES, device_name, log_once, on_cpu
 from engine.errors import RequestError
 from engine.model_runner import ModelRunner
 from engine.outputs import Logprob
@@ -49,6 +50,9 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_model_len: int | None = None
     seed: int = 0
     compile: bool | None = None   # compiled decode steps; None: on CUDA only
+    # K/V storage: None keeps the model's dtype (float32 on the CPU); "float16"
+    # halves the bytes attention reads (llama.cpp's default KV type).
+    kv_cache_dtype: str | None = None
     # Attention through the device's paged kernel (C on the CPU, CUDA), which
     # reads K/V in place; False runs the portable MLX path. None: where one builds.
     paged_kernel: bool | None = None
@@ -71,20 +75,22 @@ class EngineStats:
 
 def _cpu_attention(args: EngineArgs, head_dim: int, dtype: mx.Dtype):
     """The CPU paged-attention kernel, when it applies and builds here."""
-    if args.paged_kernel is False or not on_cpu() or dtype != mx.float32:
+    kv_dtype = {mx.float32: np.float32, mx.float16: np.float16}.get(dtype)
+    if args.paged_kernel is False or not on_cpu() or kv_dtype is None:
         return None
     from engine import native
     from engine.model_store import cache_dir
     from kvcache import cpu_paged_attention as cpa
 
     library = native.build_library(
-        "cpu_paged_attention", cpa.SOURCE, cpa.compile_args(head_dim, args.block_size),
+        "cpu_paged_attention", cpa.SOURCE, cpa.compile_args(head_dim, args.block_size, kv_dtype),
         native.openmp_link_args() + ["-lm"], cache_dir() / "kernels")
     if library is None:
         log_once("no C compiler, or the CPU attention kernel did not build: "
                  "attention runs on the portable MLX path (slower)")
         return None
-    return cpa.CpuPagedAttention(library, head_dim, args.block_size, os.cpu_count() or 1)
+    return cpa.CpuPagedAttention(library, head_dim, args.block_size, os.cpu_count() or 1,
+                                 kv_dtype)
 
 
 class LLMEngine:
@@ -95,6 +101,11 @@ class LLMEngine:
         dtype = model.model.embed_tokens.weight.dtype
         if dtype not in (mx.float32, mx.float16, mx.bfloat16):
             dtype = mx.float16  # quantized embeddings: keep K/V in half precision
+        if args.kv_cache_dtype is not None:
+            if args.kv_cache_dtype not in DTYPES:
+                raise RequestError(f"unknown kv_cache_dtype {args.kv_cache_dtype!r}; choose "
+                                   f"from {', '.join(DTYPES)}")
+            dtype = DTYPES[args.kv_cache_dtype]
         per_block = PagedKVCache.bytes_per_block(
             margs.num_hidden_layers, args.block_size, margs.num_key_value_heads,
             margs.head_dim, dtype)

@@ -9,7 +9,10 @@
  * each token of a prompt chunk (ctx = its position + 1, hence causal) go
  * through the same loop. A token with ctx 0 is padding: its output is zero.
  *
- * Layouts (float32, row-major), per block of BLOCK_SIZE token slots:
+ * K/V are stored as KV_T: float, or _Float16 when built with -DKV_HALF (half
+ * the bytes to read; converted to float on load, all arithmetic in float).
+ *
+ * Layouts (row-major), per block of BLOCK_SIZE token slots:
  *   k_pool  [blocks, kv_heads, HEAD_DIM, BLOCK_SIZE]  keys transposed, so one
  *           query's scores for a whole block are HEAD_DIM vector FMAs
  *   v_pool  [blocks, kv_heads, BLOCK_SIZE, HEAD_DIM]
@@ -18,6 +21,7 @@
  * Query head h reads KV head h / (heads / kv_heads), as in Llama's GQA.
  */
 
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,10 +33,31 @@
 #define D HEAD_DIM
 #define BS BLOCK_SIZE
 #define MAX_GROUP 16
+#ifdef KV_HALF
+typedef _Float16 KV_T;
+#else
+typedef float KV_T;
+#endif
 #define INLINE static inline __attribute__((always_inline))
 
+/* n KV_T values to float. gcc 12 turns a plain loop over _Float16 into
+ * element-by-element inserts (3-8x slower than float32 K/V), so half
+ * precision converts 16 (or 8) values an instruction explicitly. */
+INLINE void to_float(const KV_T *src, float *dst, int n) {
+    int i = 0;
+#if defined(KV_HALF) && defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#elif defined(KV_HALF) && defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; ++i) dst[i] = (float)src[i];
+}
+
 typedef struct {
-    const float *q, *k_pool, *v_pool;
+    const float *q;
+    const KV_T *k_pool, *v_pool;
     const int32_t *tables, *qrow, *ctx;
     float *out;
     int width, heads, kv_heads;
@@ -43,8 +68,14 @@ typedef struct {
 /* Scores of G query heads against one block's keys: s[g * stride + t].
  * Blocks sit at random places in a pool far larger than the caches, so each
  * loop also prefetches the block that comes next (`next`), a line a step. */
-INLINE void block_scores(const float *kt, const float *next, const float *qs, float *s,
+INLINE void block_scores(const KV_T *kt_in, const KV_T *next, const float *qs, float *s,
                          int stride, const int G) {
+#ifdef KV_HALF
+    float kt[D * BS];
+    to_float(kt_in, kt, D * BS);
+#else
+    const float *kt = kt_in;
+#endif
     float acc[MAX_GROUP][BS];
     for (int g = 0; g < G; ++g)
         for (int t = 0; t < BS; ++t) acc[g][t] = 0.f;
@@ -71,8 +102,8 @@ INLINE void attend_head(const job_t *j, const float *q, const int32_t *table, in
 
     const int64_t head = (int64_t)h * (D * BS), per_block = (int64_t)KVH * (D * BS);
     for (int b = 0; b < blocks; ++b) {
-        const float *kt = j->k_pool + table[b] * per_block + head;
-        const float *next = j->k_pool + table[b + 1 < blocks ? b + 1 : b] * per_block + head;
+        const KV_T *kt = j->k_pool + table[b] * per_block + head;
+        const KV_T *next = j->k_pool + table[b + 1 < blocks ? b + 1 : b] * per_block + head;
         block_scores(kt, next, qs, s + b * BS, stride, G);
     }
     for (int g = 0; g < G; ++g) {
@@ -91,14 +122,21 @@ INLINE void attend_head(const job_t *j, const float *q, const int32_t *table, in
     for (int g = 0; g < G; ++g)
         for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
     for (int b = 0; b < blocks; ++b) {
-        const float *v = j->v_pool + table[b] * per_block + head;
-        const float *next = j->v_pool + table[b + 1 < blocks ? b + 1 : b] * per_block + head;
+        const KV_T *v = j->v_pool + table[b] * per_block + head;
+        const KV_T *next = j->v_pool + table[b + 1 < blocks ? b + 1 : b] * per_block + head;
         const int n = ctx - b * BS < BS ? ctx - b * BS : BS;
         for (int t = 0; t < n; ++t) {
-            for (int l = 0; l < D; l += 16) __builtin_prefetch(next + t * D + l);
+            for (int l = 0; l < D; l += 64 / (int)sizeof(KV_T))
+                __builtin_prefetch(next + t * D + l);
+#ifdef KV_HALF
+            float vt[D];
+            to_float(v + t * D, vt, D);
+#else
+            const float *vt = v + t * D;
+#endif
             for (int g = 0; g < G; ++g) {
                 const float p = s[g * stride + b * BS + t];
-                for (int d = 0; d < D; ++d) acc[g][d] += p * v[t * D + d];
+                for (int d = 0; d < D; ++d) acc[g][d] += p * vt[d];
             }
         }
     }
@@ -135,14 +173,14 @@ static void attend_token(const job_t *j, int i, float *s) {
 }
 
 /* Store the K/V [kv_heads, HEAD_DIM] of one new token at token slot `slot`. */
-static void write_token(float *k_pool, float *v_pool, int64_t slot, const float *k,
+static void write_token(KV_T *k_pool, KV_T *v_pool, int64_t slot, const float *k,
                         const float *v, int kv_heads) {
     const int64_t block = slot / BS, offset = slot % BS;
     for (int h = 0; h < kv_heads; ++h) {
-        float *kt = k_pool + (block * kv_heads + h) * (D * BS) + offset;
-        float *vt = v_pool + ((block * kv_heads + h) * BS + offset) * D;
-        for (int d = 0; d < D; ++d) kt[d * BS] = k[h * D + d];
-        memcpy(vt, v + h * D, sizeof(float) * D);
+        KV_T *kt = k_pool + (block * kv_heads + h) * (D * BS) + offset;
+        KV_T *vt = v_pool + ((block * kv_heads + h) * BS + offset) * D;
+        for (int d = 0; d < D; ++d) kt[d * BS] = (KV_T)k[h * D + d];
+        for (int d = 0; d < D; ++d) vt[d] = (KV_T)v[h * D + d];
     }
 }
 
@@ -154,7 +192,7 @@ static void write_token(float *k_pool, float *v_pool, int64_t slot, const float 
  * threads: the worker is often slow to get a core (the BLAS's own worker
  * spins on it after a matmul), and a static split made the main thread wait
  * for it at the barrier. */
-int paged_attention(float *k_pool, float *v_pool, const float *k_new, const float *v_new,
+int paged_attention(KV_T *k_pool, KV_T *v_pool, const float *k_new, const float *v_new,
                     const int64_t *slots, int n_new, const float *q, const int32_t *tables,
                     const int32_t *qrow, const int32_t *ctx, float *out, int n_queries,
                     int width, int heads, int kv_heads, float scale, int threads) {

@@ -29,27 +29,36 @@ _I64 = ctypes.POINTER(ctypes.c_int64)
 _F32 = ctypes.POINTER(ctypes.c_float)
 
 
-def compile_args(head_dim: int, block_size: int) -> list[str]:
+KV_DTYPES = (np.float32, np.float16)  # what the pools may hold
+
+
+def compile_args(head_dim: int, block_size: int, kv_dtype=np.float32) -> list[str]:
     """Compiler flags for a build of SOURCE (link it with an OpenMP runtime)."""
+    half = ["-DKV_HALF"] if np.dtype(kv_dtype) == np.float16 else []
     return ["-O3", "-march=native", "-ffast-math", "-fopenmp",
-            f"-DHEAD_DIM={head_dim}", f"-DBLOCK_SIZE={block_size}"]
+            f"-DHEAD_DIM={head_dim}", f"-DBLOCK_SIZE={block_size}", *half]
 
 
 class CpuPagedAttention:
     """Callable over numpy arrays; see cpu_paged_attention.c for layouts."""
 
-    def __init__(self, library: Path, head_dim: int, block_size: int, threads: int):
+    def __init__(self, library: Path, head_dim: int, block_size: int, threads: int,
+                 kv_dtype=np.float32):
+        """`library` is a build of SOURCE with compile_args(head_dim,
+        block_size, kv_dtype)."""
         self.head_dim, self.block_size, self.threads = head_dim, block_size, threads
+        self.kv_dtype = np.dtype(kv_dtype)
         self._fn = ctypes.CDLL(str(library)).paged_attention
         self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [_F32, _F32, _F32, _F32, _I64, ctypes.c_int, _F32, _I32, _I32, _I32,
+        pool = ctypes.c_void_p
+        self._fn.argtypes = [pool, pool, _F32, _F32, _I64, ctypes.c_int, _F32, _I32, _I32, _I32,
                              _F32] + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int]
 
     def pool_views(self, k_pool: np.ndarray, v_pool: np.ndarray, kv_heads: int):
         """The kernel's [blocks, kv_heads, ...] views of two flat pools."""
         for pool in (k_pool, v_pool):
-            if pool.dtype != np.float32 or not pool.flags.c_contiguous:
-                raise ValueError("K/V pools must be contiguous float32")
+            if pool.dtype != self.kv_dtype or not pool.flags.c_contiguous:
+                raise ValueError(f"K/V pools must be contiguous {self.kv_dtype}")
         d, bs = self.head_dim, self.block_size
         blocks = k_pool.size // (kv_heads * d * bs)
         return (k_pool.reshape(blocks, kv_heads, d, bs),
@@ -91,7 +100,9 @@ class CpuPagedAttention:
         qrow = np.ascontiguousarray(qrow, dtype=np.int32)
         ctx = np.ascontiguousarray(ctx, dtype=np.int32)
         out = np.empty_like(q)
-        rc = self._fn(_ptr(k_view, _F32), _ptr(v_view, _F32), _ptr(k_new, _F32),
+        if k_view.dtype != self.kv_dtype or v_view.dtype != self.kv_dtype:
+            raise ValueError(f"K/V pools must be {self.kv_dtype}")
+        rc = self._fn(k_view.ctypes.data, v_view.ctypes.data, _ptr(k_new, _F32),
                       _ptr(v_new, _F32), _ptr(slots, _I64), m, _ptr(q, _F32),
                       _ptr(tables, _I32), _ptr(qrow, _I32), _ptr(ctx, _I32), _ptr(out, _F32),
                       n, tables.shape[1], heads, kv_heads, scale, self.threads)

@@ -80,7 +80,8 @@ class PagedKVCache:
         # pools in place, in its own layout, through numpy views of the same
         # memory; the MLX arrays are then never written by MLX.
         self.cpu_attention = None
-        if cpu_attention is not None and dtype == mx.float32 and mx.default_device() == mx.cpu:
+        if (cpu_attention is not None and mx.default_device() == mx.cpu
+                and _numpy_dtype(dtype) == cpu_attention.kv_dtype):
             views = [cpu_attention.pool_views(_host_view(k), _host_view(v), n_kv_heads)
                      for k, v in zip(self.k, self.v)]
             self.k_host = [k for k, _ in views]
@@ -117,6 +118,10 @@ class PagedKVCache:
         d = self.head_dim
         self.k[layer][rows] = k.reshape(-1, d).astype(self.dtype)
         self.v[layer][rows] = v.reshape(-1, d).astype(self.dtype)
+
+
+def _numpy_dtype(dtype: mx.Dtype):
+    return {mx.float32: np.dtype(np.float32), mx.float16: np.dtype(np.float16)}.get(dtype)
 
 
 def _host_view(pool: mx.array) -> np.ndarray:

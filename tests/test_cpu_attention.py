@@ -13,13 +13,13 @@ from kvcache import cpu_paged_attention as cpa
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-def build_kernel(head_dim, block_size):
+def build_kernel(head_dim, block_size, kv_dtype=np.float32):
     library = native.build_library(
-        "cpu_paged_attention", cpa.SOURCE, cpa.compile_args(head_dim, block_size),
+        "cpu_paged_attention", cpa.SOURCE, cpa.compile_args(head_dim, block_size, kv_dtype),
         native.openmp_link_args() + ["-lm"], cache_dir() / "kernels")
     if library is None:
         pytest.skip("no C compiler on this machine")
-    return cpa.CpuPagedAttention(library, head_dim, block_size, threads=2)
+    return cpa.CpuPagedAttention(library, head_dim, block_size, threads=2, kv_dtype=kv_dtype)
 
 
 def reference(q, keys, values, tables, qrow, ctx, block_size, scale):
@@ -133,3 +133,38 @@ def test_fast_logsumexp_matches_mlx():
     x = mx.array(np.random.default_rng(0).normal(0, 8, size=(3, 5000)).astype(np.float32))
     np.testing.assert_allclose(np.array(_logsumexp(x)),
                                np.array(mx.logsumexp(x, axis=-1, keepdims=True)), rtol=1e-5)
+
+
+def test_half_precision_kernel_matches_reference():
+    kernel = build_kernel(64, 16, np.float16)
+    rng = np.random.default_rng(1)
+    blocks, kv_heads, heads = 32, 2, 8
+    k_pool, v_pool = kernel.pool_views(np.zeros(blocks * 16 * kv_heads * 64, np.float16),
+                                       np.zeros(blocks * 16 * kv_heads * 64, np.float16),
+                                       kv_heads)
+    keys = rng.standard_normal((blocks * 16, kv_heads, 64)).astype(np.float32)
+    values = rng.standard_normal((blocks * 16, kv_heads, 64)).astype(np.float32)
+    kernel.write(k_pool, v_pool, np.arange(blocks * 16), keys, values)
+    tables = rng.permutation(blocks)[:12].reshape(2, 6).astype(np.int32)
+    qrow, ctx = np.array([0, 1, 1], np.int32), np.array([96, 50, 1], np.int32)
+    q = rng.standard_normal((3, heads, 64)).astype(np.float32)
+    got = kernel(q, k_pool, v_pool, tables, qrow, ctx, 0.125)
+    # The reference sees the same float16-rounded keys and values.
+    want = reference(q, keys.astype(np.float16).astype(np.float32),
+                     values.astype(np.float16).astype(np.float32), tables, qrow, ctx, 16, 0.125)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_engine_float16_kv_kernel_and_portable_paths_agree(tiny_llama_dir):
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in (5, 70, 33)]
+    params = SamplingParams(max_tokens=16, **GREEDY)
+    args = dict(kv_cache_bytes=16 << 20, max_num_batched_tokens=64, kv_cache_dtype="float16")
+    kernel = LLM(str(tiny_llama_dir), **args)
+    portable = LLM(str(tiny_llama_dir), paged_kernel=False, **args)
+    if kernel.engine.cache.cpu_attention is None:
+        pytest.skip("no C compiler on this machine")
+    assert kernel.engine.cache.dtype == mx.float16
+    got = kernel.generate(prompts, params, use_tqdm=False)
+    want = portable.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]

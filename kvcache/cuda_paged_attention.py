@@ -71,23 +71,30 @@ _SOURCE = """
             kl[u] = *reinterpret_cast<const Lanes*>(fresh ? k_new + new_at : k_pool + row);
             vl[u] = *reinterpret_cast<const Lanes*>(fresh ? v_new + new_at : v_pool + row);
         }
-        for (int u = 0; u < UNROLL && t0 + u < ctx; ++u) {
-            float kv[PER_LANE], vv[PER_LANE];
-            for (int i = 0; i < PER_LANE; ++i) {
-                kv[i] = static_cast<float>(kl[u].v[i]);
-                vv[i] = static_cast<float>(vl[u].v[i]);
-            }
+        // Scores of the run first, then one softmax rescale for the whole run
+        // (not one a token): a quarter of the exps and accumulator rescales.
+        float sc[UNROLL][G];
+        for (int u = 0; u < UNROLL; ++u)
             for (int g = 0; g < G; ++g) {
                 float s = 0.f;
-                for (int i = 0; i < PER_LANE; ++i) s += qv[g][i] * kv[i];
+                for (int i = 0; i < PER_LANE; ++i)
+                    s += qv[g][i] * static_cast<float>(kl[u].v[i]);
                 for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
-                const float m_new = fmaxf(m[g], s);
-                const float corr = __expf(m[g] - m_new);
-                const float p = __expf(s - m_new);
-                l[g] = l[g] * corr + p;
-                for (int i = 0; i < PER_LANE; ++i) acc[g][i] = acc[g][i] * corr + p * vv[i];
-                m[g] = m_new;
+                sc[u][g] = t0 + u < ctx ? s : -INFINITY;
             }
+        for (int g = 0; g < G; ++g) {
+            float m_new = m[g];
+            for (int u = 0; u < UNROLL; ++u) m_new = fmaxf(m_new, sc[u][g]);
+            const float corr = __expf(m[g] - m_new);
+            l[g] *= corr;
+            for (int i = 0; i < PER_LANE; ++i) acc[g][i] *= corr;
+            for (int u = 0; u < UNROLL; ++u) {
+                const float p = __expf(sc[u][g] - m_new);
+                l[g] += p;
+                for (int i = 0; i < PER_LANE; ++i)
+                    acc[g][i] += p * static_cast<float>(vl[u].v[i]);
+            }
+            m[g] = m_new;
         }
     }
     __shared__ float sm_m[NWARPS][G];

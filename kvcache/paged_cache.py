@@ -180,10 +180,13 @@ class PagedLayerView:
     def _attend_host(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         # The kernel runs outside MLX's graph: evaluate this layer's q/k/v, write
         # K/V into the pools and attend in place, hand the result back to MLX.
+        # The kernel computes in float32 (numpy has no bfloat16).
         meta, cache, layer = self.meta, self.cache, self.layer
+        dtype = q.dtype
+        q, k, v = (a.astype(mx.float32) for a in (q, k, v))
         mx.eval(q, k, v)
         out = cache.cpu_attention(
             np.asarray(q), cache.k_host[layer], cache.v_host[layer], meta.host_tables,
             meta.host_table_of, meta.host_context, scale, k_new=np.asarray(k),
             v_new=np.asarray(v), slots=meta.host_write_slots)
-        return mx.array(out)
+        return mx.array(out).astype(dtype)

@@ -168,3 +168,12 @@ def test_engine_float16_kv_kernel_and_portable_paths_agree(tiny_llama_dir):
     got = kernel.generate(prompts, params, use_tqdm=False)
     want = portable.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+def test_kernel_serves_a_half_precision_model(tiny_llama_dir):
+    # numpy has no bfloat16: the kernel path computes in float32 and hands
+    # the model back its own dtype.
+    llm = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, dtype="bfloat16",
+              kv_cache_dtype="float16")
+    out = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5

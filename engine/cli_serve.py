@@ -75,8 +75,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.async_llm import AsyncLLM
     from engine.server import build_app
 
-    for name in ("max_waiting", "max_body_bytes", "max_num_seqs", "max_num_batched_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+    engine_args = engine_kwargs(args)  # checks the engine flags before the port is taken
+    for name in ("max_waiting", "max_body_bytes"):
+        if getattr(args, name) < 1:
             raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.port < 65536:
         raise ConveyorError(f"--port must be in [0, 65535], got {args.port}")
@@ -91,7 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
             chosen = None if args.embedding_model == "default" else args.embedding_model
             embedder = EmbeddingWorker.load(chosen, name=chosen or DEFAULT_EMBEDDING_NAME)
-        llm = AsyncLLM(args.model, **engine_kwargs(args))
+        llm = AsyncLLM(args.model, **engine_args)
         app = build_app(llm, embedder,
                         model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
                         embedding_model_name=embedder.name if embedder else None,

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import msgspec
-import numpy as np
 
 from engine.backend import DTYPES, device_name, log_once, on_cpu
 from engine.errors import RequestError
@@ -20,7 +19,7 @@ from engine.sampler import SamplingRow, sample
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from kvcache.block_manager import BlockManager
-from kvcache.paged_cache import PagedKVCache
+from kvcache.paged_cache import PagedKVCache, host_dtype
 from scheduler.scheduler import RequestTooLong, Scheduler, SchedulerConfig
 from scheduler.sequence import FinishReason
 
@@ -75,7 +74,7 @@ class EngineStats:
 
 def _cpu_attention(args: EngineArgs, head_dim: int, dtype: mx.Dtype):
     """The CPU paged-attention kernel, when it applies and builds here."""
-    kv_dtype = {mx.float32: np.float32, mx.float16: np.float16}.get(dtype)
+    kv_dtype = host_dtype(dtype)
     if args.paged_kernel is False or not on_cpu() or kv_dtype is None:
         return None
     from engine import native
@@ -116,9 +115,8 @@ class LLMEngine:
                                f"({per_block} bytes)")
         self.cache = PagedKVCache(margs.num_hidden_layers, num_blocks, args.block_size,
                                   margs.num_key_value_heads, margs.head_dim, dtype,
-                                  cpu_attention=_cpu_attention(args, margs.head_dim, dtype))
-        if args.paged_kernel is False:
-            self.cache.decode_kernel = False
+                                  cpu_attention=_cpu_attention(args, margs.head_dim, dtype),
+                                  cuda_kernel=args.paged_kernel is not False)
         self.blocks = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens or (

@@ -106,13 +106,22 @@ class ModelRunner:
         self.padded_tokens += padded
         logits_index = [last[c.seq_id] for c in chunks]
 
-        write_rows = self.cache.head_rows(np.array(slots)).astype(np.int32)
         meta = AttentionMetadata(
-            write_rows=mx.array(write_rows),
             num_decode=len(decode), num_prefill_tokens=n - len(decode), num_padding=pad)
         if self.cache.cpu_attention is not None:
+            # The CPU kernel writes K/V by token slot and attends every token itself.
             self._prepare_host(meta, decode + prefill, slots, pos, pad)
-        elif decode and self.cache.decode_kernel:
+        else:
+            meta.write_rows = mx.array(self.cache.head_rows(np.array(slots)).astype(np.int32))
+            self._prepare_mlx(meta, decode, prefill)
+        return Batch(mx.array(ids, dtype=mx.int32), mx.array(pos, dtype=mx.int32), meta,
+                     mx.array(logits_index, dtype=mx.int32), n, padded)
+
+    def _prepare_mlx(self, meta: AttentionMetadata, decode: list[ScheduledChunk],
+                     prefill: list[ScheduledChunk]) -> None:
+        """Attention arrays for the MLX paths: decode rows through the CUDA
+        kernel or the portable gather, prompt chunks through the gather."""
+        if decode and self.cache.decode_kernel:
             ctx = [c.start + 1 for c in decode]
             width = bucket(-(-max(ctx) // self.bs), self.width_bucket)
             meta.decode_block_tables = mx.array(self._tables(decode, width, 0).astype(np.int32))
@@ -123,10 +132,8 @@ class ModelRunner:
             meta.decode_rows = mx.array(self.cache.head_rows(dslots).astype(np.int32))
             mask = np.arange(dslots.shape[1])[None, :] < ctx[:, None]
             meta.decode_mask = mx.array(mask[:, None, None, :])
-        if prefill and self.cache.cpu_attention is None:
+        if prefill:
             self._prepare_prefill(meta, prefill, len(decode))
-        return Batch(mx.array(ids, dtype=mx.int32), mx.array(pos, dtype=mx.int32), meta,
-                     mx.array(logits_index, dtype=mx.int32), n, padded)
 
     def _prepare_host(self, meta: AttentionMetadata, ordered: list[ScheduledChunk],
                       slots: list[int], positions: list[int], pad: int) -> None:

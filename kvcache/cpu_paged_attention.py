@@ -11,9 +11,9 @@ The kernel keeps its own layout in the pools' memory: keys transposed per
 block, [blocks, kv_heads, head_dim, block_size], so one query's scores over a
 block are head_dim vector FMAs; values [blocks, kv_heads, block_size, head_dim].
 
-The engine compiles it once per (head_dim, block_size, CPU) with the system C
-compiler (engine/native.py) and loads it here with ctypes; where it can't be
-built, the portable MLX path runs.
+The engine compiles it once per (head_dim, block_size, K/V dtype, CPU) with
+the system C compiler (engine/native.py) and loads it here with ctypes; where
+it can't be built, the portable MLX path runs.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
 _I32 = ctypes.POINTER(ctypes.c_int32)
 _I64 = ctypes.POINTER(ctypes.c_int64)
 _F32 = ctypes.POINTER(ctypes.c_float)
-
-
-KV_DTYPES = (np.float32, np.float16)  # what the pools may hold
 
 
 def compile_args(head_dim: int, block_size: int, kv_dtype=np.float32) -> list[str]:

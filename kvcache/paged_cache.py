@@ -28,7 +28,7 @@ import numpy as np
 class AttentionMetadata:
     """Per-step arrays shared by every layer (built by the model runner)."""
 
-    write_rows: mx.array              # [N * Hkv] pool rows of each packed token's K/V
+    write_rows: mx.array | None = None  # [N * Hkv] pool rows of each packed token's K/V
     num_decode: int = 0               # decode rows = first num_decode tokens
     num_prefill_tokens: int = 0
     num_padding: int = 0
@@ -65,7 +65,8 @@ def paged_decode_attention(*args, **kwargs):
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int,
-                 head_dim: int, dtype: mx.Dtype = mx.float32, cpu_attention=None):
+                 head_dim: int, dtype: mx.Dtype = mx.float32, cpu_attention=None,
+                 cuda_kernel: bool = True):
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -75,13 +76,13 @@ class PagedKVCache:
         self.v = [mx.zeros(shape, dtype) for _ in range(num_layers)]
         mx.eval(self.k, self.v)
         # On CUDA, decode attention reads the pools in place (once verified).
-        self.decode_kernel = _cuda_kernel_available()
+        self.decode_kernel = cuda_kernel and _cuda_kernel_available()
         # On the CPU, a C kernel (cpu_paged_attention) reads and writes the
         # pools in place, in its own layout, through numpy views of the same
         # memory; the MLX arrays are then never written by MLX.
         self.cpu_attention = None
         if (cpu_attention is not None and mx.default_device() == mx.cpu
-                and _numpy_dtype(dtype) == cpu_attention.kv_dtype):
+                and host_dtype(dtype) == cpu_attention.kv_dtype):
             views = [cpu_attention.pool_views(_host_view(k), _host_view(v), n_kv_heads)
                      for k, v in zip(self.k, self.v)]
             self.k_host = [k for k, _ in views]
@@ -120,7 +121,9 @@ class PagedKVCache:
         self.v[layer][rows] = v.reshape(-1, d).astype(self.dtype)
 
 
-def _numpy_dtype(dtype: mx.Dtype):
+def host_dtype(dtype: mx.Dtype) -> np.dtype | None:
+    """The numpy dtype the CPU kernel's pools have for K/V stored as `dtype`,
+    or None where it has none (numpy has no bfloat16)."""
     return {mx.float32: np.dtype(np.float32), mx.float16: np.dtype(np.float16)}.get(dtype)
 
 

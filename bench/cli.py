@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from bench import workloads
 from bench.runners import Result, run_conveyor, run_mlx_lm
+from engine.cli_common import add_cpu_matmul_arg
 
 
 def add_bench_parser(sub) -> None:
@@ -48,6 +49,9 @@ def _add_common(p) -> None:
                    help="Conveyor's K/V storage (default: the model's dtype)")
     p.add_argument("--no-paged-kernel", dest="paged_kernel", action="store_false", default=None,
                    help="Conveyor's attention on the portable MLX path")
+    add_cpu_matmul_arg(p)
+    p.add_argument("--no-host-forward", dest="host_forward", action="store_false", default=None,
+                   help="Conveyor runs its CPU forward as an MLX graph")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
 
@@ -69,7 +73,8 @@ def _build(args):
     eargs = EngineArgs(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_bytes=args.kv_cache_bytes, paged_kernel=args.paged_kernel,
-                       kv_cache_dtype=args.kv_cache_dtype)
+                       kv_cache_dtype=args.kv_cache_dtype, cpu_matmul=args.cpu_matmul,
+                       host_forward=args.host_forward)
     if args.synthetic:
         from bench.synthetic import NullTokenizer, synthetic_model
         from engine.backend import on_cpu
@@ -86,10 +91,23 @@ def _build(args):
         from engine.loader import resolve_model_path
 
         if args.peer_weights == "same":
-            return _mlx_lm_twin(engine.model, engine.config)
+            return _mlx_lm_twin(_float_weights(engine, args), engine.config)
         return load_model(resolve_model_path(args.model))[0]
 
     return engine, peer
+
+
+def _float_weights(engine, args):
+    """Conveyor's model with float weights: itself, or, where its quantized
+    layers run in the int8 kernel, the same checkpoint dequantized instead."""
+    from models.int8_linear import Int8Embedding, Int8Linear
+
+    if not any(isinstance(m, (Int8Linear, Int8Embedding)) for _, m in
+               engine.model.named_modules()):
+        return engine.model
+    from engine.loader import load_model, resolve_model_path
+
+    return load_model(resolve_model_path(args.model), dtype=args.dtype, cpu_matmul="float32")[0]
 
 
 def _mlx_lm_twin(model, config):

@@ -28,6 +28,17 @@ def add_engine_args(p, model_help: str = DEFAULT_MODEL_HELP) -> None:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--no-paged-kernel", dest="paged_kernel", action="store_false", default=None,
                    help="attention on the portable MLX path instead of the device's kernel")
+    add_cpu_matmul_arg(p)
+    p.add_argument("--no-host-forward", dest="host_forward", action="store_false", default=None,
+                   help="CPU: run the model as an MLX graph instead of the C forward")
+
+
+def add_cpu_matmul_arg(p) -> None:
+    """--cpu-matmul, shared with `conveyor bench`."""
+    p.add_argument("--cpu-matmul", choices=["float32", "int16", "int8"],
+                   help="CPU, quantized checkpoints: keep the codes and quantize activations "
+                        "to int16 (default where it builds) or int8 (llama.cpp's scheme, "
+                        "fastest, approximate), or dequantize to float32")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -36,7 +47,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
               "kv_cache_bytes": args.kv_cache_bytes, "max_num_seqs": args.max_num_seqs,
               "max_num_batched_tokens": args.max_num_batched_tokens,
               "max_model_len": args.max_model_len, "paged_kernel": args.paged_kernel,
-              "kv_cache_dtype": args.kv_cache_dtype}
+              "kv_cache_dtype": args.kv_cache_dtype, "cpu_matmul": args.cpu_matmul,
+              "host_forward": args.host_forward}
     for name in ("kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
         if kwargs[name] is not None and kwargs[name] < 1:
             raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")

@@ -55,6 +55,14 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Attention through the device's paged kernel (C on the CPU, CUDA), which
     # reads K/V in place; False runs the portable MLX path. None: where one builds.
     paged_kernel: bool | None = None
+    # How the CPU multiplies a quantized checkpoint: "int16" keeps the 4/8-bit
+    # codes and quantizes activations to 16 bits per group (AVX-512 VNNI; logits
+    # within ~1e-2 of float32), "int8" is llama.cpp's scheme (faster, logits
+    # move), "float32" dequantizes for the BLAS. None: int16 where it builds.
+    cpu_matmul: str | None = None
+    # CPU: run llama-family forwards in C on host memory (models/cpu_llama.py)
+    # around the attention kernel; False keeps MLX's graph. None: where it builds.
+    host_forward: bool | None = None
 
 
 @dataclass
@@ -70,6 +78,28 @@ class EngineStats:
     generated_tokens: int
     running: int
     waiting: int
+
+
+def _compute_dtype(embedding) -> mx.Dtype:
+    """The dtype activations (and so K/V) have: a quantized embedding yields
+    rows in its scales' dtype."""
+    floats = (mx.float32, mx.float16, mx.bfloat16)
+    for dtype in (embedding.weight.dtype, getattr(embedding, "scales", embedding.weight).dtype):
+        if dtype in floats:
+            return dtype
+    return mx.float16
+
+
+def _host_forward(model, args: EngineArgs):
+    if args.host_forward is False or not on_cpu() or args.paged_kernel is False:
+        return None
+    from models import cpu_llama
+
+    forward = cpu_llama.HostLlama.build(model) if hasattr(model, "layers") else None
+    if forward is None and args.host_forward:
+        raise RequestError("host_forward needs a llama-family float32 model on the CPU, "
+                           "a C compiler and the preloaded BLAS")
+    return forward
 
 
 def _cpu_attention(args: EngineArgs, head_dim: int, dtype: mx.Dtype):
@@ -97,9 +127,7 @@ class LLMEngine:
         self.model, self.tokenizer, self.config, self.args = model, tokenizer, config, args
         margs = model.args
         max_len = args.max_model_len or int(config.get("max_position_embeddings", 4096))
-        dtype = model.model.embed_tokens.weight.dtype
-        if dtype not in (mx.float32, mx.float16, mx.bfloat16):
-            dtype = mx.float16  # quantized embeddings: keep K/V in half precision
+        dtype = _compute_dtype(model.model.embed_tokens)
         if args.kv_cache_dtype is not None:
             if args.kv_cache_dtype not in DTYPES:
                 raise RequestError(f"unknown kv_cache_dtype {args.kv_cache_dtype!r}; choose "
@@ -123,7 +151,8 @@ class LLMEngine:
                 CPU_MAX_BATCHED_TOKENS if on_cpu() else GPU_MAX_BATCHED_TOKENS), max_len),
             self.blocks)
         compile_decode = args.compile if args.compile is not None else device_name() == "cuda"
-        self.runner = ModelRunner(model, self.cache, compile_decode=compile_decode)
+        self.runner = ModelRunner(model, self.cache, compile_decode=compile_decode,
+                                  host_forward=_host_forward(model, args))
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._rng = random.Random(args.seed)
@@ -135,7 +164,8 @@ class LLMEngine:
         from engine.loader import load_model, resolve_model_path
 
         path = resolve_model_path(args.model)
-        model, config = load_model(path, dtype=args.dtype, keep_quantized=args.keep_quantized)
+        model, config = load_model(path, dtype=args.dtype, keep_quantized=args.keep_quantized,
+                                   cpu_matmul=args.cpu_matmul)
         return cls(model, Tokenizer.from_dir(path), config, args)
 
     # -- requests ----------------------------------------------------------

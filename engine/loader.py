@@ -28,16 +28,25 @@ from engine.backend import (
     raise_cpu_cache_limit,
 )
 from engine.errors import ModelLoadError
+from models import cpu_int8_matmul
+from models.cpu_int8_matmul import Int8Matmul
+from models.int8_linear import Int8Embedding, Int8Linear
 from models.linear import Linear
 
 # Architectures that share another's file.
 MODEL_TYPE_ALIASES = {"mistral": "llama"}
 
 
+def _architecture_files() -> list[str]:
+    # models/ also holds shared layers and kernels; an architecture file is
+    # one that defines the Model/ModelArgs pair the loader builds.
+    folder = Path(models.__path__[0])
+    return [m.name for m in pkgutil.iter_modules(models.__path__)
+            if "class ModelArgs" in (folder / f"{m.name}.py").read_text(errors="ignore")]
+
+
 def supported_model_types() -> list[str]:
-    files = [m.name for m in pkgutil.iter_modules(models.__path__)
-             if m.name not in ("base", "rope")]
-    return sorted(set(files) | set(MODEL_TYPE_ALIASES))
+    return sorted(set(_architecture_files()) | set(MODEL_TYPE_ALIASES))
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -91,7 +100,7 @@ def load_config(path: Path) -> dict[str, Any]:
 
 def model_module(model_type: str):
     name = MODEL_TYPE_ALIASES.get(model_type, model_type)
-    if not name.isidentifier() or name in ("base", "rope"):
+    if not name.isidentifier() or name not in _architecture_files():
         name = "_"  # never a module: falls through to the error below
     try:
         return importlib.import_module(f"models.{name}")
@@ -127,11 +136,24 @@ def _quantize(model: nn.Module, config: dict, weights: dict[str, mx.array]) -> N
                 class_predicate=predicate)
 
 
-def _dequantized(module: nn.Module, dtype: mx.Dtype, name: str = "") -> nn.Module:
+def _dequantized(module: nn.Module, dtype: mx.Dtype, name: str = "",
+                 integer: tuple[Int8Matmul, bool] | None = None) -> nn.Module:
+    """Quantized layers turned into float layers, or, given the CPU's integer
+    kernel and whether its activations are wide (int16), into layers that
+    multiply their codes in integers."""
     def dense(q) -> mx.array:
         return mx.dequantize(q.weight, q.scales, q.get("biases"), q.group_size, q.bits
                              ).astype(dtype)
 
+    def kernel_fits(q) -> bool:
+        in_dim = q.scales.shape[1] * q.group_size
+        return integer is not None and "biases" in q and cpu_int8_matmul.supports(
+            q.bits, q.group_size, in_dim, q.scales.shape[0])
+
+    if isinstance(module, nn.QuantizedLinear) and kernel_fits(module):
+        return Int8Linear.from_quantized(module, *integer)
+    if isinstance(module, nn.QuantizedEmbedding) and kernel_fits(module):
+        return Int8Embedding.from_quantized(module, *integer)
     if isinstance(module, nn.QuantizedLinear):
         out_dim, in_dim = module.weight.shape[0], module.scales.shape[1] * module.group_size
         # models.linear.Linear picks its CPU matmul layout; an LM head stays a
@@ -149,9 +171,9 @@ def _dequantized(module: nn.Module, dtype: mx.Dtype, name: str = "") -> nn.Modul
         return layer
     for key, child in module.items():
         if isinstance(child, nn.Module):
-            module[key] = _dequantized(child, dtype, f"{name}.{key}")
+            module[key] = _dequantized(child, dtype, f"{name}.{key}", integer)
         elif isinstance(child, list):
-            module[key] = [_dequantized(c, dtype, f"{name}.{key}.{i}")
+            module[key] = [_dequantized(c, dtype, f"{name}.{key}.{i}", integer)
                            if isinstance(c, nn.Module) else c for i, c in enumerate(child)]
     return module
 
@@ -167,8 +189,35 @@ def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     model.update(tree_map_with_path(cast, model.parameters()))
 
 
+CPU_MATMULS = ("float32", "int16", "int8")
+
+
+def _integer_matmul(fmt: WeightFormat, choice: str | None) -> tuple[Int8Matmul, bool] | None:
+    """(kernel, wide) when a quantized checkpoint's codes should be multiplied
+    as integers on the CPU, else None (dequantize to float32).
+
+    "int16" (the default where the kernel builds: AVX-512 VNNI and a C
+    compiler) quantizes activations to 16 bits per group: logits stay within
+    ~1e-2 of float32. "int8" is llama.cpp's scheme, ~2x faster again, but it
+    moves the default model's logits by up to ~5 (of ~33)."""
+    if choice is not None and choice not in CPU_MATMULS:
+        raise ModelLoadError(f"unknown cpu_matmul {choice!r}; choose from {', '.join(CPU_MATMULS)}")
+    if choice == "float32" or not on_cpu() or fmt.dtype != mx.float32:
+        if choice in ("int16", "int8"):
+            raise ModelLoadError(f"cpu_matmul={choice} runs on the CPU with float32 compute "
+                                 "(drop --dtype / --keep-quantized)")
+        return None
+    kernel = cpu_int8_matmul.load()
+    if kernel is None:
+        if choice is not None:
+            raise ModelLoadError(f"cpu_matmul={choice} needs a CPU with AVX-512 VNNI and a C "
+                                 "compiler (cc/gcc/clang on PATH)")
+        return None
+    return kernel, choice != "int8"
+
+
 def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | None = None,
-               ) -> tuple[nn.Module, dict[str, Any]]:
+               cpu_matmul: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Build the model in `path` in the fastest weight format for this device."""
     config = load_config(path)
     module = model_module(config["model_type"])
@@ -189,10 +238,17 @@ def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | N
     fmt: WeightFormat = choose_weight_format(quantized, config, dtype, keep_quantized)
     if on_cpu():
         raise_cpu_cache_limit()
+    reason = fmt.reason
     if quantized and not fmt.keep_quantized:
-        model = _dequantized(model, fmt.dtype)
+        integer = _integer_matmul(fmt, cpu_matmul)
+        model = _dequantized(model, fmt.dtype, integer=integer)
+        if integer is not None:
+            acts = "int16" if integer[1] else "int8"
+            reason = reason.replace("dequantized to float32 (--keep-quantized keeps them)",
+                                    f"kept as integer codes, activations {acts} per group "
+                                    "(AVX-512 VNNI kernel; --cpu-matmul chooses)")
     _cast_floats(model, fmt.dtype)
     mx.eval(model.parameters())
-    log_once(fmt.reason)
+    log_once(reason)
     model.eval()
     return model, config

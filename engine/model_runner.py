@@ -34,8 +34,11 @@ class Batch:
 
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, token_bucket: int = 8, width_bucket: int = 4,
-                 chunk_bucket: int = 16, compile_decode: bool = False):
+                 chunk_bucket: int = 16, compile_decode: bool = False, host_forward=None):
         self.model = model
+        # The CPU forward in host memory (models/cpu_llama.py); it needs the
+        # CPU attention kernel's host views.
+        self.host_forward = host_forward if cache.cpu_attention is not None else None
         self.cache = cache
         self.bs = cache.block_size
         self.token_bucket, self.width_bucket, self.chunk_bucket = (
@@ -175,6 +178,9 @@ class ModelRunner:
             logits = self._compiled(batch.input_ids, batch.positions, meta.write_rows,
                                     meta.decode_block_tables, meta.decode_context_lens)
             return logits[:batch.num_tokens]
+        if self.host_forward is not None:
+            return self.host_forward(np.asarray(batch.input_ids), np.asarray(batch.positions),
+                                     self.cache.views(batch.meta), np.asarray(batch.logits_index))
         return self.model(batch.input_ids, batch.positions, self.cache.views(batch.meta),
                           logits_index=batch.logits_index)
 

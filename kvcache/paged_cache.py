@@ -184,12 +184,18 @@ class PagedLayerView:
         # The kernel runs outside MLX's graph: evaluate this layer's q/k/v, write
         # K/V into the pools and attend in place, hand the result back to MLX.
         # The kernel computes in float32 (numpy has no bfloat16).
-        meta, cache, layer = self.meta, self.cache, self.layer
         dtype = q.dtype
         q, k, v = (a.astype(mx.float32) for a in (q, k, v))
         mx.eval(q, k, v)
-        out = cache.cpu_attention(
-            np.asarray(q), cache.k_host[layer], cache.v_host[layer], meta.host_tables,
-            meta.host_table_of, meta.host_context, scale, k_new=np.asarray(k),
-            v_new=np.asarray(v), slots=meta.host_write_slots)
+        out = self.attend_host(np.asarray(q), np.asarray(k), np.asarray(v), scale)
         return mx.array(out).astype(dtype)
+
+    def attend_host(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                    scale: float) -> np.ndarray:
+        """`attend` on host float32 arrays through the CPU kernel (for a
+        forward that runs outside MLX): q [N, heads, D], k/v [N, kv_heads, D]."""
+        meta, cache, layer = self.meta, self.cache, self.layer
+        return cache.cpu_attention(
+            q, cache.k_host[layer], cache.v_host[layer], meta.host_tables,
+            meta.host_table_of, meta.host_context, scale, k_new=k, v_new=v,
+            slots=meta.host_write_slots)

@@ -1,7 +1,6 @@
 """Loading checkpoints: formats, quantization, and clear errors for bad input."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -9,11 +8,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from tiny_models import write_tiny_llama
+from tiny_models import write_quantized, write_tiny_llama
 
 from engine.cli import main
 from engine.errors import ModelLoadError
 from engine.loader import load_model, resolve_model_path
+from models import cpu_int8_matmul
+from models.int8_linear import Int8Linear
 from models.linear import Linear
 
 IDS = mx.array([5, 6, 7, 100, 200, 3, 9, 11, 42, 250], dtype=mx.int32)
@@ -60,32 +61,6 @@ def test_half_precision_checkpoints(tmp_path, dtype):
     assert np.abs(ours - ref).max() < 0.05 * np.abs(ref).max()
 
 
-def write_quantized(src, dst, bits=4, group_size=32, override_bits=8):
-    """An mlx-lm style quantized checkpoint with one per-layer override."""
-    from mlx_lm.utils import load_model as mlx_lm_load
-
-    model, config = mlx_lm_load(src)
-    override = "model.layers.0.mlp.down_proj"
-
-    def predicate(path, module):
-        if path == override:
-            return {"group_size": group_size, "bits": override_bits}
-        return isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
-
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    dst.mkdir()
-    from mlx.utils import tree_flatten
-
-    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    config = json.loads((src / "config.json").read_text())
-    config["quantization"] = {"group_size": group_size, "bits": bits,
-                              override: {"group_size": group_size, "bits": override_bits}}
-    (dst / "config.json").write_text(json.dumps(config))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / f, dst / f)
-    return dst
-
-
 def test_quantized_weights_kept_or_dequantized(tmp_path):
     src = write_tiny_llama(tmp_path / "src")
     path = write_quantized(src, tmp_path / "q")
@@ -93,7 +68,7 @@ def test_quantized_weights_kept_or_dequantized(tmp_path):
     kept, _ = load_model(path, keep_quantized=True)
     assert isinstance(kept.model.layers[1].self_attn.q_proj, nn.QuantizedLinear)
     assert kept.model.layers[0].mlp.down_proj.bits == 8
-    dense, _ = load_model(path)   # on the CPU: dequantized to fp32 by default
+    dense, _ = load_model(path, cpu_matmul="float32")
     # Dense again: Conveyor's Linear (it picks the CPU matmul layout); an LM
     # head stays a plain nn.Linear, which the sampler reads row by row.
     assert type(dense.model.layers[1].self_attn.q_proj) is Linear
@@ -102,6 +77,12 @@ def test_quantized_weights_kept_or_dequantized(tmp_path):
     assert dense.model.layers[1].self_attn.q_proj.weight.dtype == mx.float32
     for model in (kept, dense):
         np.testing.assert_allclose(np.array(model(IDS)), ref, rtol=1e-3, atol=1e-3)
+    # The CPU default where the integer kernel builds: codes kept, int16 activations.
+    default, _ = load_model(path)
+    if cpu_int8_matmul.load() is not None:
+        layer = default.model.layers[1].self_attn.q_proj
+        assert isinstance(layer, Int8Linear) and layer._packed.wide
+        np.testing.assert_allclose(np.array(default(IDS)), ref, rtol=2e-3, atol=2e-3)
 
 
 # -- bad input: one line on stderr, exit code 2, no traceback --------------

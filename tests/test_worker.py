@@ -451,6 +451,13 @@ def test_long_generation_job_is_not_taken_over_while_it_runs(client, tiny_llama_
     from engine.llm_engine import EngineArgs, LLMEngine
 
     engine = LLMEngine.from_args(EngineArgs(model=str(tiny_llama_dir), kv_cache_bytes=16 << 20))
+    step = engine.step
+
+    def slow_step():  # >= 0.6 s for the job however fast the engine gets
+        time.sleep(0.001)
+        return step()
+
+    engine.step = slow_step
     push(client, [("slow", "/v1/completions", {"prompt": "a", "max_tokens": 600,
                                                "ignore_eos": True, "temperature": 0})])
     owner = QueueWorker(client, [GenerationJobs(engine, model="tiny")],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -62,6 +63,12 @@ def llama_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
             p + "mlp.down_proj.weight": w(d, f),
             p + "input_layernorm.weight": w(d) + 1, p + "post_attention_layernorm.weight": w(d) + 1,
         })
+        for flag, names in (("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                            ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))):
+            for name in names if config.get(flag) else ():
+                part = "self_attn" if flag == "attention_bias" else "mlp"
+                rows = weights[f"{p}{part}.{name}.weight"].shape[0]
+                weights[f"{p}{part}.{name}.bias"] = w(rows)
     if not config.get("tie_word_embeddings"):
         weights["lm_head.weight"] = w(v, d, scale=0.3)
     return weights
@@ -78,3 +85,33 @@ def write_tiny_llama(path: Path, shards: int = 1, seed: int = 0, **overrides) ->
         mx.save_safetensors(str(path / f"model-{s + 1:05d}-of-{shards:05d}.safetensors"), part)
     write_byte_tokenizer(path)
     return path
+
+
+def write_quantized(src, dst, bits=4, group_size=32, override_bits=8, embedding=False):
+    """An mlx-lm style quantized checkpoint with one per-layer override
+    (and an 8-bit embedding with `embedding`, as the default model has)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    model, config = mlx_lm_load(src)
+    override = "model.layers.0.mlp.down_proj"
+
+    def predicate(path, module):
+        if path == override or (embedding and isinstance(module, nn.Embedding)):
+            return {"group_size": group_size, "bits": override_bits}
+        return isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    dst.mkdir()
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization"] = {"group_size": group_size, "bits": bits,
+                              override: {"group_size": group_size, "bits": override_bits}}
+    if embedding:
+        config["quantization"]["model.embed_tokens"] = {"group_size": group_size,
+                                                        "bits": override_bits}
+    (dst / "config.json").write_text(json.dumps(config))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, dst / f)
+    return dst

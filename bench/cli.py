@@ -10,7 +10,7 @@ import sys
 import mlx.core as mx
 
 from bench import workloads
-from bench.runners import Result, run_conveyor, run_mlx_lm
+from bench.runners import Result, describe_path, run_conveyor, run_mlx_lm
 from engine.cli_common import add_cpu_matmul_arg
 
 
@@ -172,6 +172,7 @@ def _report(args, results: list[Result]) -> None:
     if args.bench_kind == "latency":
         for key in ("ttft_s", "tpot_s", "e2e_s"):
             print(f"{key:<7} " + "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in extra[key].items()))
+    print(f"conveyor ran: {extra['path']}")
     print(f"KV: {extra['kv_bytes_allocated'] / 2**20:.0f} MiB allocated, "
           f"{extra['kv_bytes_peak_used'] / 2**20:.0f} MiB peak in use; "
           f"{extra['steps']} steps, {extra['preemptions']} preemptions, "
@@ -238,6 +239,7 @@ def _run_single(args) -> int:
                      (args.output_len - 1) / (end - first)))
     print(f"# single stream: {len(prompt)}-token prompt, {args.output_len} new tokens; "
           f"{_machine()}")
+    print(f"conveyor ran: {describe_path(engine)}")
     print(f"{'engine':<10} {'prompt tok/s':>13} {'gen tok/s':>10}")
     for name, p, g in rows:
         print(f"{name:<10} {p:>13.1f} {g:>10.1f}")

@@ -123,7 +123,23 @@ def run_conveyor(engine, workload: Workload, on_step=None) -> Result:
                       // engine.cache.block_size,
                       "padding_waste": round(stats.padding_waste, 4),
                       "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
-                      "e2e_s": percentiles(e2e), "decode_phase": phase.result(end)})
+                      "e2e_s": percentiles(e2e), "decode_phase": phase.result(end),
+                      "path": describe_path(engine)})
+
+
+def describe_path(engine) -> str:
+    """Which forward and matmul Conveyor ran, for the report."""
+    from models.int8_linear import Int8Embedding, Int8Linear
+
+    packed = [m._packed for _, m in engine.model.named_modules()
+              if isinstance(m, (Int8Linear, Int8Embedding))]
+    forward = "C forward" if engine.runner.host_forward is not None else "MLX graph"
+    if packed:
+        weights = f"integer codes, {'int16' if packed[0].wide else 'int8'} activations"
+    else:
+        weights = "weights " + str(engine.model.model.norm.weight.dtype).split(".")[-1]
+    kv = str(engine.cache.dtype).split(".")[-1]
+    return f"{forward}, {weights}, K/V {kv}"
 
 
 def _tokens_at_peak(workload: Workload) -> int:

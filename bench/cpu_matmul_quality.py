@@ -11,7 +11,6 @@ top-1 agreement, mean KL(float32 || choice) and the largest logit difference.
 
 from __future__ import annotations
 
-import engine  # noqa: F401  (preloads the BLAS before MLX)
 import mlx.core as mx
 import numpy as np
 

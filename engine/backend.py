@@ -1,9 +1,11 @@
 """Which device MLX runs on, and which weight format is fastest there.
 
-On the Linux CPU only fp32 matmul is fast (with the preloaded BLAS; bf16,
-fp16 and 4/8-bit matmuls run at 1–6 GFLOP/s against ~180), so quantized
-checkpoints are dequantized to fp32 at load. On a GPU, quantized weights stay
-quantized (less memory traffic) and float weights keep their dtype.
+On the Linux CPU only MLX's fp32 matmul is fast (with the preloaded BLAS;
+bf16, fp16 and 4/8-bit matmuls run at 1–6 GFLOP/s against ~180), so quantized
+checkpoints leave MLX's quantized layers at load: dequantized to fp32, or kept
+as integer codes for Conveyor's own kernel (engine/loader.py decides). On a GPU,
+quantized weights stay quantized (less memory traffic) and float weights keep
+their dtype.
 """
 
 from __future__ import annotations

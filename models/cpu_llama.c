@@ -42,8 +42,9 @@ typedef struct {
 #define FEW_ROWS 512
 
 static float *scratch(size_t n) {
-    static float *buf = NULL;
-    static size_t cap = 0;
+    /* one buffer per calling thread: engines may step in several threads */
+    static _Thread_local float *buf = NULL;
+    static _Thread_local size_t cap = 0;
     if (n > cap) {
         free(buf);
         buf = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
@@ -130,10 +131,11 @@ static void rope(float *x, int rows, int heads, int head_dim, const float *cos_t
     }
 }
 
-/* Exact SiLU(g) * u, in place into g. Vectorised by gcc (libmvec's expf). */
+/* SiLU(g) * u, in place into g. Vectorised by gcc (libmvec's expf); the
+ * clamp keeps expf finite, which -ffast-math lets the compiler assume. */
 static void silu_mul(float *g, const float *u, long n, int threads) {
 #pragma omp parallel for num_threads(threads) if (n >= (1 << 18))
-    for (long i = 0; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    for (long i = 0; i < n; i++) g[i] = g[i] / (1.f + expf(fminf(-g[i], 80.f))) * u[i];
 }
 
 int layer_in(const float *h, int rows, int dim, const float *norm_w, float eps,

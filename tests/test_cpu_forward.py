@@ -181,3 +181,26 @@ def test_no_integer_kernel_means_float32(quantized_tiny, monkeypatch):
     assert not isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
     with pytest.raises(ModelLoadError, match="AVX-512 VNNI"):
         load_model(quantized_tiny, cpu_matmul="int16")
+
+
+def test_host_forward_in_two_threads_at_once(tiny_llama_dir):
+    """The C forward keeps per-thread scratch: two engines stepping in two
+    threads give the tokens each gives alone."""
+    import threading
+
+    prompts = [list(range(3, 3 + n)) for n in (60, 9, 130)]
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    llms = [LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20) for _ in range(2)]
+    alone = [o.outputs[0].token_ids for o in llms[0].generate(prompts, params, use_tqdm=False)]
+    results = [None, None]
+
+    def run(i):
+        outs = llms[i].generate(prompts, params, use_tqdm=False)
+        results[i] = [o.outputs[0].token_ids for o in outs]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [alone, alone]

@@ -102,9 +102,11 @@ def main() -> None:
                 max_num_seqs=max(256, n), max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_bytes=kv_budget(model, work),
                 compile=False if args.no_compile else None))
-            # Warm-up at the batch size measured: compiles its decode graphs, as
-            # a server does for each batch-size bucket on first use.
-            run_conveyor(eng, workloads.decode_heavy(n, 16, 4))
+            # Warm-up at the batch size and prompt length measured: compiles its
+            # decode graphs and JIT-compiles the prefill's kernels, as a server
+            # does for each shape bucket on first use (on a fresh machine that
+            # JIT took up to ~0.5 s of a ~1 s 1B run).
+            run_conveyor(eng, workloads.decode_heavy(n, 128, 4))
             ours = run_conveyor(eng, work)
             # Breakdown on a fresh decode batch of the same size.
             for p in work.prompts:
@@ -124,7 +126,7 @@ def main() -> None:
             gc.collect()
             mx.clear_cache()
             if twin is not None:
-                run_mlx_lm(twin, workloads.decode_heavy(4, 16, 4), 4)
+                run_mlx_lm(twin, workloads.decode_heavy(n, 128, 4), n)  # same warm-up
                 peer = run_mlx_lm(twin, work, batch_size=n)
                 row["mlx_lm_out_tok_s"] = round(peer.output_tps)
                 row["mlx_lm_decode_tok_s"] = round(peer.decode_tps or 0)

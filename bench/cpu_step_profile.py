@@ -5,6 +5,7 @@ are timed with wall clocks around each C call of the CPU forward
 (models/cpu_llama.py) and the attention kernel.
 
     python -m bench.cpu_step_profile [--cpu-matmul int16|int8|float32]
+                                     [--temperature T --top-p P]
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu-matmul", choices=["int16", "int8", "float32"])
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
     args = p.parse_args()
 
     totals: dict[str, float] = collections.defaultdict(float)
@@ -61,7 +64,8 @@ def main() -> None:
         raise SystemExit("the C forward does not run here (no compiler or BLAS)")
     forward.lib = _Timed(forward.lib, totals)
     prompts = np.random.default_rng(0).integers(1000, 40000, size=(64, 128)).tolist()
-    params = SamplingParams(max_tokens=args.steps + 20, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.steps + 20, temperature=args.temperature,
+                            top_p=args.top_p, seed=0, ignore_eos=True)
     for prompt in prompts:
         eng.add_request(prompt, params)
     for _ in range(10):  # prefill (4 steps of 2,048 tokens) and a few decode steps

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from engine import cpu_top_k
 from engine.sampling_params import SamplingParams
 from models.fast_math import default_fast_math, exp_from_arg, exp_shifted_arg
 
@@ -123,12 +124,19 @@ def sample(logits: mx.array, rows: list[SamplingRow]) -> SamplerOutput:
         out.logprobs = mx.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
         k = max(r.params.logprobs or 0 for r in rows)
         if k:
-            top = mx.argpartition(-logprobs_all, kth=k - 1, axis=-1)[:, :k]
-            top_lp = mx.take_along_axis(logprobs_all, top, axis=-1)
-            order = mx.argsort(-top_lp, axis=-1)
-            out.top_ids = mx.take_along_axis(top, order, axis=-1)
-            out.top_logprobs = mx.take_along_axis(top_lp, order, axis=-1)
+            out.top_ids = _top_ids(logprobs_all, k)
+            out.top_logprobs = mx.take_along_axis(logprobs_all, out.top_ids, axis=-1)
     return out
+
+
+def _top_ids(x: mx.array, k: int) -> mx.array:
+    """[B, k] ids of each row's k largest entries of x [B, V], largest first."""
+    helper = cpu_top_k.load() if _FAST_EXP else None
+    if helper is not None:  # the CPU: a C selection instead of MLX's argpartition
+        return mx.array(helper(np.array(x.astype(mx.float32)), k))
+    ids = mx.argpartition(-x, kth=k - 1, axis=-1)[:, :k]
+    order = mx.argsort(-mx.take_along_axis(x, ids, axis=-1), axis=-1)
+    return mx.take_along_axis(ids, order, axis=-1)
 
 
 def _row_seeds(rows: list[SamplingRow]) -> mx.array:
@@ -159,10 +167,8 @@ def _sample_random(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
     # rows). top_k is exact up to that size; top_p and min_p are exact
     # whenever the tokens they keep fit in the candidates.
     cand = min(vocab, max(max(top_k), MAX_CANDIDATES))
-    ids = mx.argpartition(-scaled, kth=cand - 1, axis=-1)[:, :cand]
+    ids = _top_ids(scaled, cand)
     vals = mx.take_along_axis(scaled, ids, axis=-1)
-    order = mx.argsort(-vals, axis=-1)
-    ids, vals = mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)
     rank = mx.arange(cand)[None, :]
     keep = rank < mx.array([k or cand for k in top_k])[:, None]
     # Probabilities against the whole vocabulary.

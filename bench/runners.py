@@ -131,7 +131,7 @@ def describe_path(engine) -> str:
     """Which forward and matmul Conveyor ran, for the report."""
     from models.int8_linear import Int8Embedding, Int8Linear
 
-    packed = [m._packed for _, m in engine.model.named_modules()
+    packed = [m.packed for _, m in engine.model.named_modules()
               if isinstance(m, (Int8Linear, Int8Embedding))]
     forward = "C forward" if engine.runner.host_forward is not None else "MLX graph"
     if packed:

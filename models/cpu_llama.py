@@ -67,7 +67,7 @@ class _Layer:
     def matmul(self, layer) -> _Matmul:
         bias = self._vector(layer.bias) if "bias" in layer else None
         if isinstance(layer, (Int8Linear, Int8Embedding)):
-            w = layer._packed
+            w = layer.packed
             self.keep += [w.codes, w.scales, w.biases]
             return _Matmul(None, w.codes.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data,
                            bias, w.out_dim, w.in_dim, w.group_size, int(w.wide))
@@ -149,11 +149,7 @@ class HostLlama:
         self.layers = [_Layer(b) for b in model.layers]
         rope = model.layers[0].self_attn.rope
         self.traditional = bool(rope.traditional)
-        if rope._freqs is not None:
-            inv = 1.0 / np.array(rope._freqs, np.float64)
-        else:
-            inv = rope.base ** (-np.arange(0, rope.dims, 2, dtype=np.float64) / rope.dims)
-        self.inv_freq = inv * rope.scale
+        self.inv_freq = np.array(rope.angle_rates(), np.float64)
         self.embed = model.model.embed_tokens
         self.table = None if isinstance(self.embed, Int8Embedding) else _host(self.embed.weight)
         self.norm = _host(model.model.norm.weight)

@@ -41,6 +41,11 @@ class Int8Linear(nn.Module):
         if bias is not None:
             self.bias = bias
 
+    @property
+    def packed(self) -> PackedWeight:
+        """The weight in the kernel's layout (read by the C forward)."""
+        return self._packed
+
     @classmethod
     def from_quantized(cls, module: nn.QuantizedLinear, kernel: Int8Matmul,
                        wide: bool = False) -> Int8Linear:
@@ -67,6 +72,10 @@ class Int8Embedding(nn.QuantizedEmbedding):
         layer.freeze()
         layer._packed, layer._kernel = _packed_from(module, wide), kernel
         return layer
+
+    @property
+    def packed(self) -> PackedWeight:
+        return self._packed
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _host_matmul(self._kernel, self._packed, x)

@@ -32,6 +32,15 @@ class RoPE(nn.Module):
         elif kind not in (None, "default"):
             raise ValueError(f"unsupported rope_scaling type {kind!r}")
 
+    def angle_rates(self) -> list[float]:
+        """Radians per position of each rotated pair (scale included): the
+        angles mx.fast.rope uses, for code that rotates outside MLX."""
+        if self._freqs is not None:
+            periods = self._freqs.tolist()
+        else:
+            periods = [self.base ** (i / self.dims) for i in range(0, self.dims, 2)]
+        return [self.scale / p for p in periods]
+
     def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
         """x: [N, heads, head_dim] packed tokens; positions: [N] int32."""
         y = mx.fast.rope(x[:, :, None, :], self.dims, traditional=self.traditional,

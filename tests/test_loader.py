@@ -81,7 +81,7 @@ def test_quantized_weights_kept_or_dequantized(tmp_path):
     default, _ = load_model(path)
     if cpu_int8_matmul.load() is not None:
         layer = default.model.layers[1].self_attn.q_proj
-        assert isinstance(layer, Int8Linear) and layer._packed.wide
+        assert isinstance(layer, Int8Linear) and layer.packed.wide
         np.testing.assert_allclose(np.array(default(IDS)), ref, rtol=2e-3, atol=2e-3)
 
 

@@ -77,6 +77,21 @@ def pack(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
                         wide)
 
 
+def concat(weights: list[PackedWeight]) -> PackedWeight | None:
+    """One weight whose outputs are those of `weights` in turn (e.g. q, k, v
+    sharing an input), or None where their layouts don't line up: same input
+    size, group and activations, and every output count but the last a
+    multiple of 32 (the packed tiles then simply follow each other)."""
+    first = weights[0]
+    if any((w.in_dim, w.group_size, w.wide) != (first.in_dim, first.group_size, first.wide)
+           for w in weights) or any(w.out_dim % 32 for w in weights[:-1]):
+        return None
+    return PackedWeight(*(_aligned(np.concatenate([getattr(w, f) for w in weights]))
+                          for f in ("codes", "scales", "biases")),
+                        sum(w.out_dim for w in weights), first.in_dim, first.group_size,
+                        first.wide)
+
+
 def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
     """A C-contiguous copy of `a` whose data starts on an `alignment` boundary
     (the kernel uses aligned vector loads)."""

@@ -8,6 +8,7 @@
  * calling thread's OpenMP team, with no synchronisation in between.
  *
  *   layer_in:  xn = rmsnorm(h) * w_in;  q, k, v = xn @ Wq.T, Wk.T, Wv.T;  RoPE(q, k)
+ *              (one call for q, k, v when their packed weights are fused)
  *   (the caller attends: q, k, v -> attn)
  *   layer_out: h += attn @ Wo.T;  xn = rmsnorm(h) * w_post;
  *              h += (silu(xn @ Wg.T) * (xn @ Wu.T)) @ Wd.T
@@ -18,6 +19,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "cpu_int8_matmul.c"
 
@@ -41,17 +43,22 @@ typedef struct {
  * at 64 rows for the default model's shapes; ~10% slower at 2048 rows). */
 #define FEW_ROWS 512
 
-static float *scratch(size_t n) {
-    /* one buffer per calling thread: engines may step in several threads */
-    static _Thread_local float *buf = NULL;
-    static _Thread_local size_t cap = 0;
-    if (n > cap) {
-        free(buf);
-        buf = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
-        cap = buf ? n : 0;
+/* A buffer of at least n floats, kept and grown across calls. The slots are
+ * per calling thread: engines may step in several threads. */
+enum { SLOT_TRANSPOSE, SLOT_QKV, SLOTS };
+
+static float *scratch_slot(int slot, size_t n) {
+    static _Thread_local float *buf[SLOTS];
+    static _Thread_local size_t cap[SLOTS];
+    if (n > cap[slot]) {
+        free(buf[slot]);
+        buf[slot] = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+        cap[slot] = buf[slot] ? n : 0;
     }
-    return buf;
+    return buf[slot];
 }
+
+static float *scratch(size_t n) { return scratch_slot(SLOT_TRANSPOSE, n); }
 
 /* y[rows, n] (+)= t[n, rows] transposed, in 32 x 32 tiles. */
 static void transpose_into(const float *t, int rows, int n, float *y, int accumulate) {
@@ -138,14 +145,38 @@ static void silu_mul(float *g, const float *u, long n, int threads) {
     for (long i = 0; i < n; i++) g[i] = g[i] / (1.f + expf(fminf(-g[i], 80.f))) * u[i];
 }
 
+/* q, k, v from one fused weight [Nq + Nk + Nv, dim]: one kernel call instead
+ * of three (the 192-wide k and v alone kept the two cores half idle). */
+static int fused_qkv(const Matmul *wqkv, const float *xn, int rows, float *q, int nq,
+                     float *k, float *v, int nkv, int threads) {
+    int width = wqkv->out_dim;
+    float *t = scratch_slot(SLOT_QKV, (size_t)rows * width);
+    if (!t) return -1;
+    int rc = matmul(wqkv, xn, rows, t, 0, threads);
+    if (rc) return rc;
+    for (int r = 0; r < rows; r++) {
+        const float *row = t + (long)r * width;
+        memcpy(q + (long)r * nq, row, sizeof(float) * nq);
+        memcpy(k + (long)r * nkv, row + nq, sizeof(float) * nkv);
+        memcpy(v + (long)r * nkv, row + nq + nkv, sizeof(float) * nkv);
+    }
+    return 0;
+}
+
+/* wqkv: the fused q/k/v weight, or NULL to use wq, wk, wv. */
 int layer_in(const float *h, int rows, int dim, const float *norm_w, float eps,
-             const Matmul *wq, const Matmul *wk, const Matmul *wv, const float *cos_t,
-             const float *sin_t, int heads, int kv_heads, int head_dim, int traditional,
-             float *xn, float *q, float *k, float *v, int threads) {
+             const Matmul *wqkv, const Matmul *wq, const Matmul *wk, const Matmul *wv,
+             const float *cos_t, const float *sin_t, int heads, int kv_heads, int head_dim,
+             int traditional, float *xn, float *q, float *k, float *v, int threads) {
     rms_norm(h, rows, dim, norm_w, eps, xn, threads);
-    int rc = matmul(wq, xn, rows, q, 0, threads);
-    if (!rc) rc = matmul(wk, xn, rows, k, 0, threads);
-    if (!rc) rc = matmul(wv, xn, rows, v, 0, threads);
+    int rc;
+    if (wqkv) {
+        rc = fused_qkv(wqkv, xn, rows, q, heads * head_dim, k, v, kv_heads * head_dim, threads);
+    } else {
+        rc = matmul(wq, xn, rows, q, 0, threads);
+        if (!rc) rc = matmul(wk, xn, rows, k, 0, threads);
+        if (!rc) rc = matmul(wv, xn, rows, v, 0, threads);
+    }
     if (rc) return rc;
     rope(q, rows, heads, head_dim, cos_t, sin_t, traditional, threads);
     rope(k, rows, kv_heads, head_dim, cos_t, sin_t, traditional, threads);

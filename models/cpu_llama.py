@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from models.cpu_int8_matmul import concat
 from models.int8_linear import Int8Embedding, Int8Linear
 from models.linear import Linear
 
@@ -52,6 +53,7 @@ class _Layer:
         self.keep: list[np.ndarray] = []
         self.q, self.k, self.v, self.o = (self.matmul(getattr(attn, n))
                                           for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.qkv = self._fused([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate, self.up, self.down = (self.matmul(getattr(mlp, n))
                                          for n in ("gate_proj", "up_proj", "down_proj"))
         self.norm_in = self._vector(block.input_layernorm.weight)
@@ -64,13 +66,22 @@ class _Layer:
         self.keep.append(host)
         return host.ctypes.data
 
+    def _fused(self, layers) -> _Matmul | None:
+        """Packed q/k/v weights as one matmul (no biases), else None."""
+        if not all(isinstance(x, Int8Linear) and "bias" not in x for x in layers):
+            return None
+        fused = concat([x.packed for x in layers])
+        return None if fused is None else self._packed_matmul(fused, None)
+
+    def _packed_matmul(self, w, bias) -> _Matmul:
+        self.keep += [w.codes, w.scales, w.biases]
+        return _Matmul(None, w.codes.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data,
+                       bias, w.out_dim, w.in_dim, w.group_size, int(w.wide))
+
     def matmul(self, layer) -> _Matmul:
         bias = self._vector(layer.bias) if "bias" in layer else None
         if isinstance(layer, (Int8Linear, Int8Embedding)):
-            w = layer.packed
-            self.keep += [w.codes, w.scales, w.biases]
-            return _Matmul(None, w.codes.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data,
-                           bias, w.out_dim, w.in_dim, w.group_size, int(w.wide))
+            return self._packed_matmul(layer.packed, bias)
         weight = _host(layer.weight)
         self.keep.append(weight)
         return _Matmul(weight.ctypes.data, None, None, None, bias, weight.shape[0],
@@ -120,7 +131,7 @@ def _library():
     lib = ctypes.CDLL(str(library))
     m = ctypes.POINTER(_Matmul)
     i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    lib.layer_in.argtypes = [p, i, i, p, f, m, m, m, p, p, i, i, i, i, p, p, p, p, i]
+    lib.layer_in.argtypes = [p, i, i, p, f, m, m, m, m, p, p, i, i, i, i, p, p, p, p, i]
     lib.layer_out.argtypes = [p, p, i, i, m, p, f, m, m, m, p, p, p, i]
     lib.layer_in.restype = lib.layer_out.restype = ctypes.c_int
     lib.lm_head.argtypes = [p, i, p, i, p, f, m, p, p, i]
@@ -184,9 +195,10 @@ class HostLlama:
         u = np.empty_like(g)
         ptr = _ptr
         for layer, view in zip(self.layers, views):
-            rc = lib.layer_in(ptr(h), n, self.dim, layer.norm_in, layer.eps_in, layer.q,
-                              layer.k, layer.v, ptr(cos), ptr(sin), self.heads, self.kv_heads,
-                              self.head_dim, self.traditional, ptr(xn), ptr(q), ptr(k), ptr(v), t)
+            rc = lib.layer_in(ptr(h), n, self.dim, layer.norm_in, layer.eps_in, layer.qkv,
+                              layer.q, layer.k, layer.v, ptr(cos), ptr(sin), self.heads,
+                              self.kv_heads, self.head_dim, self.traditional, ptr(xn), ptr(q),
+                              ptr(k), ptr(v), t)
             _check(rc)
             out = np.ascontiguousarray(view.attend_host(q, k, v, self.scale), np.float32)
             rc = lib.layer_out(ptr(out), ptr(h), n, self.dim, layer.o, layer.norm_post,

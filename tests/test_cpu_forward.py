@@ -146,6 +146,7 @@ def test_integer_layers_in_host_and_mlx_forwards(quantized_tiny, choice):
     model, _ = load_model(quantized_tiny, cpu_matmul=choice)
     assert isinstance(model.model.embed_tokens, Int8Embedding)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
+    assert HostLlama.build(model).layers[0].qkv is not None  # q/k/v in one kernel call
     dense, _ = load_model(quantized_tiny, cpu_matmul="float32")
     ids = np.random.default_rng(0).integers(0, 320, size=40).astype(np.int32)
     exact = np.array(dense(mx.array(ids)))
@@ -204,3 +205,13 @@ def test_host_forward_in_two_threads_at_once(tiny_llama_dir):
     for t in threads:
         t.join(120)
     assert results == [alone, alone]
+
+
+def test_concatenated_weights_multiply_like_their_parts():
+    kernel = integer_kernel()
+    parts = [q8.pack(*quantized(n, 64, 4, seed=n), 4, 32, True) for n in (64, 32, 48)]
+    fused = q8.concat(parts)
+    x = np.random.default_rng(4).normal(0, 1, (6, 64)).astype(np.float32)
+    np.testing.assert_array_equal(kernel(x, fused),
+                                  np.concatenate([kernel(x, p) for p in parts], axis=1))
+    assert q8.concat(parts[::-1]) is None  # 48 outputs first: tiles would not line up

@@ -4,7 +4,8 @@
 
 Checks the CUDA attention kernel against the portable path, greedy tokens against
 mlx-lm on the same weights, compiled against uncompiled decode steps, and a run
-under a KV budget tight enough to preempt against an unconstrained one.
+under a KV budget tight enough to preempt against an unconstrained one, and
+seeded sampling alone against batched.
 """
 
 import mlx.core as mx
@@ -18,11 +19,13 @@ from engine import SamplingParams
 from engine.llm_engine import EngineArgs, LLMEngine
 from kvcache import cuda_paged_attention
 
+GREEDY = dict(temperature=0)
 
-def run(model, config, prompts, **engine_args):
+
+def run(model, config, prompts, sampling=GREEDY, **engine_args):
     eng = LLMEngine(model, NullTokenizer(), config, EngineArgs(**engine_args))
-    reqs = [eng.add_request(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                              detokenize=False)) for p in prompts]
+    reqs = [eng.add_request(p, SamplingParams(max_tokens=24, ignore_eos=True, detokenize=False,
+                                              **sampling)) for p in prompts]
     while eng.has_unfinished():
         eng.step()
     return eng, [r.sequence.output_token_ids for r in reqs]
@@ -49,6 +52,11 @@ def main() -> None:
     tight, preempted = run(model, config, prompts, kv_cache_bytes=40 * per_block)
     print("preempted run equal:", tokens == preempted, "preemptions:",
           tight.stats().preemptions, flush=True)
+    # Seeded sampling (the sampler's MLX path on a GPU): alone == batched.
+    for params in (dict(temperature=0.8, seed=5), dict(temperature=0.8, top_p=0.9, seed=5)):
+        _, batched = run(model, config, prompts, params, kv_cache_bytes=1 << 30)
+        alone = [run(model, config, [p], params, kv_cache_bytes=1 << 30)[1][0] for p in prompts]
+        print(f"seeded sampling {params}: alone == batched:", alone == batched, flush=True)
 
 
 if __name__ == "__main__":

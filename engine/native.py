@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -49,14 +50,26 @@ def openmp_link_args() -> list[str]:
     return ["-fopenmp"]
 
 
+def _source_text(source: Path) -> bytes:
+    """The source with the local files it includes (`#include "x"` beside it):
+    all of it decides whether a cached build is still current."""
+    text = source.read_bytes()
+    for name in re.findall(rb'^\s*#\s*include\s+"([^"]+)"', text, flags=re.M):
+        included = source.parent / name.decode()
+        if included.is_file():
+            text += _source_text(included)
+    return text
+
+
 def build_library(name: str, source: Path, compile_args: list[str], link_args: list[str],
                   build_dir: Path) -> Path | None:
     """Compile `source` into a shared library under `build_dir` (reused when
-    source, flags and CPU are unchanged); its path, or None if it can't be built."""
+    source, the files it includes, flags and CPU are unchanged); its path, or
+    None if it can't be built."""
     cc = compiler()
     if cc is None:
         return None
-    key = hashlib.sha256(source.read_bytes() + repr(
+    key = hashlib.sha256(_source_text(source) + repr(
         (cc, compile_args, link_args, _cpu_signature())).encode()).hexdigest()[:16]
     target = build_dir / f"{name}-{key}.so"
     if target.exists():

@@ -44,48 +44,53 @@ def _host(a: mx.array) -> np.ndarray:
     return np.array(a, copy=False)
 
 
+def _pointer(a: np.ndarray, keep: list[np.ndarray]) -> int:
+    """a's data address; `keep` holds a for as long as the C code may read it."""
+    keep.append(a)
+    return a.ctypes.data
+
+
+def _packed_matmul(w, bias: int | None, keep: list[np.ndarray]) -> _Matmul:
+    return _Matmul(None, _pointer(w.codes, keep), _pointer(w.scales, keep),
+                   _pointer(w.biases, keep), bias, w.out_dim, w.in_dim, w.group_size,
+                   int(w.wide))
+
+
+def _matmul(layer, keep: list[np.ndarray]) -> _Matmul:
+    """A linear layer (or tied embedding) as the C code multiplies it."""
+    bias = _pointer(_host(layer.bias), keep) if "bias" in layer else None
+    if isinstance(layer, (Int8Linear, Int8Embedding)):
+        return _packed_matmul(layer.packed, bias, keep)
+    weight = _host(layer.weight)
+    return _Matmul(_pointer(weight, keep), None, None, None, bias, weight.shape[0],
+                   weight.shape[1], 0, 0)
+
+
+def _fused_qkv(attn, keep: list[np.ndarray]) -> _Matmul | None:
+    """Packed q/k/v weights as one matmul (no biases), else None."""
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    if not all(isinstance(x, Int8Linear) and "bias" not in x for x in layers):
+        return None
+    fused = concat([x.packed for x in layers])
+    return None if fused is None else _packed_matmul(fused, None, keep)
+
+
 class _Layer:
     """One decoder layer's weights as the C code takes them; keeps the numpy
-    views alive for as long as the pointers are used."""
+    arrays alive for as long as the pointers are used."""
 
     def __init__(self, block):
         attn, mlp = block.self_attn, block.mlp
         self.keep: list[np.ndarray] = []
-        self.q, self.k, self.v, self.o = (self.matmul(getattr(attn, n))
+        self.q, self.k, self.v, self.o = (_matmul(getattr(attn, n), self.keep)
                                           for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        self.qkv = self._fused([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.gate, self.up, self.down = (self.matmul(getattr(mlp, n))
+        self.qkv = _fused_qkv(attn, self.keep)
+        self.gate, self.up, self.down = (_matmul(getattr(mlp, n), self.keep)
                                          for n in ("gate_proj", "up_proj", "down_proj"))
-        self.norm_in = self._vector(block.input_layernorm.weight)
-        self.norm_post = self._vector(block.post_attention_layernorm.weight)
+        self.norm_in = _pointer(_host(block.input_layernorm.weight), self.keep)
+        self.norm_post = _pointer(_host(block.post_attention_layernorm.weight), self.keep)
         self.eps_in = block.input_layernorm.eps
         self.eps_post = block.post_attention_layernorm.eps
-
-    def _vector(self, a: mx.array) -> int:
-        host = _host(a)
-        self.keep.append(host)
-        return host.ctypes.data
-
-    def _fused(self, layers) -> _Matmul | None:
-        """Packed q/k/v weights as one matmul (no biases), else None."""
-        if not all(isinstance(x, Int8Linear) and "bias" not in x for x in layers):
-            return None
-        fused = concat([x.packed for x in layers])
-        return None if fused is None else self._packed_matmul(fused, None)
-
-    def _packed_matmul(self, w, bias) -> _Matmul:
-        self.keep += [w.codes, w.scales, w.biases]
-        return _Matmul(None, w.codes.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data,
-                       bias, w.out_dim, w.in_dim, w.group_size, int(w.wide))
-
-    def matmul(self, layer) -> _Matmul:
-        bias = self._vector(layer.bias) if "bias" in layer else None
-        if isinstance(layer, (Int8Linear, Int8Embedding)):
-            return self._packed_matmul(layer.packed, bias)
-        weight = _host(layer.weight)
-        self.keep.append(weight)
-        return _Matmul(weight.ctypes.data, None, None, None, bias, weight.shape[0],
-                       weight.shape[1], 0, 0)
 
 
 def _supported(model) -> bool:
@@ -122,8 +127,7 @@ def _library():
         return None
     path = Path(blas.loaded())
     library = build_library(
-        "cpu_llama", SOURCE, ["-O3", "-march=native", "-ffast-math", "-fopenmp",
-                              f"-I{SOURCE.parent}", f"-DINCLUDE_KEY={_include_key()}"],
+        "cpu_llama", SOURCE, ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
         [str(path), f"-Wl,-rpath,{path.parent}", *openmp_link_args(), "-lm"],
         cache_dir() / "kernels")
     if library is None:
@@ -137,14 +141,6 @@ def _library():
     lib.lm_head.argtypes = [p, i, p, i, p, f, m, p, p, i]
     lib.lm_head.restype = ctypes.c_int
     return lib
-
-
-def _include_key() -> str:
-    # The included int8 kernel is part of the build: its text changes the key.
-    import hashlib
-
-    text = SOURCE.with_name("cpu_int8_matmul.c").read_bytes()
-    return hashlib.sha256(text).hexdigest()[:12]
 
 
 class HostLlama:
@@ -165,12 +161,12 @@ class HostLlama:
         self.table = None if isinstance(self.embed, Int8Embedding) else _host(self.embed.weight)
         self.norm = _host(model.model.norm.weight)
         self.norm_eps = model.model.norm.eps
-        head = self.embed if args.tie_word_embeddings else model.lm_head
-        self.head = self.layers[0].matmul(head)
+        self.keep: list[np.ndarray] = []
+        self.head = _matmul(self.embed if args.tie_word_embeddings else model.lm_head, self.keep)
 
     @classmethod
     def build(cls, model) -> HostLlama | None:
-        if os.environ.get("CONVEYOR_HOST_FORWARD", "1") == "0" or not _supported(model):
+        if not _supported(model):
             return None
         lib = _library()
         return None if lib is None else cls(model, lib, os.cpu_count() or 1)
@@ -187,7 +183,7 @@ class HostLlama:
         h = np.ascontiguousarray(self._embed(input_ids), np.float32)
         angles = positions.astype(np.float64)[:, None] * self.inv_freq[None, :]
         cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-        xn = np.empty((n, max(self.dim, self.heads * self.head_dim)), np.float32)
+        xn = np.empty((n, self.dim), np.float32)  # each RMSNorm's output
         q = np.empty((n, self.heads, self.head_dim), np.float32)
         k = np.empty((n, self.kv_heads, self.head_dim), np.float32)
         v = np.empty_like(k)
@@ -219,4 +215,4 @@ def _ptr(a: np.ndarray) -> int:
 
 def _check(rc: int) -> None:
     if rc != 0:
-        raise MemoryError("CPU forward: no scratch memory for the int8 kernel")
+        raise MemoryError("CPU forward: no scratch memory")

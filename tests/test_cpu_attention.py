@@ -177,3 +177,19 @@ def test_kernel_serves_a_half_precision_model(tiny_llama_dir):
               kv_cache_dtype="float16")
     out = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_library_is_rebuilt_when_an_included_file_changes(tmp_path):
+    """A build's cache key covers the local files its source includes."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    (tmp_path / "part.c").write_text("int part(void) { return 1; }\n")
+    (tmp_path / "main.c").write_text('#include "part.c"\nint whole(void) { return part(); }\n')
+    first = native.build_library("t", tmp_path / "main.c", ["-O1"], [], tmp_path / "out")
+    again = native.build_library("t", tmp_path / "main.c", ["-O1"], [], tmp_path / "out")
+    (tmp_path / "part.c").write_text("int part(void) { return 2; }\n")
+    changed = native.build_library("t", tmp_path / "main.c", ["-O1"], [], tmp_path / "out")
+    assert first == again and changed != first
+    import ctypes
+
+    assert ctypes.CDLL(str(changed)).whole() == 2

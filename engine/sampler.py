@@ -53,7 +53,12 @@ def _exp_below(x: mx.array, top: mx.array) -> mx.array:
 
 
 def _logsumexp(x: mx.array) -> mx.array:
-    """logsumexp over the last axis (keepdims) of finite x."""
+    """logsumexp over the last axis (keepdims) of finite x [B, V]; on the CPU
+    in C (one vectorised pass a row)."""
+    helper = _cpu_helper()
+    if helper is not None:
+        lse, _ = helper.softmax(_host_f32(x), np.ones(x.shape[0], np.float32))
+        return mx.array(lse)[:, None]
     top = x.max(axis=-1, keepdims=True)
     return top + mx.log(_exp_below(x, top).sum(axis=-1, keepdims=True))
 
@@ -133,11 +138,17 @@ def _cpu_helper():
     return cpu_sampling.load() if _FAST_EXP else None
 
 
+def _host_f32(x: mx.array) -> np.ndarray:
+    """x evaluated and seen from numpy as float32, without a copy when it
+    already is (the logits are ~12 MB at 64 rows)."""
+    return np.asarray(x if x.dtype == mx.float32 else x.astype(mx.float32))
+
+
 def _top_ids(x: mx.array, k: int) -> mx.array:
     """[B, k] ids of each row's k largest entries of x [B, V], largest first."""
     helper = _cpu_helper()
     if helper is not None:  # the CPU: a C selection instead of MLX's argpartition
-        return mx.array(helper.top_k(np.asarray(x.astype(mx.float32)), k))
+        return mx.array(helper.top_k(_host_f32(x), k))
     ids = mx.argpartition(-x, kth=k - 1, axis=-1)[:, :k]
     order = mx.argsort(-mx.take_along_axis(x, ids, axis=-1), axis=-1)
     return mx.take_along_axis(ids, order, axis=-1)
@@ -176,22 +187,13 @@ def _sample_random(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
     rank = mx.arange(cand)[None, :]
     keep = rank < mx.array([k or cand for k in top_k])[:, None]
     # Probabilities against the whole vocabulary.
-    probs = mx.exp(vals - _scaled_logsumexp(logits, scaled, temps))
+    probs = mx.exp(vals - _logsumexp(scaled))
     before = mx.cumsum(mx.where(keep, probs, 0), axis=-1) - probs
     keep = keep & (before < mx.array(top_p, dtype=mx.float32)[:, None])
     keep = keep & (probs >= mx.array(min_p, dtype=mx.float32)[:, None] * probs[:, :1])
     keep = keep | (rank == 0)  # the most likely token always survives
     choice = mx.argmax(mx.where(keep, vals, neg_inf) + _gumbel(rows, ids), axis=-1)
     return mx.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(mx.int32)
-
-
-def _scaled_logsumexp(logits: mx.array, scaled: mx.array, temps: mx.array) -> mx.array:
-    """logsumexp of scaled = logits / temps [B, 1] (keepdims)."""
-    helper = _cpu_helper()
-    if helper is None:
-        return _logsumexp(scaled)
-    lse, _ = helper.softmax(np.asarray(logits), np.asarray(temps))
-    return mx.array(lse)[:, None]
 
 
 def _inverse_cdf(logits: mx.array, scaled: mx.array, temps: mx.array,
@@ -203,7 +205,7 @@ def _inverse_cdf(logits: mx.array, scaled: mx.array, temps: mx.array,
     u = _hash_uniform(_row_seeds(rows), _row_steps(rows), mx.array([-1], dtype=mx.int32))
     helper = _cpu_helper()
     if helper is not None:
-        _, ids = helper.softmax(np.asarray(logits), np.asarray(temps), np.asarray(u)[:, 0])
+        _, ids = helper.softmax(_host_f32(logits), np.asarray(temps), np.asarray(u)[:, 0])
         return mx.array(ids)
     weights = _exp_below(scaled, scaled.max(axis=-1, keepdims=True))
     cdf = mx.cumsum(weights, axis=-1)

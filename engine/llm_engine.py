@@ -57,8 +57,9 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     paged_kernel: bool | None = None
     # How the CPU multiplies a quantized checkpoint: "int16" keeps the 4/8-bit
     # codes and quantizes activations to 16 bits per group (AVX-512 VNNI; logits
-    # within ~1e-2 of float32), "int8" is llama.cpp's scheme (faster, logits
-    # move), "float32" dequantizes for the BLAS. None: int16 where it builds.
+    # within ~0.14 of float32's, as close as mlx-lm's own 4-bit path), "int8" is
+    # llama.cpp's scheme (faster, logits move by up to ~5), "float32" dequantizes
+    # for the BLAS. None: int16 where it builds.
     cpu_matmul: str | None = None
     # CPU: run llama-family forwards in C on host memory (models/cpu_llama.py)
     # around the attention kernel; False keeps MLX's graph. None: where it builds.

@@ -197,9 +197,10 @@ def _integer_matmul(fmt: WeightFormat, choice: str | None) -> tuple[Int8Matmul, 
     as integers on the CPU, else None (dequantize to float32).
 
     "int16" (the default where the kernel builds: AVX-512 VNNI and a C
-    compiler) quantizes activations to 16 bits per group: logits stay within
-    ~1e-2 of float32. "int8" is llama.cpp's scheme, ~2x faster again, but it
-    moves the default model's logits by up to ~5 (of ~33)."""
+    compiler) quantizes activations to 16 bits per group: the default model's
+    logits stay within ~0.14 (of ~33) of float32's. "int8" is llama.cpp's
+    scheme, ~1.5x faster again, but it moves them by up to ~5
+    (bench/cpu_matmul_quality.py)."""
     if choice is not None and choice not in CPU_MATMULS:
         raise ModelLoadError(f"unknown cpu_matmul {choice!r}; choose from {', '.join(CPU_MATMULS)}")
     if choice == "float32" or not on_cpu() or fmt.dtype != mx.float32:

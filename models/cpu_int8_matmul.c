@@ -11,8 +11,9 @@
  * that row, never on the other rows of the batch.
  *
  * The "wide" variant quantizes activations to int16 instead (2^-15 of a
- * group's largest value instead of 2^-7: logits stay within ~1e-2 of the
- * float32 path) and multiplies pairs with vpdpwssd, half the rate of int8.
+ * group's largest value instead of 2^-7: the default model's logits stay
+ * within ~0.14 of the float32 path's, against ~5 for int8) and multiplies
+ * pairs with vpdpwssd, half the rate of int8.
  *
  * Packed layouts (made by models/cpu_int8_matmul.py):
  *   codes  [Np/16][K/L][16][L] uint8  (16 outputs, L consecutive inputs each;

@@ -4,8 +4,10 @@ MLX's CPU quantized matmul runs at ~2 GFLOP/s, so the engine used to turn a
 4-bit checkpoint into fp32 and hand it to MKL (~120 GFLOP/s at 64 rows on the
 2-core box). With AVX-512 VNNI the CPU multiplies 8-bit integers four times as
 densely as fp32, and the checkpoint's codes already are small integers: this
-kernel keeps them, quantizes each activation row per group to int8, and
-multiplies in integers (llama.cpp's scheme for its Q4/Q8 weights).
+kernel keeps them, quantizes each activation row per group, and multiplies in
+integers. Activations go to int16 ("wide", the engine's default: about as
+exact as fp16 activations) or to int8 (llama.cpp's scheme for its Q4/Q8
+weights: ~1.5x faster, visibly less exact).
 
 `pack` turns an MLX quantized weight into the kernel's layout once, at load.
 The library is built at first use by engine/native.py; `load()` returns None

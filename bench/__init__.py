@@ -2,6 +2,6 @@
 
 # `python -m bench.<script>` imports this package first: load the optimised BLAS
 # before any script imports MLX (see engine/blas.py).
-from engine import blas as _blas
+from engine.platform import blas as _blas
 
 _blas.preload()

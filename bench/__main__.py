@@ -3,6 +3,6 @@
 import sys
 
 import engine  # noqa: F401  (preloads the BLAS)
-from engine.cli import main
+from engine.entrypoints.cli import main
 
 sys.exit(main(["bench", *sys.argv[1:]]))

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import engine, resource, sys, json
 from pathlib import Path
-from engine.batch_job import run_batch_file
+from engine.entrypoints.batch.batch_job import run_batch_file
 s = run_batch_file(Path(sys.argv[1]), Path(sys.argv[2]), model=sys.argv[3],
                    max_num_seqs=int(sys.argv[4]), progress=False,
                    engine_args={"kv_cache_bytes": 64 << 20})

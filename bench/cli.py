@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from bench import workloads
 from bench.runners import Result, describe_path, run_conveyor, run_mlx_lm
-from engine.cli_common import add_cpu_matmul_arg
+from engine.entrypoints.cli.common import add_cpu_matmul_arg
 
 
 def add_bench_parser(sub) -> None:
@@ -56,8 +56,8 @@ def _add_common(p) -> None:
 
 
 def _machine() -> str:
-    from engine import blas
-    from engine.backend import device_name
+    from engine.platform import blas
+    from engine.platform.backend import device_name
 
     dev = device_name()
     if dev != "cpu":
@@ -68,7 +68,7 @@ def _machine() -> str:
 
 def _build(args):
     """(Conveyor engine, peer model factory)."""
-    from engine.llm_engine import EngineArgs, LLMEngine
+    from engine.core.llm_engine import EngineArgs, LLMEngine
 
     eargs = EngineArgs(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
@@ -77,7 +77,7 @@ def _build(args):
                        host_forward=args.host_forward)
     if args.synthetic:
         from bench.synthetic import NullTokenizer, synthetic_model
-        from engine.backend import on_cpu
+        from engine.platform.backend import on_cpu
 
         dtype = getattr(mx, args.dtype or ("float32" if on_cpu() else "bfloat16"))
         model, config = synthetic_model(args.synthetic, dtype)
@@ -88,7 +88,7 @@ def _build(args):
     def peer():
         from mlx_lm.utils import load_model
 
-        from engine.loader import resolve_model_path
+        from engine.loading.loader import resolve_model_path
 
         if args.peer_weights == "same":
             return _mlx_lm_twin(_float_weights(engine, args), engine.config)
@@ -100,12 +100,12 @@ def _build(args):
 def _float_weights(engine, args):
     """Conveyor's model with float weights: itself, or, where its quantized
     layers run in the int8 kernel, the same checkpoint dequantized instead."""
-    from models.int8_linear import Int8Embedding, Int8Linear
+    from engine.platform.int8_linear import Int8Embedding, Int8Linear
 
     if not any(isinstance(m, (Int8Linear, Int8Embedding)) for _, m in
                engine.model.named_modules()):
         return engine.model
-    from engine.loader import load_model, resolve_model_path
+    from engine.loading.loader import load_model, resolve_model_path
 
     return load_model(resolve_model_path(args.model), dtype=args.dtype, cpu_matmul="float32")[0]
 
@@ -205,7 +205,7 @@ def _plot(args, engine, work) -> None:
 def _run_single(args) -> int:
     import time
 
-    from engine.sampling_params import SamplingParams
+    from engine.core.sampling_params import SamplingParams
 
     engine, peer = _build(args)
     prompt = workloads.decode_heavy(1, args.input_len, 1).prompts[0]

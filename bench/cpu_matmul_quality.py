@@ -27,7 +27,7 @@ def main() -> None:
     from mlx_lm.utils import load_model as mlx_lm_load
 
     from engine import LLM, SamplingParams
-    from engine.loader import load_model, resolve_model_path
+    from engine.loading.loader import load_model, resolve_model_path
 
     path = resolve_model_path(None)
     exact = LLM(cpu_matmul="float32")

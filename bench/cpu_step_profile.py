@@ -38,7 +38,7 @@ class _Timed:
 def main() -> None:
     import kvcache.paged_cache as paged
     from engine import SamplingParams
-    from engine.llm_engine import EngineArgs, LLMEngine
+    from engine.core.llm_engine import EngineArgs, LLMEngine
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu-matmul", choices=["int16", "int8", "float32"])

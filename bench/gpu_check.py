@@ -16,7 +16,7 @@ import engine  # noqa: F401  (preloads the BLAS on the CPU)
 from bench.cli import _mlx_lm_twin
 from bench.synthetic import NullTokenizer, synthetic_model
 from engine import SamplingParams
-from engine.llm_engine import EngineArgs, LLMEngine
+from engine.core.llm_engine import EngineArgs, LLMEngine
 from kvcache import cuda_paged_attention
 
 GREEDY = dict(temperature=0)

@@ -21,7 +21,7 @@ from bench import workloads
 from bench.cli import _machine, _mlx_lm_twin
 from bench.runners import run_conveyor, run_mlx_lm
 from bench.synthetic import NullTokenizer, synthetic_model
-from engine.llm_engine import EngineArgs, LLMEngine
+from engine.core.llm_engine import EngineArgs, LLMEngine
 from kvcache.paged_cache import PagedKVCache
 
 
@@ -57,7 +57,7 @@ def write_cost() -> dict:
 
 def step_breakdown(engine_, n_steps=10) -> dict:
     """Time the phases of decode steps (each phase evaluated on its own)."""
-    from engine.sampler import SamplingRow, sample
+    from engine.core.sampler import SamplingRow, sample
 
     sched, runner = engine_.scheduler, engine_.runner
     phases = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0, "update": 0.0}

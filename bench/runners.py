@@ -86,7 +86,7 @@ def percentiles(values: list[float]) -> dict:
 
 def run_conveyor(engine, workload: Workload, on_step=None) -> Result:
     """All requests arrive at t=0; greedy; EOS ignored; token ids only."""
-    from engine.sampling_params import SamplingParams
+    from engine.core.sampling_params import SamplingParams
 
     _reset_peak()
     start = time.perf_counter()
@@ -129,7 +129,7 @@ def run_conveyor(engine, workload: Workload, on_step=None) -> Result:
 
 def describe_path(engine) -> str:
     """Which forward and matmul Conveyor ran, for the report."""
-    from models.int8_linear import Int8Embedding, Int8Linear
+    from engine.platform.int8_linear import Int8Embedding, Int8Linear
 
     packed = [m.packed for _, m in engine.model.named_modules()
               if isinstance(m, (Int8Linear, Int8Embedding))]

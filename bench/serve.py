@@ -31,7 +31,8 @@ def _free_port() -> int:
 
 
 def _start_server(port: int, extra: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli_serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "engine.entrypoints.cli.serve", "--port",
+            str(port),
                              "--embedding-model", "none", "--log-level", "warning", *extra])
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

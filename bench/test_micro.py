@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import engine  # noqa: F401  (preloads the BLAS)
-from engine.sampler import SamplingRow, sample
-from engine.sampling_params import SamplingParams
+from engine.core.sampler import SamplingRow, sample
+from engine.core.sampling_params import SamplingParams
 from kvcache.block_manager import BlockManager
 from scheduler import Scheduler, SchedulerConfig, Sequence
 
@@ -61,7 +61,7 @@ def test_sampler_256(benchmark, kind):
 
 
 def test_detokenizer_256_tokens(benchmark, smollm_dir):
-    from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+    from engine.loading.tokenizer import IncrementalDetokenizer, Tokenizer
 
     tok = Tokenizer.from_dir(smollm_dir)
     ids = np.random.default_rng(0).integers(100, 40000, size=ROWS).tolist()
@@ -75,9 +75,9 @@ def test_detokenizer_256_tokens(benchmark, smollm_dir):
 
 
 def test_forward_decode_256(benchmark, smollm_dir):
-    from engine.llm_engine import EngineArgs, LLMEngine
-    from engine.loader import load_model
-    from engine.tokenizer import Tokenizer
+    from engine.core.llm_engine import EngineArgs, LLMEngine
+    from engine.loading.loader import load_model
+    from engine.loading.tokenizer import Tokenizer
 
     model, config = load_model(smollm_dir)
     eng = LLMEngine(model, Tokenizer.from_dir(smollm_dir), config,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import engine  # noqa: F401  (preloads the BLAS)
 from bench.embed import make_texts
-from engine.embedder import Embedder
-from engine.queue_worker import EmbeddingJobs, QueueWorker, WorkerConfig
+from engine.embedding.embedder import Embedder
+from engine.entrypoints.queue.worker import EmbeddingJobs, QueueWorker, WorkerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from redis_server import RedisServer  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
+SOURCE = Path(__file__).parents[1] / "engine" / "platform" / "kernels" / "cpu_paged_attention.c"
 _I32 = ctypes.POINTER(ctypes.c_int32)
 _I64 = ctypes.POINTER(ctypes.c_int64)
 _F32 = ctypes.POINTER(ctypes.c_float)

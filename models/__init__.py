@@ -1,3 +1,2 @@
-"""One file per architecture, found by importlib from config.json's model_type."""
-
-import engine  # noqa: F401  (preloads the BLAS before mlx is imported)
+"""Architectures, one file each, found by importlib from config.json's
+model_type; models/layers/ holds the shared layers they are built from."""

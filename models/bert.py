@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx import nn
 
-from models.base import BaseModelArgs
-from models.fast_math import default_fast_math, exp_from_arg, exp_shifted_arg, gelu_erf_fast
+from models.layers.base import BaseModelArgs
+from models.layers.fast_math import default_fast_math, exp_from_arg, exp_shifted_arg, gelu_erf_fast
 
 
 @dataclass

@@ -13,10 +13,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, causal_attention
-from models.fast_math import default_fast_math, silu_mul_fast
-from models.linear import Linear
-from models.rope import RoPE
+from models.layers.base import BaseModelArgs, causal_attention
+from models.layers.fast_math import default_fast_math, silu_mul_fast
+from models.layers.linear import Linear
+from models.layers.rope import RoPE
 
 
 @dataclasses.dataclass

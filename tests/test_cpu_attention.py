@@ -6,8 +6,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from engine import LLM, SamplingParams, native
-from engine.model_store import cache_dir
+from engine import LLM, SamplingParams
+from engine.loading.model_store import cache_dir
+from engine.platform import native
 from kvcache import cpu_paged_attention as cpa
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -103,7 +104,7 @@ def test_engine_runs_without_a_compiler(tiny_llama_dir, monkeypatch, capsys):
 
 
 def test_fast_silu_matches_mlx():
-    from models.fast_math import silu_mul_fast
+    from models.layers.fast_math import silu_mul_fast
 
     g = mx.concatenate([mx.linspace(-60, 60, 20001), mx.array([0.0, -0.0, 1e-30, -1e-30])])
     u = mx.ones_like(g)
@@ -115,7 +116,7 @@ def test_fast_silu_matches_mlx():
 def test_full_vocabulary_draws_follow_the_softmax():
     """Temperature sampling without filters (inverse CDF over the whole
     vocabulary, fast exp on the CPU) draws tokens at their softmax rates."""
-    from engine.sampler import SamplingRow, sample
+    from engine.core.sampler import SamplingRow, sample
 
     probs = np.array([0.5, 0.3, 0.15, 0.05] + [0.0] * 60)
     logits = np.where(probs > 0, np.log(np.maximum(probs, 1e-30)), -40.0)
@@ -128,7 +129,7 @@ def test_full_vocabulary_draws_follow_the_softmax():
 
 
 def test_fast_logsumexp_matches_mlx():
-    from engine.sampler import _logsumexp
+    from engine.core.sampler import _logsumexp
 
     x = mx.array(np.random.default_rng(0).normal(0, 8, size=(3, 5000)).astype(np.float32))
     np.testing.assert_allclose(np.array(_logsumexp(x)),

@@ -7,12 +7,12 @@ import pytest
 from tiny_models import write_quantized, write_tiny_llama
 
 from engine import LLM, SamplingParams
+from engine.core.llm_engine import EngineArgs, LLMEngine
 from engine.errors import ConveyorError, ModelLoadError
-from engine.llm_engine import EngineArgs, LLMEngine
-from engine.loader import load_model
-from models import cpu_int8_matmul as q8
-from models.cpu_llama import HostLlama
-from models.int8_linear import Int8Embedding, Int8Linear
+from engine.loading.loader import load_model
+from engine.platform import int8_matmul as q8
+from engine.platform.cpu_llama import HostLlama
+from engine.platform.int8_linear import Int8Embedding, Int8Linear
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 

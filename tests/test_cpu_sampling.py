@@ -4,7 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine import cpu_sampling, sampler
+from engine.core import sampler
+from engine.platform import cpu_sampling
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,8 @@ def test_softmax_rows_logsumexp_and_draws(helper):
 
 def test_sampled_tokens_same_on_both_paths(helper, monkeypatch):
     """Temperature draws and top-p draws: C helpers and the MLX path agree."""
-    from engine.sampler import SamplingRow
-    from engine.sampling_params import SamplingParams
+    from engine.core.sampler import SamplingRow
+    from engine.core.sampling_params import SamplingParams
 
     logits = mx.array(np.random.default_rng(2).normal(0, 3, (16, 4000)).astype(np.float32))
     rows = [SamplingRow(SamplingParams(temperature=0.8, top_p=p, seed=i), i, [1, 2], [3] * i)

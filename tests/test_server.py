@@ -24,7 +24,7 @@ import pytest
 
 import engine  # noqa: F401  (preloads the BLAS before mlx)
 from engine import LLM, SamplingParams
-from engine.metrics import parse_samples
+from engine.entrypoints.openai.metrics import parse_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
@@ -41,11 +41,11 @@ def _free_port() -> int:
 
 @contextmanager
 def _serve(*args: str):
-    """`python -m engine.cli_serve ARGS` on a free port; yields its base URL."""
+    """`python -m engine.entrypoints.cli.serve ARGS` on a free port; yields its base URL."""
     port = _free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115  (closed in the finally below)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli_serve", "--port", str(port),
+        [sys.executable, "-m", "engine.entrypoints.cli.serve", "--port", str(port),
          "--log-level", "warning", *args],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -75,7 +75,7 @@ def _serve(*args: str):
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    from engine.embedder import resolve_embedding_model
+    from engine.embedding.embedder import resolve_embedding_model
 
     return resolve_embedding_model(None)
 
@@ -413,8 +413,8 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
 # -- pieces without a server ---------------------------------------------------------
 
 def test_metrics_exposition():
-    from engine.llm_engine import EngineStats
-    from engine.metrics import Histogram, ServerMetrics, TokenRate
+    from engine.core.llm_engine import EngineStats
+    from engine.entrypoints.openai.metrics import Histogram, ServerMetrics, TokenRate
 
     h = Histogram((0.1, 1.0))
     for v in (0.05, 0.5, 0.5, 3.0):
@@ -447,7 +447,7 @@ def test_metrics_exposition():
 def test_serve_binds_loopback_by_default_and_busy_port_is_a_user_error():
     import argparse
 
-    from engine.cli_serve import add_serve_parser
+    from engine.entrypoints.cli.serve import add_serve_parser
 
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers(dest="command"))
@@ -457,7 +457,8 @@ def test_serve_binds_loopback_by_default_and_busy_port_is_a_user_error():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        run = subprocess.run([sys.executable, "-m", "engine.cli_serve", "--port", str(port)],
+        run = subprocess.run([sys.executable, "-m", "engine.entrypoints.cli.serve", "--port",
+                str(port)],
                              check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith(

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import ConveyorError
-from engine.gguf import default_llm_dir
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.loading.gguf import default_llm_dir
+from engine.loading.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello world",

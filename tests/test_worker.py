@@ -2,7 +2,7 @@
 
 Embedding jobs use the real all-MiniLM-L6-v2 through Embedder; generation jobs
 the tiny random llama. The crash and SIGTERM tests run the worker as a
-subprocess (`python -m engine.cli_worker`), as an operator would.
+subprocess (`python -m engine.entrypoints.cli.worker`), as an operator would.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from redis_server import RedisServer, _free_port, find_redis_server
 
 redis = pytest.importorskip("redis", reason="the worker needs the redis package")
 
-from engine.queue_worker import (  # noqa: E402  (after the importorskip)
+from engine.entrypoints.queue.worker import (  # noqa: E402  (after the importorskip)
     EmbeddingJobs,
     GenerationJobs,
     QueueWorker,
@@ -56,7 +56,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def embedder():
-    from engine.embedder import Embedder
+    from engine.embedding.embedder import Embedder
 
     return Embedder.load()
 
@@ -241,7 +241,7 @@ def test_entry_delivered_too_often_is_dead_lettered_without_running(client):
 
 def test_generation_jobs_match_llm_generate(client, tiny_llama_dir):
     from engine import LLM, SamplingParams
-    from engine.llm_engine import EngineArgs, LLMEngine
+    from engine.core.llm_engine import EngineArgs, LLMEngine
 
     args = EngineArgs(model=str(tiny_llama_dir), kv_cache_bytes=16 << 20, max_num_seqs=4,
                       max_num_batched_tokens=256)
@@ -293,7 +293,7 @@ def test_generation_jobs_match_llm_generate(client, tiny_llama_dir):
 # -- the worker as a process -----------------------------------------------------
 
 def start_worker(server, tmp_path: Path, consumer: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "engine.cli_worker", "--redis", server.url,
+    cmd = [sys.executable, "-m", "engine.entrypoints.cli.worker", "--redis", server.url,
            "--stream", STREAM, "--group", GROUP, "--results", RESULTS, "--consumer", consumer,
            "--tasks", "embed", "--claim-idle-ms", "300", "--log-interval", "0.5", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -379,7 +379,7 @@ def test_sigterm_finishes_in_flight_jobs_and_acks_them(client, server, tmp_path)
 
 def test_cli_reports_unreachable_redis_in_one_line(tmp_path):
     port = _free_port()
-    proc = subprocess.run([sys.executable, "-m", "engine.cli_worker", "--redis",
+    proc = subprocess.run([sys.executable, "-m", "engine.entrypoints.cli.worker", "--redis",
                            f"redis://127.0.0.1:{port}/0", "--tasks", "embed"],
                           cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -389,7 +389,7 @@ def test_cli_reports_unreachable_redis_in_one_line(tmp_path):
 
 
 def test_result_record_is_a_batch_output_line(client, embedder):
-    from engine.batch_file import BatchOutputLine
+    from engine.entrypoints.batch.batch_file import BatchOutputLine
 
     entry, _ = push(client, [("shape", EMBED, {"input": "x", "encoding_format": "base64"}),
                             ("no", EMBED, {"input": []})])
@@ -448,7 +448,7 @@ def test_backlog_metrics(client):
 def test_long_generation_job_is_not_taken_over_while_it_runs(client, tiny_llama_dir):
     import threading
 
-    from engine.llm_engine import EngineArgs, LLMEngine
+    from engine.core.llm_engine import EngineArgs, LLMEngine
 
     engine = LLMEngine.from_args(EngineArgs(model=str(tiny_llama_dir), kv_cache_bytes=16 << 20))
     step = engine.step

@@ -9,7 +9,7 @@ Run once, outside the test suite (it needs torch, the suite must not):
     PYTHONPATH=. /tmp/stvenv/bin/python tests/data/make_minilm_reference.py
 
 The model directory comes from the same wheel Conveyor uses
-(engine.model_store.fetch_from_wheel), so both sides read identical files.
+(engine.loading.model_store.fetch_from_wheel), so both sides read identical files.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main() -> int:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from engine.model_store import DEFAULT_EMBEDDING, fetch_from_wheel
+    from engine.loading.model_store import DEFAULT_EMBEDDING, fetch_from_wheel
 
     torch.set_num_threads(2)
     model_dir = fetch_from_wheel(*DEFAULT_EMBEDDING)

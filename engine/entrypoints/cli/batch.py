@@ -1,0 +1,81 @@
+"""`conveyor batch`: run an OpenAI Batch file (the format vLLM's run-batch
+reads too) through the engine, resumably."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.entrypoints.cli.common import add_engine_args, engine_kwargs
+from engine.errors import ConveyorError
+
+_EPILOG = """\
+input (one JSON object a line, OpenAI Batch format):
+  {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+   "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64}}
+  url: /v1/completions, /v1/chat/completions or /v1/embeddings
+
+output (one line a request, appended as each one finishes, in any order):
+  {"id": "batch_req_7", "custom_id": "r1", "response": {"status_code": 200,
+   "request_id": "...", "body": {... OpenAI response, with usage ...}}, "error": null}
+  A bad line (invalid JSON, unknown url, missing field, bad sampling
+  parameter, prompt too long, repeated custom_id) gets a record with "error"
+  {"code", "message"} and the job goes on.
+
+Resuming: run the same command again after an interruption (even kill -9).
+Lines whose custom_id the output file already answers are skipped, and a
+torn last line is cut off first, so every custom_id ends up answered once.
+
+Exit status: 0 when the job ran (bad lines included); 2 when it could not
+(missing input file, unusable output file, model not found).
+"""
+
+
+def add_batch_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `batch` on the `conveyor` command's subparsers."""
+    p = subparsers.add_parser(
+        "batch", help="run an OpenAI/vLLM batch file (.jsonl), resumably",
+        description="Run every request of an OpenAI Batch input file and append the "
+        "results to --output as they finish.", epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", "-i", required=True, type=Path, help="requests.jsonl")
+    p.add_argument("--output", "-o", required=True, type=Path,
+                   help="results.jsonl (appended to; re-run to resume)")
+    add_engine_args(p)
+    p.add_argument("--embedding-model", help="model for /v1/embeddings lines "
+                   "(default: all-MiniLM-L6-v2; loaded only if such a line appears)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bar and no summary")
+    p.set_defaults(run=run_batch)
+    return p
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """Run `conveyor batch`; 0 when the job ran, 2 when it could not."""
+    from engine.entrypoints.batch.batch_job import run_batch_file
+
+    try:
+        engine_args = engine_kwargs(args)
+        summary = run_batch_file(
+            args.input, args.output, model=args.model, embedding_model=args.embedding_model,
+            max_num_seqs=engine_args.pop("max_num_seqs"), progress=not args.quiet,
+            engine_args=engine_args)
+    except ConveyorError as exc:
+        print(f"conveyor: error: {exc}", file=sys.stderr)
+        return 2
+    if summary.repaired_bytes:
+        print(f"conveyor: dropped a torn last line ({summary.repaired_bytes} bytes) from "
+              f"{args.output}; its request was run again", file=sys.stderr)
+    if not args.quiet:
+        print(f"conveyor: batch: {summary.describe()} -> {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    import engine  # noqa: F401  (preloads the BLAS before mlx)
+
+    parser = argparse.ArgumentParser(prog="conveyor")
+    add_batch_parser(parser.add_subparsers(dest="command", required=True))
+    parsed = parser.parse_args()
+    sys.exit(parsed.run(parsed))

@@ -1,0 +1,182 @@
+"""`conveyor worker`: serve jobs from a Redis stream (see engine.entrypoints.queue.worker)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from engine.entrypoints.cli.common import add_engine_args, engine_kwargs
+from engine.errors import ConveyorError
+
+_EPILOG = """\
+jobs: XADD <stream> * id JOB_ID url /v1/embeddings body '{"input": "some text"}'
+  url is /v1/embeddings, /v1/completions or /v1/chat/completions and body the
+  JSON body that url takes over HTTP (and in batch files).
+  (custom_id works for id). These are a batch file's line fields (conveyor batch).
+results: the stream <results> gets one entry per job (fields id, result), and
+  the hash <results>:by-id maps each job id to the same result JSON, a batch
+  output line: {"id": "queue_req_<entry>", "custom_id": JOB_ID, "response":
+  {"status_code": 200, "request_id": "<entry>", "body": {...}}, "error": null};
+  a request the API refuses has status_code 400, an OpenAI error body and
+  "error": {"code": "invalid_request", "message": ...}. A job is answered
+  once, however often it is delivered.
+failures: a job that cannot be read (no url/body, body not a JSON object,
+  unknown url) or whose run fails is retried, by this or another worker, once
+  it has been pending for --claim-idle-ms; after --max-attempts deliveries it
+  goes to the dead-letter stream (<stream>:dead) with its error.
+SIGTERM/SIGINT: stop reading, finish and ack the jobs in flight, exit 0.
+"""
+
+
+def add_worker_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `worker` on the `conveyor` command's subparsers."""
+    p = subparsers.add_parser(
+        "worker", help="serve embedding and generation jobs from a Redis stream",
+        description="Read jobs from a Redis stream with a consumer group, run them in "
+        "batches and write one result per job.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = p.add_argument_group("queue")
+    q.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL")
+    q.add_argument("--stream", default="conveyor:jobs", help="the jobs stream")
+    q.add_argument("--group", default="conveyor", help="the consumer group (made if missing)")
+    q.add_argument("--results", default="conveyor:results", help="the results stream")
+    q.add_argument("--consumer", help="this worker's consumer name (default: host-pid)")
+    q.add_argument("--dead-letter", help="dead-letter stream (default: <stream>:dead)")
+    q.add_argument("--max-attempts", type=int, default=3,
+                   help="deliveries before a failing job is dead-lettered (default 3)")
+    q.add_argument("--claim-idle-ms", type=int, default=60_000,
+                   help="take over entries pending this long in other consumers "
+                   "(default 60000)")
+    q.add_argument("--block-ms", type=int, default=1000,
+                   help="longest wait for new jobs when idle (default 1000)")
+    q.add_argument("--max-batch-jobs", type=int,
+                   help="jobs per read at most (default: what the models can batch)")
+    q.add_argument("--results-maxlen", type=int, default=0,
+                   help="trim the results stream to about this many entries (default: never)")
+    q.add_argument("--drain", action="store_true",
+                   help="exit once the stream has no new or pending jobs")
+    q.add_argument("--tasks", default="embed,generate",
+                   help="job kinds to serve: embed, generate or both (default both)")
+    q.add_argument("--log-interval", type=float, default=10.0,
+                   help="seconds between metrics log lines (default 10)")
+    q.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port at /metrics")
+    q.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address for --metrics-port (default 127.0.0.1)")
+    q.add_argument("--quiet", "-q", action="store_true", help="warnings only")
+    m = p.add_argument_group("models")
+    m.add_argument("--embedding-model", help="encoder for /v1/embeddings "
+                   "(default: all-MiniLM-L6-v2)")
+    m.add_argument("--batch-tokens", type=int, help="padded tokens per embedding batch")
+    m.add_argument("--max-batch-size", type=int, help="texts per embedding batch")
+    add_engine_args(m, model_help="generation model, loaded on the first generation job "
+                    "(default: SmolLM2-135M-Instruct)")
+    p.set_defaults(run=run_worker)
+    return p
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Connect, load the models, and run until stopped."""
+    try:
+        import redis
+    except ImportError:
+        raise ConveyorError("the worker needs the redis package (pip install redis)") from None
+
+    from engine.entrypoints.queue.worker import QueueWorker, WorkerConfig
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
+    if not tasks or tasks - {"embed", "generate"}:
+        raise ConveyorError(f"--tasks takes embed, generate or both, not {args.tasks!r}")
+    config = WorkerConfig(
+        stream=args.stream, group=args.group, results=args.results,
+        consumer=args.consumer or f"{socket.gethostname()}-{os.getpid()}",
+        dead_letter=args.dead_letter, results_maxlen=args.results_maxlen,
+        max_attempts=args.max_attempts, claim_idle_ms=args.claim_idle_ms,
+        block_ms=args.block_ms, max_batch_jobs=args.max_batch_jobs,
+        log_interval=args.log_interval, drain=args.drain)
+    try:
+        client = redis.Redis.from_url(args.redis)
+        client.ping()
+    except (redis.RedisError, ValueError) as exc:
+        raise ConveyorError(f"cannot reach Redis at {args.redis}: {exc}") from None
+    worker = QueueWorker(client, _handlers(args, tasks), config)
+    server = _serve_metrics(worker, args.metrics_host, args.metrics_port)
+    try:
+        return worker.run()
+    except redis.ConnectionError as exc:
+        # Jobs in flight stay pending and are claimed by another worker.
+        raise ConveyorError(f"lost the connection to Redis: {exc}") from None
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def _handlers(args: argparse.Namespace, tasks: set[str]) -> list:
+    from engine.entrypoints.queue.worker import EmbeddingJobs, GenerationJobs
+
+    handlers: list = []
+    if "embed" in tasks:
+        from engine.embedding.embedder import Embedder
+
+        embedder = Embedder.load(args.embedding_model, batch_tokens=args.batch_tokens,
+                                 max_batch_size=args.max_batch_size)
+        handlers.append(EmbeddingJobs.from_embedder(embedder))
+    if "generate" in tasks:
+        def load_engine():
+            from engine.core.llm_engine import EngineArgs, LLMEngine
+
+            return LLMEngine.from_args(EngineArgs(model=args.model, **engine_kwargs(args)))
+
+        name = os.path.basename(args.model.rstrip("/")) if args.model else "SmolLM2-135M-Instruct"
+        handlers.append(GenerationJobs(load_engine, model=name))
+    return handlers
+
+
+def _serve_metrics(worker, host: str, port: int | None) -> ThreadingHTTPServer | None:
+    if port is None:
+        return None
+
+    class MetricsHandler(BaseHTTPRequestHandler):
+        def do_GET(self):  # http.server calls it by this name
+            if self.path.split("?")[0] not in ("/metrics", "/"):
+                self.send_error(404)
+                return
+            body = worker.metrics.prometheus().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # scrapes are not worth a log line each
+            pass
+
+    try:
+        server = ThreadingHTTPServer((host, port), MetricsHandler)
+    except OSError as exc:
+        raise ConveyorError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engine.entrypoints.cli.worker ...`: the worker without the `conveyor` command."""
+    parser = argparse.ArgumentParser(prog="conveyor")
+    add_worker_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["worker", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.run(args)
+    except ConveyorError as exc:
+        print(f"conveyor: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

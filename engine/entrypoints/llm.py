@@ -1,0 +1,119 @@
+"""The offline Python API, shaped like vLLM's `LLM`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.core.llm_engine import EngineArgs, LLMEngine
+from engine.core.outputs import RequestOutput
+from engine.core.sampling_params import SamplingParams
+from engine.errors import ConveyorError
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Load a model once and run many requests through the continuous-batching
+    engine. `model=None` is the default model (SmolLM2-135M-Instruct for
+    generation, all-MiniLM-L6-v2 for `task="embed"`)."""
+
+    def __init__(self, model: str | None = None, *, task: str = "generate", **engine_args: Any):
+        if task not in ("generate", "embed"):
+            raise ConveyorError(f"unknown task {task!r}; choose 'generate' or 'embed'")
+        self.task = task
+        self._embedder = None
+        self.engine: LLMEngine | None = None
+        if task == "embed":
+            from engine.embedding.embedder import Embedder
+
+            self._embedder = Embedder.load(model, **engine_args)
+        else:
+            try:
+                args = EngineArgs(model=model, **engine_args)
+            except TypeError as exc:
+                raise ConveyorError(f"invalid engine argument: {exc}") from None
+            self.engine = LLMEngine.from_args(args)
+
+    @property
+    def tokenizer(self):
+        return self._require_engine().tokenizer
+
+    def _require_engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise ConveyorError("this LLM was created with task='embed'; use embed()")
+        return self.engine
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order."""
+        engine = self._require_engine()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = _per_prompt(sampling_params, len(prompts))
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(engine.add_request(prompt, p).request_id)
+        except BaseException:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        order = {rid: i for i, rid in enumerate(ids)}
+        results: list[RequestOutput | None] = [None] * len(ids)
+        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        try:
+            with bar:
+                while any(r is None for r in results) and engine.has_unfinished():
+                    for request in engine.step():
+                        if request.finished and request.request_id in order:
+                            results[order[request.request_id]] = request.output(delta=False)
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        return results
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               ) -> Iterator[RequestOutput]:
+        """Yield deltas (new text and token ids) as the request runs; other
+        requests already queued in this engine keep running alongside it."""
+        engine = self._require_engine()
+        request = engine.add_request(prompt, sampling_params)
+        try:
+            while not request.finished:
+                for touched in engine.step():
+                    if touched is request:
+                        out = request.output(delta=True)
+                        if out.outputs[0].text or out.outputs[0].token_ids or out.finished:
+                            yield out
+        finally:
+            if not request.finished:
+                engine.abort_request(request.request_id)
+
+    def embed(self, texts: Sequence[str], *, truncate: bool = True) -> np.ndarray:
+        """Embeddings as a float32 array (len(texts), dim) (task='embed')."""
+        if self._embedder is None:
+            raise ConveyorError("embed() needs LLM(..., task='embed')")
+        return self._embedder.embed(list(texts), truncate=truncate).vectors
+
+    def stats(self):
+        return self._require_engine().stats()
+
+
+def _per_prompt(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ConveyorError(f"{len(params)} sampling params for {n} prompts")
+    return params

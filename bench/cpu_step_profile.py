@@ -1,8 +1,9 @@
 """Where a 64-row CPU decode step goes, part by part.
 
 64 requests of 128 random prompt tokens are prefilled, then 30 decode steps
-are timed with wall clocks around each C call of the CPU forward
-(models/cpu_llama.py) and the attention kernel.
+are timed with wall clocks around each C operation of the CPU fast path
+(engine/platform/cpu_ops.py, bound per layer by engine/platform/host_forward.py)
+and the attention kernel.
 
     python -m bench.cpu_step_profile [--cpu-matmul int16|int8|float32]
                                      [--temperature T --top-p P]
@@ -59,10 +60,12 @@ def main() -> None:
 
     paged.PagedLayerView.attend_host = timed_attend
     eng = LLMEngine.from_args(EngineArgs(kv_cache_bytes=900 << 20, cpu_matmul=args.cpu_matmul))
-    forward = eng.runner.host_forward
-    if forward is None:
-        raise SystemExit("the C forward does not run here (no compiler or BLAS)")
-    forward.lib = _Timed(forward.lib, totals)
+    if eng.runner.host_forward is None:
+        raise SystemExit("the CPU fast path does not run here")
+    from engine.platform import cpu_ops
+
+    ops = cpu_ops.load()
+    ops.lib = _Timed(ops.lib, totals)
     prompts = np.random.default_rng(0).integers(1000, 40000, size=(64, 128)).tolist()
     params = SamplingParams(max_tokens=args.steps + 20, temperature=args.temperature,
                             top_p=args.top_p, seed=0, ignore_eos=True)

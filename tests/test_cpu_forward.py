@@ -1,5 +1,7 @@
-"""The CPU forward in C (models/cpu_llama.py) against the MLX forward, and the
-integer matmul kernel (models/cpu_int8_matmul.py) against numpy."""
+"""The CPU fast path (engine/platform/host_forward.py: a model's own forward on
+host arrays, each shared layer on its C kernel) against the portable MLX
+forward, and the integer matmul kernel (engine/platform/int8_matmul.py)
+against numpy."""
 
 import mlx.core as mx
 import numpy as np
@@ -10,8 +12,9 @@ from engine import LLM, SamplingParams
 from engine.core.llm_engine import EngineArgs, LLMEngine
 from engine.errors import ConveyorError, ModelLoadError
 from engine.loading.loader import load_model
+from engine.platform import cpu_ops
 from engine.platform import int8_matmul as q8
-from engine.platform.cpu_llama import HostLlama
+from engine.platform.host_forward import HostForward
 from engine.platform.int8_linear import Int8Embedding, Int8Linear
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -30,10 +33,14 @@ class CausalView:
         return np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v).astype(np.float32)
 
 
+def host_forward(model):
+    host, why = HostForward.build(model, cpu_ops.load())
+    assert host is not None, why  # the fast path must run in CI, never be skipped
+    return host
+
+
 def host_logits(model, ids):
-    host = HostLlama.build(model)
-    if host is None:
-        pytest.skip("no C compiler or BLAS for the CPU forward")
+    host = host_forward(model)
     n = len(ids)
     return np.array(host(ids, np.arange(n, dtype=np.int32), [CausalView()] * len(model.layers),
                          np.arange(n, dtype=np.int32)))
@@ -83,8 +90,9 @@ def test_engine_uses_host_forward_with_same_tokens(tiny_llama_dir):
 def test_host_forward_declines_what_it_cannot_run(tmp_path):
     path = write_tiny_llama(tmp_path / "m", torch_dtype="bfloat16")
     model, _ = load_model(path, dtype="bfloat16")
-    assert HostLlama.build(model) is None
-    with pytest.raises(ConveyorError, match="host_forward needs"):
+    host, why = HostForward.build(model, cpu_ops.load())
+    assert host is None and "bfloat16" in why
+    with pytest.raises(ConveyorError, match="host_forward: .*bfloat16"):
         LLMEngine.from_args(EngineArgs(model=str(path), dtype="bfloat16", host_forward=True,
                                        kv_cache_bytes=16 << 20))
 
@@ -146,7 +154,8 @@ def test_integer_layers_in_host_and_mlx_forwards(quantized_tiny, choice):
     model, _ = load_model(quantized_tiny, cpu_matmul=choice)
     assert isinstance(model.model.embed_tokens, Int8Embedding)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
-    assert HostLlama.build(model).layers[0].qkv is not None  # q/k/v in one kernel call
+    host_forward(model)
+    assert model.layers[0].self_attn.project_host is not None  # q/k/v in one kernel call
     dense, _ = load_model(quantized_tiny, cpu_matmul="float32")
     ids = np.random.default_rng(0).integers(0, 320, size=40).astype(np.int32)
     exact = np.array(dense(mx.array(ids)))

@@ -69,11 +69,10 @@ def test_quantized_weights_kept_or_dequantized(tmp_path):
     assert isinstance(kept.model.layers[1].self_attn.q_proj, nn.QuantizedLinear)
     assert kept.model.layers[0].mlp.down_proj.bits == 8
     dense, _ = load_model(path, cpu_matmul="float32")
-    # Dense again: Conveyor's Linear (it picks the CPU matmul layout); an LM
-    # head stays a plain nn.Linear, which the sampler reads row by row.
+    # Dense again: the shared Linear layer, which has a CPU kernel.
     assert type(dense.model.layers[1].self_attn.q_proj) is Linear
     if "lm_head" in dense:
-        assert type(dense.lm_head) is nn.Linear
+        assert type(dense.lm_head) is Linear
     assert dense.model.layers[1].self_attn.q_proj.weight.dtype == mx.float32
     for model in (kept, dense):
         np.testing.assert_allclose(np.array(model(IDS)), ref, rtol=1e-3, atol=1e-3)

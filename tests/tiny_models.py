@@ -47,8 +47,9 @@ def write_byte_tokenizer(path: Path) -> None:
 def llama_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
     rng = np.random.default_rng(seed)
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    hd = d // config["num_attention_heads"]
+    hd = config.get("head_dim") or d // config["num_attention_heads"]
     kv = config["num_key_value_heads"] * hd
+    q = config["num_attention_heads"] * hd
 
     def w(*shape, scale=0.08):
         return mx.array(rng.normal(0, scale, size=shape).astype(np.float32))
@@ -57,12 +58,15 @@ def llama_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         weights.update({
-            p + "self_attn.q_proj.weight": w(d, d), p + "self_attn.k_proj.weight": w(kv, d),
-            p + "self_attn.v_proj.weight": w(kv, d), p + "self_attn.o_proj.weight": w(d, d),
+            p + "self_attn.q_proj.weight": w(q, d), p + "self_attn.k_proj.weight": w(kv, d),
+            p + "self_attn.v_proj.weight": w(kv, d), p + "self_attn.o_proj.weight": w(d, q),
             p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
             p + "mlp.down_proj.weight": w(d, f),
             p + "input_layernorm.weight": w(d) + 1, p + "post_attention_layernorm.weight": w(d) + 1,
         })
+        if config["model_type"] == "qwen3":
+            weights[p + "self_attn.q_norm.weight"] = w(hd) + 1
+            weights[p + "self_attn.k_norm.weight"] = w(hd) + 1
         for flag, names in (("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),
                             ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))):
             for name in names if config.get(flag) else ():
@@ -85,6 +89,10 @@ def write_tiny_llama(path: Path, shards: int = 1, seed: int = 0, **overrides) ->
         mx.save_safetensors(str(path / f"model-{s + 1:05d}-of-{shards:05d}.safetensors"), part)
     write_byte_tokenizer(path)
     return path
+
+
+TINY_QWEN3 = {**TINY_LLAMA, "model_type": "qwen3", "head_dim": 32, "rope_theta": 1000000.0,
+              "tie_word_embeddings": True}
 
 
 def write_quantized(src, dst, bits=4, group_size=32, override_bits=8, embedding=False):

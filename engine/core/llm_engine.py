@@ -61,8 +61,9 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # llama.cpp's scheme (faster, logits move by up to ~5), "float32" dequantizes
     # for the BLAS. None: int16 where it builds.
     cpu_matmul: str | None = None
-    # CPU: run llama-family forwards in C on host memory (models/cpu_llama.py)
-    # around the attention kernel; False keeps MLX's graph. None: where it builds.
+    # CPU: run the model's forward on host memory with each shared layer on its
+    # C kernel (engine/platform/host_forward.py); False keeps MLX's graph.
+    # None: wherever every layer of the model has a kernel.
     host_forward: bool | None = None
 
 
@@ -92,14 +93,20 @@ def _compute_dtype(embedding) -> mx.Dtype:
 
 
 def _host_forward(model, args: EngineArgs):
+    """The CPU fast path (engine/platform/host_forward.py) for this model, or
+    None: off, not on the CPU, or a layer it has no kernel for (said once)."""
     if args.host_forward is False or not on_cpu() or args.paged_kernel is False:
         return None
-    from engine.platform import cpu_llama
+    from engine.platform import cpu_ops
+    from engine.platform.host_forward import HostForward
 
-    forward = cpu_llama.HostLlama.build(model) if hasattr(model, "layers") else None
-    if forward is None and args.host_forward:
-        raise RequestError("host_forward needs a llama-family float32 model on the CPU, "
-                           "a C compiler and the preloaded BLAS")
+    forward, why = HostForward.build(model, cpu_ops.load())
+    if forward is None:
+        if args.host_forward:
+            raise RequestError(f"host_forward: {why}")
+        log_once(f"CPU fast path off: {why}; running the portable MLX path (slower)")
+    else:
+        log_once("CPU fast path: every layer on its C kernel")
     return forward
 
 

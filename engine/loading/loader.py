@@ -31,6 +31,7 @@ from engine.platform.backend import (
 )
 from engine.platform.int8_linear import Int8Embedding, Int8Linear
 from engine.platform.int8_matmul import Int8Matmul
+from models.layers.embedding import Embedding
 from models.layers.linear import Linear
 
 # Architectures that share another's file.
@@ -155,17 +156,14 @@ def _dequantized(module: nn.Module, dtype: mx.Dtype, name: str = "",
         return Int8Embedding.from_quantized(module, *integer)
     if isinstance(module, nn.QuantizedLinear):
         out_dim, in_dim = module.weight.shape[0], module.scales.shape[1] * module.group_size
-        # models.layers.linear.Linear picks its CPU matmul layout; an LM head stays a
-        # plain nn.Linear: the sampler reduces over its rows, slow on a transposed view.
-        kind = nn.Linear if name.endswith("lm_head") else Linear
-        layer = kind(in_dim, out_dim, bias="bias" in module)
+        layer = Linear(in_dim, out_dim, bias="bias" in module)
         layer.weight = dense(module)
         if "bias" in module:
             layer.bias = module.bias.astype(dtype)
         return layer
     if isinstance(module, nn.QuantizedEmbedding):
         num, dim = module.weight.shape[0], module.scales.shape[1] * module.group_size
-        layer = nn.Embedding(num, dim)
+        layer = Embedding(num, dim, scale=getattr(module, "scale", None))
         layer.weight = dense(module)
         return layer
     for key, child in module.items():

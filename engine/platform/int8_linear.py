@@ -15,6 +15,8 @@ import mlx.nn as nn
 import numpy as np
 
 from engine.platform.int8_matmul import Int8Matmul, PackedWeight, pack
+from models.layers.base import Layer
+from models.layers.embedding import ScaledQuantizedEmbedding
 
 
 def _packed_from(module: nn.Module, wide: bool) -> PackedWeight:
@@ -34,7 +36,7 @@ def _host_matmul(kernel: Int8Matmul, weight: PackedWeight, x: mx.array) -> mx.ar
     return mx.array(y).reshape(*lead, weight.out_dim)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(Layer):
     def __init__(self, weight: PackedWeight, bias: mx.array | None, kernel: Int8Matmul):
         super().__init__()
         self._packed, self._kernel = weight, kernel
@@ -53,18 +55,19 @@ class Int8Linear(nn.Module):
         bias = module.bias.astype(mx.float32) if "bias" in module else None
         return cls(_packed_from(module, wide), bias, kernel)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def forward(self, x: mx.array) -> mx.array:
         y = _host_matmul(self._kernel, self._packed, x)
         return y + self.bias if "bias" in self else y
 
 
-class Int8Embedding(nn.QuantizedEmbedding):
+class Int8Embedding(ScaledQuantizedEmbedding):
     """MLX's quantized lookup; the kernel for the tied LM head."""
 
     @classmethod
     def from_quantized(cls, module: nn.QuantizedEmbedding, kernel: Int8Matmul,
                        wide: bool = False) -> Int8Embedding:
-        layer = cls(module.num_embeddings, module.dims, module.group_size, module.bits)
+        layer = cls(module.num_embeddings, module.dims, module.group_size, module.bits,
+                    scale=getattr(module, "scale", None))
         layer.update(module.parameters())
         # float32 scales: looked-up rows come out in the model's compute dtype
         layer.scales = module.scales.astype(mx.float32)
@@ -77,5 +80,7 @@ class Int8Embedding(nn.QuantizedEmbedding):
     def packed(self) -> PackedWeight:
         return self._packed
 
-    def as_linear(self, x: mx.array) -> mx.array:
+    def as_linear(self, x):
+        if self.host_as_linear is not None and not isinstance(x, mx.array):
+            return self.host_as_linear(x)
         return _host_matmul(self._kernel, self._packed, x)

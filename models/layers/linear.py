@@ -1,30 +1,34 @@
-"""A linear layer that picks its matmul layout for the CPU's BLAS.
+"""Linear layers: float weights, and MLX's group-quantized form.
 
-`x @ W.T` makes the BLAS repack the transposed weight on every call; with few
-rows (decode steps) that repacking was a third of MKL's time. Computing
-`(W @ x.T).T` lets it stream the weight as it lies: 1.2-1.6x faster for up to
-256 rows of the default model's shapes, but ~10% slower at 2048 rows, so
-prompt-sized batches keep the usual form. The result is a transposed view,
-which MLX's element-wise ops and the next matmul read without a copy.
-"""
+Checkpoint quantization (`quantization` in config.json) turns a `Linear` into
+MLX's `nn.QuantizedLinear` through `nn.quantize`, as in mlx-lm; a platform may
+replace either with its own form at load (engine/platform)."""
 
 from __future__ import annotations
+
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.layers.fast_math import default_fast_math
-
-FEW_ROWS = 512  # measured crossover lies between 256 and 2048 rows
+from models.layers.base import Layer
 
 
-class Linear(nn.Linear):
+class Linear(Layer):
+    """y = x W^T (+ b), W [out, in] as checkpoints store it."""
+
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True):
-        super().__init__(input_dims, output_dims, bias=bias)
-        self._weight_first = default_fast_math()
+        super().__init__()
+        bound = math.sqrt(1.0 / input_dims)
+        self.weight = mx.random.uniform(-bound, bound, (output_dims, input_dims))
+        if bias:
+            self.bias = mx.random.uniform(-bound, bound, (output_dims,))
 
-    def __call__(self, x: mx.array) -> mx.array:
-        if self._weight_first and x.ndim == 2 and x.shape[0] <= FEW_ROWS:
-            y = (self.weight @ x.T).T
-            return y + self.bias if "bias" in self else y
-        return super().__call__(x)
+    def forward(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return mx.addmm(self.bias, x, self.weight.T)
+        return x @ self.weight.T
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None,
+                     mode: str = "affine", **kwargs) -> nn.QuantizedLinear:
+        return nn.QuantizedLinear.from_linear(self, group_size, bits, mode)

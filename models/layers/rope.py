@@ -1,8 +1,11 @@
-"""Rotary position embeddings applied per token of a packed batch.
+"""Rotary position embeddings for packed tokens, with the scaling variants
+checkpoints use (config.json's `rope_scaling` / `rope_parameters`).
 
 Tokens of many sequences travel as one packed row, each with its own position,
 so RoPE takes a vector of positions (mx.fast.rope's array offset, one per
-token) instead of mlx-lm's single cache offset.
+token) instead of mlx-lm's single cache offset. Every variant reduces to the
+same three numbers per rotated pair: a period (radians per position is
+scale / period) and one magnitude `mscale` for the rotated dims (YaRN, LongRoPE).
 """
 
 from __future__ import annotations
@@ -11,60 +14,109 @@ import math
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+import numpy as np
+
+from models.layers.base import Layer
+
+SUPPORTED = ("default", "linear", "llama3", "yarn", "longrope", "su")
 
 
-class RoPE(nn.Module):
-    def __init__(self, dims: int, base: float, scaling: dict[str, Any] | None = None,
-                 traditional: bool = False):
+class RoPE(Layer):
+    def __init__(self, dims: int, base: float = 10000.0, scaling: dict[str, Any] | None = None,
+                 traditional: bool = False, max_position_embeddings: int | None = None):
         super().__init__()
-        self.dims = dims
-        self.traditional = traditional
-        self.scale = 1.0
-        self._freqs = None
-        self.base: float | None = base
-        kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+        self.dims, self.base, self.traditional = dims, base, traditional
+        self.scale, self.mscale = 1.0, 1.0
+        scaling = scaling or {}
+        kind = scaling.get("rope_type") or scaling.get("type") or "default"
+        periods = base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
         if kind == "linear":
             self.scale = 1.0 / float(scaling["factor"])
         elif kind == "llama3":
-            self._freqs = _llama3_freqs(dims, base, scaling)
-            self.base = None
-        elif kind not in (None, "default"):
-            raise ValueError(f"unsupported rope_scaling type {kind!r}")
+            periods = _llama3_periods(periods, scaling)
+        elif kind == "yarn":
+            periods, self.mscale = _yarn(periods, dims, base, scaling)
+        elif kind in ("longrope", "su"):
+            periods, self.mscale = _longrope(periods, scaling, max_position_embeddings)
+        elif kind != "default":
+            raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: "
+                             f"{', '.join(SUPPORTED)}")
+        self.kind = kind
+        self._periods = periods
+        # mx.fast.rope takes the base for the plain schedule, else explicit periods.
+        self._freqs = None if kind in ("default", "linear") else mx.array(periods, mx.float32)
 
-    def angle_rates(self) -> list[float]:
-        """Radians per position of each rotated pair (scale included): the
-        angles mx.fast.rope uses, for code that rotates outside MLX."""
-        if self._freqs is not None:
-            periods = self._freqs.tolist()
-        else:
-            periods = [self.base ** (i / self.dims) for i in range(0, self.dims, 2)]
-        return [self.scale / p for p in periods]
+    def angle_rates(self) -> np.ndarray:
+        """Radians per position of each rotated pair (float64), for code that
+        rotates outside MLX."""
+        return self.scale / self._periods
 
-    def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
+    def forward(self, x: mx.array, positions: mx.array) -> mx.array:
         """x: [N, heads, head_dim] packed tokens; positions: [N] int32."""
+        if self.mscale != 1.0:
+            x = _scale_rotated(x, self.dims, self.mscale)
         y = mx.fast.rope(x[:, :, None, :], self.dims, traditional=self.traditional,
-                         base=self.base, scale=self.scale, offset=positions,
-                         freqs=self._freqs)
+                         base=None if self._freqs is not None else self.base,
+                         scale=self.scale, offset=positions, freqs=self._freqs)
         return y[:, :, 0, :]
 
 
-def _llama3_freqs(dims: int, base: float, scaling: dict[str, Any]) -> mx.array:
+def _scale_rotated(x: mx.array, dims: int, factor: float) -> mx.array:
+    if dims == x.shape[-1]:
+        return x * factor
+    return mx.concatenate([x[..., :dims] * factor, x[..., dims:]], axis=-1)
+
+
+def _llama3_periods(periods: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
     # Llama 3.1 stretches low-frequency bands by `factor` and leaves high ones,
     # blending smoothly between the two wavelength thresholds.
     factor = float(scaling["factor"])
     low = float(scaling.get("low_freq_factor", 1.0))
     high = float(scaling.get("high_freq_factor", 4.0))
     original = float(scaling.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = original / low, original / high
-    periods = []
-    for i in range(0, dims, 2):
-        period = base ** (i / dims)
-        wavelen = 2 * math.pi * period
-        if wavelen > low_wavelen:
-            period *= factor
-        elif wavelen >= high_wavelen:
-            smooth = (original / wavelen - low) / (high - low)
-            period = period / ((1 - smooth) / factor + smooth)
-        periods.append(period)
-    return mx.array(periods, dtype=mx.float32)
+    wavelen = 2 * math.pi * periods
+    smooth = (original / wavelen - low) / (high - low)
+    blended = periods / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen > original / low, periods * factor,
+                    np.where(wavelen < original / high, periods, blended))
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(periods: np.ndarray, dims: int, base: float, scaling: dict[str, Any]):
+    # YaRN: dimensions that turn many times within the original context keep
+    # their period, slow ones are interpolated by `factor`, a linear ramp between.
+    factor = float(scaling["factor"])
+    original = float(scaling.get("original_max_position_embeddings", 4096))
+    fast, slow = float(scaling.get("beta_fast", 32)), float(scaling.get("beta_slow", 1))
+
+    def correction_dim(rotations: float) -> float:
+        return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(fast)), 0)
+    high = min(math.ceil(correction_dim(slow)), dims - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dims // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    keep = 1.0 - ramp
+    stretched = factor * periods
+    out = stretched * periods / (stretched * keep + periods * (1 - keep))
+    mscale = _yarn_mscale(factor, float(scaling.get("mscale", 1))) / _yarn_mscale(
+        factor, float(scaling.get("mscale_all_dim", 0)))
+    return out, mscale
+
+
+def _longrope(periods: np.ndarray, scaling: dict[str, Any], max_positions: int | None):
+    # Phi-3's LongRoPE ("su"): per-pair factors stretch the periods (the long
+    # factors, as mlx-lm uses), and a magnitude keeps attention entropy steady.
+    original = int(scaling.get("original_max_position_embeddings") or max_positions or 4096)
+    factors = np.asarray(scaling["long_factor"], np.float64)
+    if factors.shape not in ((), periods.shape):
+        raise ValueError(f"rope_scaling long_factor has {factors.size} values, expected "
+                         f"{periods.size}")
+    ratio = (max_positions or original) / original
+    mscale = scaling.get("long_mscale") or (
+        1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(original)))
+    return factors * periods, float(mscale)

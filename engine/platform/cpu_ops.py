@@ -1,0 +1,167 @@
+"""The per-layer CPU operations of kernels/cpu_ops.c, on numpy arrays.
+
+Each call takes C-contiguous float32 arrays and returns new ones (or works in
+place where it says so); weights are described once, at bind time, as a
+`HostMatmul` holding the pointers the C code reads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engine.platform.int8_matmul import PackedWeight, concat
+
+SOURCE = Path(__file__).parent / "kernels" / "cpu_ops.c"
+ACTIVATION_KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+class _Matmul(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("codes", ctypes.c_void_p),
+                ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("out_dim", ctypes.c_int), ("in_dim", ctypes.c_int),
+                ("group_size", ctypes.c_int), ("wide", ctypes.c_int)]
+
+
+class HostMatmul:
+    """A weight (float32 [out, in] or packed integer codes) and optional bias
+    as the C code multiplies it; keeps the arrays it points into alive."""
+
+    def __init__(self, weight: np.ndarray | PackedWeight, bias: np.ndarray | None = None):
+        self.keep = [weight, bias]
+        b = None if bias is None else _f32(bias).ctypes.data
+        if isinstance(weight, PackedWeight):
+            self.packed = weight
+            self.struct = _Matmul(None, weight.codes.ctypes.data, weight.scales.ctypes.data,
+                                  weight.biases.ctypes.data, b, weight.out_dim, weight.in_dim,
+                                  weight.group_size, int(weight.wide))
+        else:
+            weight = _f32(weight)
+            self.packed = None
+            self.keep[0] = weight
+            self.struct = _Matmul(weight.ctypes.data, None, None, None, b, weight.shape[0],
+                                  weight.shape[1], 0, 0)
+        self.keep[1] = None if bias is None else _f32(bias)
+        self.out_dim, self.in_dim = self.struct.out_dim, self.struct.in_dim
+        self.ref = ctypes.byref(self.struct)
+
+    @classmethod
+    def fused(cls, parts: list[HostMatmul]) -> HostMatmul | None:
+        """One weight producing the outputs of `parts` in turn (same input),
+        or None where they can't be fused (mixed kinds, biases, packed tiles
+        that don't line up)."""
+        if any(p.keep[1] is not None for p in parts):
+            return None
+        if all(p.packed is not None for p in parts):
+            packed = concat([p.packed for p in parts])
+            return None if packed is None else cls(packed)
+        if all(p.packed is None for p in parts):
+            return cls(np.concatenate([p.keep[0] for p in parts]))
+        return None
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+class CpuOps:
+    """Callable operations over the C library; `threads` for OpenMP loops."""
+
+    def __init__(self, lib: ctypes.CDLL, threads: int):
+        self.lib, self.threads = lib, threads
+        p, i, f, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
+        lib.ops_linear.argtypes = [p, p, i, p, i, i]
+        lib.ops_linear_split.argtypes = [p, p, i, p, p, i, i]
+        lib.ops_rms_norm.argtypes = [p, L, i, p, f, p, i]
+        lib.ops_layer_norm.argtypes = [p, L, i, p, p, f, p, i]
+        lib.ops_rope.argtypes = [p, i, i, i, i, p, p, i, i]
+        lib.ops_act_mul.argtypes = [p, p, L, i, i]
+        lib.ops_linear.restype = lib.ops_linear_split.restype = lib.ops_act_mul.restype = i
+        lib.ops_rms_norm.restype = lib.ops_layer_norm.restype = lib.ops_rope.restype = None
+
+    def linear(self, m: HostMatmul, x: np.ndarray) -> np.ndarray:
+        """x [..., in] @ W.T (+ bias) -> [..., out]."""
+        rows = _f32(x).reshape(-1, m.in_dim)
+        y = np.empty((rows.shape[0], m.out_dim), np.float32)
+        _check(self.lib.ops_linear(m.ref, rows.ctypes.data, rows.shape[0], y.ctypes.data, 0,
+                                   self.threads))
+        return y.reshape(*x.shape[:-1], m.out_dim)
+
+    def linear_split(self, fused: HostMatmul, x: np.ndarray, widths: list[int]):
+        """The outputs of a fused weight, each its own contiguous [rows, width]."""
+        rows = _f32(x).reshape(-1, fused.in_dim)
+        n = rows.shape[0]
+        outs = [np.empty((n, w), np.float32) for w in widths]
+        pointers = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
+        c_widths = (ctypes.c_int * len(widths))(*widths)
+        _check(self.lib.ops_linear_split(fused.ref, rows.ctypes.data, n, pointers, c_widths,
+                                         len(widths), self.threads))
+        return outs
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        x = _f32(x)
+        out = np.empty_like(x)
+        dim = x.shape[-1]
+        self.lib.ops_rms_norm(x.ctypes.data, x.size // dim, dim, weight.ctypes.data, eps,
+                              out.ctypes.data, self.threads)
+        return out
+
+    def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+                   eps: float) -> np.ndarray:
+        x = _f32(x)
+        out = np.empty_like(x)
+        dim = x.shape[-1]
+        self.lib.ops_layer_norm(x.ctypes.data, x.size // dim, dim, weight.ctypes.data,
+                                None if bias is None else bias.ctypes.data, eps,
+                                out.ctypes.data, self.threads)
+        return out
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rot_dims: int,
+             traditional: bool) -> np.ndarray:
+        """Rotate x [N, heads, head_dim] (a copy unless x is already a fresh
+        contiguous float32 array, which is rotated in place)."""
+        x = _f32(x)
+        n, heads, head_dim = x.shape
+        self.lib.ops_rope(x.ctypes.data, n, heads, head_dim, rot_dims, cos.ctypes.data,
+                          sin.ctypes.data, int(traditional), self.threads)
+        return x
+
+    def act_mul(self, kind: str, g: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
+        """act(g) * u (or act(g)), computed into g's buffer when g is
+        contiguous float32."""
+        g = _f32(g)
+        if u is not None:
+            u = _f32(u)
+            if u.shape != g.shape:
+                raise ValueError(f"gate {g.shape} and up {u.shape} differ")
+        _check(self.lib.ops_act_mul(g.ctypes.data, None if u is None else u.ctypes.data,
+                                    g.size, ACTIVATION_KINDS[kind], self.threads))
+        return g
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise MemoryError("CPU kernel: no scratch memory")
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> CpuOps | None:
+    """The CPU operations, or None where they can't run here (no BLAS)."""
+    from engine.loading.model_store import cache_dir
+    from engine.platform import blas
+    from engine.platform.native import build_library, openmp_link_args
+
+    if blas.loaded() is None:
+        return None
+    path = Path(blas.loaded())
+    library = build_library(
+        "cpu_ops", SOURCE, ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+        [str(path), f"-Wl,-rpath,{path.parent}", *openmp_link_args(), "-lm"],
+        cache_dir() / "kernels")
+    if library is None:
+        return None
+    return CpuOps(ctypes.CDLL(str(library)), os.cpu_count() or 1)

@@ -1,0 +1,234 @@
+"""The CPU fast path: a model's own forward run on host (numpy) arrays, with
+every shared layer bound to its C operation (kernels/cpu_ops.c).
+
+A model file composes layers from models/layers with operators only, so the
+same `Model.__call__` runs on MLX arrays (the portable path) or on numpy
+arrays; here each layer instance gets a `host` function that does its math
+in C, with its weights described once at bind time. Nothing here knows an
+architecture: a model runs on this path if every module that holds weights
+is a layer with a binder below, and otherwise on the portable path, said once.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from engine.platform.cpu_ops import CpuOps, HostMatmul
+from engine.platform.int8_linear import Int8Embedding, Int8Linear
+from models.layers import (
+    Activation,
+    Attention,
+    Embedding,
+    GatedActivation,
+    GatedMLP,
+    Layer,
+    LayerNorm,
+    Linear,
+    RMSNorm,
+    RoPE,
+)
+
+
+class Unsupported(Exception):
+    """A layer (or a setting of one) this path has no kernel for."""
+
+
+def _host(a: mx.array) -> np.ndarray:
+    """A float32 host copy/view of an MLX array."""
+    if a.dtype != mx.float32:
+        raise Unsupported(f"{a.dtype} weights (the CPU path multiplies float32 or integer codes)")
+    return np.array(a, copy=False)
+
+
+def _matmul(layer) -> HostMatmul:
+    bias = _host(layer.bias) if "bias" in layer else None
+    if isinstance(layer, Int8Linear):
+        return HostMatmul(layer.packed, bias)
+    return HostMatmul(_host(layer.weight), bias)
+
+
+def bind_linear(layer: Linear, ops: CpuOps):
+    m = _matmul(layer)
+    return lambda x: ops.linear(m, x)
+
+
+def bind_rms_norm(layer: RMSNorm, ops: CpuOps):
+    weight = np.ascontiguousarray(_host(layer.weight) + np.float32(layer.offset))
+    eps = float(layer.eps)
+    return lambda x: ops.rms_norm(x, weight, eps)
+
+
+def bind_layer_norm(layer: LayerNorm, ops: CpuOps):
+    weight = _host(layer.weight)
+    bias = _host(layer.bias) if "bias" in layer else None
+    eps = float(layer.eps)
+    return lambda x: ops.layer_norm(x, weight, bias, eps)
+
+
+def bind_activation(layer: Activation, ops: CpuOps):
+    return lambda x: ops.act_mul(layer.name, x.copy())
+
+
+def bind_gated_activation(layer: GatedActivation, ops: CpuOps):
+    # The gate is a fresh projection output: act(gate) * up is written into it.
+    return lambda gate, up: ops.act_mul(layer.name, gate, up)
+
+
+class _RotaryTable:
+    """cos/sin of one RoPE's angles for a step's positions, computed once per
+    step and shared by q and k of every layer using an identical RoPE."""
+
+    def __init__(self, rope: RoPE):
+        self.rates = rope.angle_rates()
+        self.mscale = rope.mscale
+        self.positions = None
+        self.cos = self.sin = None
+
+    def __call__(self, positions: np.ndarray):
+        if positions is not self.positions:
+            angles = positions.astype(np.float64)[:, None] * self.rates[None, :]
+            self.cos = np.ascontiguousarray(np.cos(angles) * self.mscale, np.float32)
+            self.sin = np.ascontiguousarray(np.sin(angles) * self.mscale, np.float32)
+            self.positions = positions
+        return self.cos, self.sin
+
+
+def bind_rope(layer: RoPE, ops: CpuOps, tables: dict):
+    key = (layer.dims, layer.traditional, layer.mscale, layer.angle_rates().tobytes())
+    table = tables.setdefault(key, _RotaryTable(layer))
+    dims, traditional = layer.dims, layer.traditional
+    if dims % 2:
+        raise Unsupported(f"RoPE over an odd number of dims ({dims})")
+
+    def rope(x, positions):
+        cos, sin = table(positions)
+        return ops.rope(x, cos, sin, dims, traditional)
+    return rope
+
+
+def bind_embedding(layer, ops: CpuOps):
+    if isinstance(layer, Embedding):
+        table = _host(layer.weight)
+        scale = np.float32(layer.scale) if layer.scale else None
+
+        def lookup(ids):
+            x = table[ids]
+            return x * scale if scale is not None else x
+        return lookup
+    # Quantized lookup in MLX (one small gather), handed back as host rows.
+    return lambda ids: np.array(layer.forward(mx.array(ids)).astype(mx.float32))
+
+
+def bind_attention(layer: Attention, ops: CpuOps):
+    """Attention keeps its generic forward (projections, norms, RoPE, cache),
+    each part on its own binding; only q/k/v are fused into one matmul where
+    their weights line up."""
+    parts = [_matmul(layer.q_proj), _matmul(layer.k_proj), _matmul(layer.v_proj)]
+    fused = HostMatmul.fused(parts)
+    if fused is None:
+        return None
+    widths = [p.out_dim for p in parts]
+    heads = (layer.n_heads, layer.n_kv_heads, layer.n_kv_heads)
+
+    def project(x):
+        outs = ops.linear_split(fused, x, widths)
+        return tuple(o.reshape(-1, h, layer.head_dim) for o, h in zip(outs, heads))
+    layer.project_host = project
+    return None
+
+
+def bind_gated_mlp(layer: GatedMLP, ops: CpuOps):
+    """gate and up fused into one matmul where their weights line up."""
+    parts = [_matmul(layer.gate_proj), _matmul(layer.up_proj)]
+    fused = HostMatmul.fused(parts)
+    if fused is None:
+        return None
+    widths = [p.out_dim for p in parts]
+    down, kind = _matmul(layer.down_proj), layer.act.name
+
+    def mlp(x):
+        gate, up = ops.linear_split(fused, x, widths)
+        return ops.linear(down, ops.act_mul(kind, gate, up))
+    return mlp
+
+
+def _binders(ops: CpuOps, tables: dict):
+    return {
+        Linear: lambda m: bind_linear(m, ops),
+        Int8Linear: lambda m: bind_linear(m, ops),
+        RMSNorm: lambda m: bind_rms_norm(m, ops),
+        LayerNorm: lambda m: bind_layer_norm(m, ops),
+        Activation: lambda m: bind_activation(m, ops),
+        GatedActivation: lambda m: bind_gated_activation(m, ops),
+        RoPE: lambda m: bind_rope(m, ops, tables),
+        Embedding: lambda m: bind_embedding(m, ops),
+        Int8Embedding: lambda m: bind_embedding(m, ops),
+        Attention: lambda m: bind_attention(m, ops),
+        GatedMLP: lambda m: bind_gated_mlp(m, ops),
+    }
+
+
+def _own_arrays(module: nn.Module) -> list[str]:
+    return [k for k, v in module.items() if isinstance(v, mx.array)]
+
+
+def bind(model: nn.Module, ops: CpuOps) -> str | None:
+    """Bind every layer of `model` to its host operation. Returns None on
+    success, else why the model can't run here (and leaves it unbound)."""
+    binders, bound = _binders(ops, {}), []
+    try:
+        for name, module in model.named_modules():
+            binder = binders.get(type(module))
+            if binder is None:
+                # Modules that only compose others (blocks, composite layers)
+                # need no kernel; one with weights or math of its own does.
+                leaf_op = isinstance(module, Layer) and not module.children()
+                if leaf_op or _own_arrays(module):
+                    raise Unsupported(f"layer {name or 'model'} ({type(module).__name__}) "
+                                      "has no CPU kernel")
+                continue
+            host = binder(module)
+            bound.append(module)
+            if host is not None:
+                module.host = host
+            if isinstance(module, (Embedding, Int8Embedding)):
+                head = HostMatmul(module.packed) if isinstance(module, Int8Embedding) \
+                    else HostMatmul(_host(module.weight))
+                module.host_as_linear = lambda x, head=head: ops.linear(head, x)
+    except Unsupported as exc:
+        unbind(bound)
+        return str(exc)
+    return None
+
+
+def unbind(modules) -> None:
+    for module in modules:
+        module.host = None
+        if hasattr(module, "project_host"):
+            module.project_host = None
+        if hasattr(module, "host_as_linear"):
+            module.host_as_linear = None
+
+
+class HostForward:
+    """The model runner's CPU forward: packed numpy inputs and the cache's
+    per-layer views (which offer `attend_host`), logits out as MLX."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def build(cls, model: nn.Module, ops: CpuOps | None) -> tuple[HostForward | None, str]:
+        """(the forward, "") or (None, why not)."""
+        if ops is None:
+            return None, "the CPU kernels are not available"
+        why = bind(model, ops)
+        return (None, why) if why else (cls(model), "")
+
+    def __call__(self, input_ids: np.ndarray, positions: np.ndarray, views,
+                 logits_index: np.ndarray) -> mx.array:
+        logits = self.model(np.asarray(input_ids), np.asarray(positions), views,
+                            logits_index=np.asarray(logits_index))
+        return mx.array(logits)

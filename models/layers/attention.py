@@ -1,0 +1,60 @@
+"""Self-attention through the cache it is given.
+
+Projections, optional per-head q/k RMSNorm (Qwen3, Gemma 3), RoPE, then the
+cache view attends: `cache.attend(q, k, v, scale)` on packed [N, heads, dim]
+arrays (`attend_host` for host arrays). The layer never knows whether the
+cache is paged, contiguous or absent (a whole prompt, for oracles)."""
+
+from __future__ import annotations
+
+from models.layers.base import Layer, causal_attention, is_host
+from models.layers.linear import Linear
+from models.layers.norm import RMSNorm
+from models.layers.rope import RoPE
+
+
+class Attention(Layer):
+    project_host = None  # a platform's fused q/k/v projection for host arrays, if bound
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
+                 rope: RoPE | None, bias: bool = False, out_bias: bool | None = None,
+                 qk_norm_eps: float | None = None, qk_norm_offset: float = 0.0,
+                 scale: float | None = None):
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"{n_heads} attention heads do not share {n_kv_heads} KV heads")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.q_proj = Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = Linear(n_heads * head_dim, dim, bias=bias if out_bias is None else out_bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, qk_norm_offset)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, qk_norm_offset)
+        self.rope = rope
+
+    def project(self, x):
+        """q, k, v [N, heads, head_dim] for packed tokens x [N, dim]."""
+        if self.project_host is not None and is_host(x):
+            return self.project_host(x)
+        n = x.shape[0]
+        q = self.q_proj(x).reshape(n, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(n, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(n, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward(self, x, positions, cache=None):
+        n = x.shape[0]
+        q, k, v = self.project(x)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        if cache is None:
+            out = causal_attention(q, k, v, self.scale)
+        elif is_host(q):
+            out = cache.attend_host(q, k, v, self.scale)
+        else:
+            out = cache.attend(q, k, v, self.scale)
+        return self.o_proj(out.reshape(n, -1))

@@ -1,0 +1,200 @@
+"""Shared layers (models/layers) and the CPU fast path built from them: each
+layer's host kernel against its MLX forward, a layer combination no C file
+names (Qwen3's q/k norm) on the fast path against mlx-lm, and the fall-back
+for a layer the fast path lacks."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from tiny_models import TINY_QWEN3, write_tiny_llama
+
+from engine import LLM, SamplingParams
+from engine.loading.loader import load_model
+from engine.platform import cpu_ops
+from engine.platform.host_forward import HostForward, bind
+from models.layers import (
+    Activation,
+    Attention,
+    Embedding,
+    GatedActivation,
+    LayerNorm,
+    Linear,
+    RMSNorm,
+    RoPE,
+)
+
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+RNG = np.random.default_rng(0)
+
+
+def ops():
+    loaded = cpu_ops.load()
+    assert loaded is not None, "the CPU kernels must load (CI runs the fast path)"
+    return loaded
+
+
+def host_equals_mlx(layer, *inputs, atol=1e-5):
+    """Bind `layer` alone and compare its host call with its MLX forward."""
+    assert bind(layer, ops()) is None
+    want = np.array(layer(*[mx.array(x) if x.dtype.kind == "f" else mx.array(x)
+                            for x in inputs]))
+    got = layer(*inputs)
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol)
+
+
+def x_of(*shape):
+    return RNG.normal(0, 1, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm(offset):
+    layer = RMSNorm(48, 1e-6, offset=offset)
+    layer.weight = mx.array(x_of(48))
+    host_equals_mlx(layer, x_of(5, 48))
+
+
+def test_layer_norm():
+    layer = LayerNorm(40, 1e-12)
+    layer.weight, layer.bias = mx.array(x_of(40)), mx.array(x_of(40))
+    host_equals_mlx(layer, x_of(7, 40))
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_pytorch_tanh", "relu"])
+def test_activations(name):
+    host_equals_mlx(Activation(name), x_of(300, 33) * 4)
+    host_equals_mlx(GatedActivation(name), x_of(300, 33) * 4, x_of(300, 33))
+
+
+def test_linear_and_scaled_embedding():
+    layer = Linear(24, 40, bias=True)
+    host_equals_mlx(layer, x_of(9, 24))
+    emb = Embedding(50, 16, scale=math.sqrt(16))
+    host_equals_mlx(emb, np.array([3, 0, 49, 3], np.int32))
+    np.testing.assert_allclose(emb.as_linear(x_of(3, 16)).shape, (3, 50))
+
+
+ROPES = {
+    "default": None,
+    "linear": {"type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.0},
+    "longrope": {"rope_type": "longrope", "original_max_position_embeddings": 256,
+                 "long_factor": [1.0 + i / 8 for i in range(16)],
+                 "short_factor": [1.0] * 16},
+}
+
+
+# mlx-lm's LongRoPE always rotates halves (Phi-3 does), so it has no traditional twin.
+@pytest.mark.parametrize("kind,traditional",
+                         [(k, t) for k in ROPES for t in (False, True)
+                          if not (k == "longrope" and t)])
+def test_rope_variants_match_mlx_lm(kind, traditional):
+    """Our RoPE (MLX and host) against mlx-lm's for one position at a time."""
+    from mlx_lm.models.rope_utils import initialize_rope
+
+    dims, positions = 32, np.array([0, 1, 17, 300, 2047], np.int32)
+    ours = RoPE(dims, 10000.0, ROPES[kind], traditional, max_position_embeddings=2048)
+    theirs = initialize_rope(dims, 10000.0, traditional, ROPES[kind], 2048)
+    x = x_of(len(positions), 3, dims)
+    want = np.stack([np.array(theirs(mx.array(x[i][None, :, None, :]), offset=int(p)))[0, :, 0]
+                     for i, p in enumerate(positions)])
+    np.testing.assert_allclose(np.array(ours(mx.array(x), mx.array(positions))), want,
+                               rtol=1e-4, atol=1e-4)
+    host_equals_mlx(ours, x, positions, atol=1e-4)
+
+
+def test_partial_rotary_dims():
+    rope = RoPE(16, 10000.0)  # rotates the first 16 of 32 dims
+    host_equals_mlx(rope, x_of(6, 2, 32), np.arange(6, dtype=np.int32) * 5)
+
+
+def test_attention_with_qk_norm_without_cache():
+    attn = Attention(32, 4, 2, 16, rope=RoPE(16), qk_norm_eps=1e-6)
+    mx.eval(attn.parameters())
+    x, pos = x_of(5, 32), np.arange(5, dtype=np.int32)
+    want = np.array(attn(mx.array(x), mx.array(pos)))
+    assert bind(attn, ops()) is None
+    assert attn.project_host is not None  # q, k, v fused into one kernel call
+    q, k, v = attn.project(x)
+    assert [a.shape for a in (q, k, v)] == [(5, 4, 16), (5, 2, 16), (5, 2, 16)]
+    np.testing.assert_allclose(np.array(attn.project(mx.array(x))[0]), q, atol=1e-5)
+    # Without a cache the host path has no attention kernel to call: MLX does it.
+    np.testing.assert_allclose(np.array(attn(mx.array(x), mx.array(pos))), want)
+
+
+# -- a layer combination no C file names: Qwen3's q/k norm ---------------------
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("qwen3"), **TINY_QWEN3)
+
+
+def mlx_lm_greedy(path, prompt, n):
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    model, _ = mlx_lm_load(path)
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
+
+
+def test_qwen3_on_the_fast_path_matches_mlx_lm(tiny_qwen3):
+    prompts = [list(range(5, 5 + n)) for n in (3, 40, 130)]
+    fast = LLM(str(tiny_qwen3), kv_cache_bytes=16 << 20)
+    assert fast.engine.runner.host_forward is not None
+    portable = LLM(str(tiny_qwen3), kv_cache_bytes=16 << 20, host_forward=False)
+    batched = [o.outputs[0].token_ids for o in fast.generate(prompts, GREEDY, use_tqdm=False)]
+    alone = [fast.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+             for p in prompts]
+    slow = [o.outputs[0].token_ids for o in portable.generate(prompts, GREEDY, use_tqdm=False)]
+    oracle = [mlx_lm_greedy(tiny_qwen3, p, 20) for p in prompts]
+    assert batched == alone == slow == oracle
+
+
+def test_qwen3_logits_match_mlx_lm(tiny_qwen3):
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    theirs, _ = mlx_lm_load(tiny_qwen3)
+    ours, _ = load_model(tiny_qwen3)
+    ids = RNG.integers(0, 320, size=50).astype(np.int32)
+    want = np.array(theirs(mx.array(ids)[None]))[0]
+    np.testing.assert_allclose(np.array(ours(mx.array(ids))), want, rtol=1e-4, atol=1e-4)
+
+
+class ScaledResidual(nn.Module):
+    """An architecture-specific module with weights of its own and MLX math:
+    no host kernel exists for it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.gain = mx.ones((1,))
+
+    def __call__(self, x):
+        return self.inner(x) * self.gain
+
+
+def test_a_layer_without_kernel_falls_back_once_with_same_tokens(tiny_llama_dir, capfd):
+    prompts = [list(range(3, 3 + n)) for n in (4, 33)]
+    reference = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, host_forward=False)
+    want = [o.outputs[0].token_ids for o in reference.generate(prompts, GREEDY, use_tqdm=False)]
+    from engine.core.llm_engine import EngineArgs, LLMEngine
+
+    model, config = load_model(tiny_llama_dir)
+    model.layers[1].mlp = ScaledResidual(model.layers[1].mlp)
+    capfd.readouterr()
+    engine = LLMEngine(model, reference.engine.tokenizer, config,
+                       EngineArgs(kv_cache_bytes=16 << 20))
+    assert engine.runner.host_forward is None
+    err = capfd.readouterr().err
+    assert err.count("CPU fast path off") == 1 and "ScaledResidual" in err
+    reference.engine = engine  # the same LLM front end over the patched model
+    got = [o.outputs[0].token_ids for o in reference.generate(prompts, GREEDY, use_tqdm=False)]
+    assert got == want
+    # Nothing stays half-bound: the model's layers run their MLX forward.
+    assert model.layers[0].self_attn.q_proj.host is None
+    assert HostForward.build(model, None)[0] is None

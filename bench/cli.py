@@ -56,10 +56,9 @@ def _add_common(p) -> None:
 
 
 def _machine() -> str:
-    from engine.platform import blas
-    from engine.platform.backend import device_name
+    from engine.platform import blas, current_platform
 
-    dev = device_name()
+    dev = current_platform().name
     if dev != "cpu":
         dev += " " + mx.device_info().get("device_name", "")
     return (f"{dev}; {platform.machine()}; mlx {mx.__version__}; "
@@ -77,9 +76,11 @@ def _build(args):
                        host_forward=args.host_forward)
     if args.synthetic:
         from bench.synthetic import NullTokenizer, synthetic_model
-        from engine.platform.backend import on_cpu
+        from engine.platform import current_platform
 
-        dtype = getattr(mx, args.dtype or ("float32" if on_cpu() else "bfloat16"))
+        # The platform's choice for a bfloat16 checkpoint: float32 on the CPU.
+        dtype = getattr(mx, args.dtype) if args.dtype else \
+            current_platform().default_dtype({"torch_dtype": "bfloat16"})
         model, config = synthetic_model(args.synthetic, dtype)
         engine = LLMEngine(model, NullTokenizer(), config, eargs)
         return engine, lambda: _mlx_lm_twin(model, config)

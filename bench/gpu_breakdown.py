@@ -22,6 +22,7 @@ from bench.synthetic import NullTokenizer, synthetic_model
 from engine.core.llm_engine import EngineArgs, LLMEngine
 from engine.core.sampling_params import SamplingParams
 from kvcache import paged_cache
+from kvcache.attention import cuda as cuda_attention
 
 
 def timed(fn, repeat: int = 10) -> float:
@@ -59,9 +60,9 @@ def main() -> None:
         mx.bfloat16)
     kv = mx.random.normal((batch.num_padded, a.num_key_value_heads, a.head_dim)).astype(
         mx.bfloat16)
-    if cache.decode_kernel:
+    if cache.backend.name == "cuda":
         def attention():
-            outs = [paged_cache.paged_decode_attention(
+            outs = [cuda_attention.paged_decode_attention(
                 q, cache.k[i], cache.v[i], kv, kv, meta.decode_block_tables,
                 meta.decode_context_lens, a.head_dim**-0.5, cache.block_size,
                 cache.n_kv_heads) for i in range(cache.num_layers)]

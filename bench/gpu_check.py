@@ -17,7 +17,7 @@ from bench.cli import _mlx_lm_twin
 from bench.synthetic import NullTokenizer, synthetic_model
 from engine import SamplingParams
 from engine.core.llm_engine import EngineArgs, LLMEngine
-from kvcache import cuda_paged_attention
+from kvcache.attention import cuda as cuda_attention
 
 GREEDY = dict(temperature=0)
 
@@ -32,13 +32,13 @@ def run(model, config, prompts, sampling=GREEDY, **engine_args):
 
 
 def main() -> None:
-    print("kernel verified:", cuda_paged_attention.available(), flush=True)
+    print("kernel verified:", cuda_attention.available(), flush=True)
     model, config = synthetic_model("smollm2", mx.float32)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 40000, size=int(n)).tolist()
                for n in rng.integers(5, 300, size=8)]
     eng, tokens = run(model, config, prompts, kv_cache_bytes=1 << 30)
-    print("decode kernel in use:", eng.cache.decode_kernel)
+    print("decode kernel in use:", eng.cache.backend.name == "cuda")
     twin = _mlx_lm_twin(model, config)
     same = sum([int(t) for t, _ in generate_step(mx.array(p), twin, max_tokens=24)] == ours
                for p, ours in zip(prompts, tokens))

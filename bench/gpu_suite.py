@@ -71,7 +71,7 @@ def step_breakdown(engine_, n_steps=10) -> dict:
         mx.eval(logits, *engine_.cache.k, *engine_.cache.v)
         t3 = time.perf_counter()
         rows = [SamplingRow(engine_.requests[c.seq_id].params, 0, [], []) for c in out.chunks]
-        toks = sample(logits, rows).token_ids.tolist()
+        toks = sample(logits, rows, engine_.sampler_kernels).token_ids.tolist()
         t4 = time.perf_counter()
         sched.update(out, toks)
         t5 = time.perf_counter()

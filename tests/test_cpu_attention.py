@@ -2,14 +2,13 @@
 portable MLX path, and the CPU fast SiLU against MLX's."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
 from engine.loading.model_store import cache_dir
-from engine.platform import native
-from kvcache import cpu_paged_attention as cpa
+from engine.platform import current_platform, native
+from kvcache.attention import cpu as cpa
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -87,9 +86,9 @@ def test_engine_kernel_and_portable_paths_agree(tiny_llama_dir):
     kernel = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, max_num_batched_tokens=64)
     portable = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, max_num_batched_tokens=64,
                    paged_kernel=False)
-    if kernel.engine.cache.cpu_attention is None:
+    if kernel.engine.cache.backend.name != "cpu":
         pytest.skip("no C compiler on this machine")
-    assert portable.engine.cache.cpu_attention is None
+    assert portable.engine.cache.backend.name == "portable"
     got = kernel.generate(prompts, params, use_tqdm=False)
     want = portable.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
@@ -98,19 +97,9 @@ def test_engine_kernel_and_portable_paths_agree(tiny_llama_dir):
 def test_engine_runs_without_a_compiler(tiny_llama_dir, monkeypatch, capsys):
     monkeypatch.setattr(native, "compiler", lambda: None)
     llm = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20)
-    assert llm.engine.cache.cpu_attention is None
+    assert llm.engine.cache.backend.name == "portable"
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
-
-
-def test_fast_silu_matches_mlx():
-    from models.layers.fast_math import silu_mul_fast
-
-    g = mx.concatenate([mx.linspace(-60, 60, 20001), mx.array([0.0, -0.0, 1e-30, -1e-30])])
-    u = mx.ones_like(g)
-    want = np.array(nn.silu(g))
-    got = np.array(silu_mul_fast(g, u))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
 
 
 def test_full_vocabulary_draws_follow_the_softmax():
@@ -122,17 +111,21 @@ def test_full_vocabulary_draws_follow_the_softmax():
     logits = np.where(probs > 0, np.log(np.maximum(probs, 1e-30)), -40.0)
     rows = [SamplingRow(SamplingParams(temperature=1.0, seed=s), s, [], []) for s in range(4000)]
     drawn = np.array(sample(mx.array(np.tile(logits, (len(rows), 1)), mx.float32),
-                            rows).token_ids)
+                            rows, current_platform().sampler_kernels()).token_ids)
     freq = np.bincount(drawn, minlength=len(probs)) / len(rows)
     np.testing.assert_allclose(freq[:4], probs[:4], atol=0.03)
     assert freq[4:].sum() < 0.002
 
 
-def test_fast_logsumexp_matches_mlx():
+@pytest.mark.parametrize("kernels", ["platform", "fast_exp", "portable"])
+def test_fast_logsumexp_matches_mlx(kernels):
     from engine.core.sampler import _logsumexp
+    from engine.platform.base import PORTABLE_SAMPLING, SamplerKernels
 
+    kernels = {"platform": current_platform().sampler_kernels(), "portable": PORTABLE_SAMPLING,
+               "fast_exp": SamplerKernels(fast_exp=True)}[kernels]
     x = mx.array(np.random.default_rng(0).normal(0, 8, size=(3, 5000)).astype(np.float32))
-    np.testing.assert_allclose(np.array(_logsumexp(x)),
+    np.testing.assert_allclose(np.array(_logsumexp(x, kernels)),
                                np.array(mx.logsumexp(x, axis=-1, keepdims=True)), rtol=1e-5)
 
 
@@ -163,7 +156,7 @@ def test_engine_float16_kv_kernel_and_portable_paths_agree(tiny_llama_dir):
     args = dict(kv_cache_bytes=16 << 20, max_num_batched_tokens=64, kv_cache_dtype="float16")
     kernel = LLM(str(tiny_llama_dir), **args)
     portable = LLM(str(tiny_llama_dir), paged_kernel=False, **args)
-    if kernel.engine.cache.cpu_attention is None:
+    if kernel.engine.cache.backend.name != "cpu":
         pytest.skip("no C compiler on this machine")
     assert kernel.engine.cache.dtype == mx.float16
     got = kernel.generate(prompts, params, use_tqdm=False)

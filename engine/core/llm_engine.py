@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import random
 from dataclasses import dataclass
 
@@ -17,23 +16,13 @@ from engine.core.sampler import SamplingRow, sample
 from engine.core.sampling_params import SamplingParams
 from engine.errors import RequestError
 from engine.loading.tokenizer import Tokenizer
-from engine.platform.backend import DTYPES, device_name, log_once, on_cpu
+from engine.platform import current_platform
+from engine.platform.base import DTYPES, Platform
+from kvcache.attention.metadata import AttentionSpec
 from kvcache.block_manager import BlockManager
-from kvcache.paged_cache import PagedKVCache, host_dtype
+from kvcache.paged_cache import PagedKVCache
 from scheduler.scheduler import RequestTooLong, Scheduler, SchedulerConfig
 from scheduler.sequence import FinishReason
-
-CPU_KV_CACHE_BYTES = 2 << 30      # a fixed 2 GiB on the CPU
-GPU_KV_CACHE_FRACTION = 0.5       # of device memory, on Metal
-# On CUDA every K/V write copies its whole pool (MLX does not update it in
-# place there; see DESIGN.md), so a step costs a copy of the whole budget:
-# keep it modest unless told otherwise.
-CUDA_KV_CACHE_BYTES = 4 << 30
-# Tokens a step. On the CPU a 2048-row step already runs its matmuls at full
-# speed; on an H100 8192 made a 256 x 128-token prefill take 4 steps instead of
-# 8 and the whole 8B decode-heavy run 21% faster (bench/results/h100_prefill_budget.log).
-CPU_MAX_BATCHED_TOKENS = 2048
-GPU_MAX_BATCHED_TOKENS = 8192
 
 
 class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -42,13 +31,13 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None
     dtype: str | None = None
     keep_quantized: bool | None = None
-    kv_cache_bytes: int | None = None
+    kv_cache_bytes: int | None = None  # None: the platform's default budget
     block_size: int = 16
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: 2048 on the CPU, 8192 on a GPU
+    max_num_batched_tokens: int | None = None  # None: the platform's (CPU 2048, GPU 8192)
     max_model_len: int | None = None
     seed: int = 0
-    compile: bool | None = None   # compiled decode steps; None: on CUDA only
+    compile: bool | None = None   # compiled decode steps; None: where the platform says (CUDA)
     # K/V storage: None keeps the model's dtype (float32 on the CPU); "float16"
     # halves the bytes attention reads (llama.cpp's default KV type).
     kv_cache_dtype: str | None = None
@@ -92,47 +81,13 @@ def _compute_dtype(embedding) -> mx.Dtype:
     return mx.float16
 
 
-def _host_forward(model, args: EngineArgs):
-    """The CPU fast path (engine/platform/host_forward.py) for this model, or
-    None: off, not on the CPU, or a layer it has no kernel for (said once)."""
-    if args.host_forward is False or not on_cpu() or args.paged_kernel is False:
-        return None
-    from engine.platform import cpu_ops
-    from engine.platform.host_forward import HostForward
-
-    forward, why = HostForward.build(model, cpu_ops.load())
-    if forward is None:
-        if args.host_forward:
-            raise RequestError(f"host_forward: {why}")
-        log_once(f"CPU fast path off: {why}; running the portable MLX path (slower)")
-    else:
-        log_once("CPU fast path: every layer on its C kernel")
-    return forward
-
-
-def _cpu_attention(args: EngineArgs, head_dim: int, dtype: mx.Dtype):
-    """The CPU paged-attention kernel, when it applies and builds here."""
-    kv_dtype = host_dtype(dtype)
-    if args.paged_kernel is False or not on_cpu() or kv_dtype is None:
-        return None
-    from engine.loading.model_store import cache_dir
-    from engine.platform import native
-    from kvcache import cpu_paged_attention as cpa
-
-    library = native.build_library(
-        "cpu_paged_attention", cpa.SOURCE, cpa.compile_args(head_dim, args.block_size, kv_dtype),
-        native.openmp_link_args() + ["-lm"], cache_dir() / "kernels")
-    if library is None:
-        log_once("no C compiler, or the CPU attention kernel did not build: "
-                 "attention runs on the portable MLX path (slower)")
-        return None
-    return cpa.CpuPagedAttention(library, head_dim, args.block_size, os.cpu_count() or 1,
-                                 kv_dtype)
-
-
 class LLMEngine:
-    def __init__(self, model, tokenizer: Tokenizer, config: dict, args: EngineArgs):
+    def __init__(self, model, tokenizer: Tokenizer, config: dict, args: EngineArgs,
+                 platform: Platform | None = None):
+        """`platform` (None: the current device's) answers every device
+        question: KV budget, attention backend, compiled steps, sampler."""
         self.model, self.tokenizer, self.config, self.args = model, tokenizer, config, args
+        self.platform = platform = platform or current_platform()
         margs = model.args
         max_len = args.max_model_len or int(config.get("max_position_embeddings", 4096))
         dtype = _compute_dtype(model.model.embed_tokens)
@@ -144,23 +99,27 @@ class LLMEngine:
         per_block = PagedKVCache.bytes_per_block(
             margs.num_hidden_layers, args.block_size, margs.num_key_value_heads,
             margs.head_dim, dtype)
-        budget = args.kv_cache_bytes or _default_kv_bytes()
+        budget = args.kv_cache_bytes or platform.default_kv_cache_bytes()
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise RequestError(f"kv_cache_bytes={budget} is smaller than one KV block "
                                f"({per_block} bytes)")
+        spec = AttentionSpec(margs.num_attention_heads, margs.num_key_value_heads,
+                             margs.head_dim, args.block_size, dtype)
+        backend = platform.attention_backend(spec, args.paged_kernel)
         self.cache = PagedKVCache(margs.num_hidden_layers, num_blocks, args.block_size,
-                                  margs.num_key_value_heads, margs.head_dim, dtype,
-                                  cpu_attention=_cpu_attention(args, margs.head_dim, dtype),
-                                  cuda_kernel=args.paged_kernel is not False)
+                                  margs.num_key_value_heads, margs.head_dim, dtype, backend)
         self.blocks = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(
-            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens or (
-                CPU_MAX_BATCHED_TOKENS if on_cpu() else GPU_MAX_BATCHED_TOKENS), max_len),
+            SchedulerConfig(args.max_num_seqs,
+                            args.max_num_batched_tokens or platform.max_num_batched_tokens,
+                            max_len),
             self.blocks)
-        compile_decode = args.compile if args.compile is not None else device_name() == "cuda"
+        compile_decode = platform.compile_decode if args.compile is None else args.compile
         self.runner = ModelRunner(model, self.cache, compile_decode=compile_decode,
-                                  host_forward=_host_forward(model, args))
+                                  host_forward=platform.host_forward(model, backend,
+                                                                     args.host_forward))
+        self.sampler_kernels = platform.sampler_kernels()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._rng = random.Random(args.seed)
@@ -171,10 +130,11 @@ class LLMEngine:
     def from_args(cls, args: EngineArgs) -> LLMEngine:
         from engine.loading.loader import load_model, resolve_model_path
 
+        platform = current_platform()
         path = resolve_model_path(args.model)
         model, config = load_model(path, dtype=args.dtype, keep_quantized=args.keep_quantized,
-                                   cpu_matmul=args.cpu_matmul)
-        return cls(model, Tokenizer.from_dir(path), config, args)
+                                   cpu_matmul=args.cpu_matmul, platform=platform)
+        return cls(model, Tokenizer.from_dir(path), config, args, platform)
 
     # -- requests ----------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -247,7 +207,7 @@ class LLMEngine:
             seq = request.sequence
             rows.append(SamplingRow(request.params, request.seed, seq.prompt_token_ids,
                                     seq.output_token_ids))
-        result = sample(logits, rows)
+        result = sample(logits, rows, self.sampler_kernels)
         extras = [a for a in (result.logprobs, result.top_ids, result.top_logprobs)
                   if a is not None]
         mx.eval(result.token_ids, *extras, *self.cache.k, *self.cache.v)
@@ -284,13 +244,3 @@ class LLMEngine:
             padding_waste=self.runner.padding_waste, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.generated_tokens, running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting))
-
-
-def _default_kv_bytes() -> int:
-    if on_cpu():
-        return CPU_KV_CACHE_BYTES
-    if device_name() == "cuda":
-        return CUDA_KV_CACHE_BYTES
-    return int(mx.device_info()["memory_size"] * GPU_KV_CACHE_FRACTION)
-
-

@@ -13,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 
 from engine.core.sampling_params import SamplingParams
-from engine.platform import cpu_sampling
-from models.layers.fast_math import default_fast_math, exp_from_arg, exp_shifted_arg
+from engine.platform.base import PORTABLE_SAMPLING, SamplerKernels
+from engine.platform.fast_math import exp_from_arg, exp_shifted_arg
 
 MAX_CANDIDATES = 1024  # tokens considered by top-k / top-p filtering
 
@@ -39,28 +39,27 @@ class SamplerOutput:
 
 # MLX's CPU exp and log run one scalar at a time: over a [64, 49152] logits
 # array a logsumexp took ~38 ms and Gumbel noise (two logs) ~75 ms, more than
-# a decode step's attention. On the CPU the exp is the vectorised polynomial
-# of models/fast_math.py and full-vocabulary draws use the inverse CDF (one
-# uniform a row), which needs no log at all.
-_FAST_EXP = default_fast_math()
+# a decode step's attention. So the platform hands the sampler its kernels
+# (SamplerKernels): on the CPU the exp is the vectorised polynomial of
+# engine/platform/fast_math.py and the whole-vocabulary passes run in C. Full-
+# vocabulary draws use the inverse CDF (one uniform a row), which needs no log.
 
 
-def _exp_below(x: mx.array, top: mx.array) -> mx.array:
+def _exp_below(x: mx.array, top: mx.array, kernels: SamplerKernels) -> mx.array:
     """e^(x - top) for finite x <= top (top broadcast along the last axis)."""
-    if _FAST_EXP:
+    if kernels.fast_exp:
         return exp_from_arg(exp_shifted_arg(x, top))
     return mx.exp(x - top)
 
 
-def _logsumexp(x: mx.array) -> mx.array:
-    """logsumexp over the last axis (keepdims) of finite x [B, V]; on the CPU
-    in C (one vectorised pass a row)."""
-    helper = _cpu_helper()
-    if helper is not None:
-        lse, _ = helper.softmax(_host_f32(x), np.ones(x.shape[0], np.float32))
+def _logsumexp(x: mx.array, kernels: SamplerKernels) -> mx.array:
+    """logsumexp over the last axis (keepdims) of finite x [B, V]; with host
+    kernels in C (one vectorised pass a row)."""
+    if kernels.host is not None:
+        lse, _ = kernels.host.softmax(_host_f32(x), np.ones(x.shape[0], np.float32))
         return mx.array(lse)[:, None]
     top = x.max(axis=-1, keepdims=True)
-    return top + mx.log(_exp_below(x, top).sum(axis=-1, keepdims=True))
+    return top + mx.log(_exp_below(x, top, kernels).sum(axis=-1, keepdims=True))
 
 
 def _hash_uniform(seeds: mx.array, steps: mx.array, token_ids: mx.array) -> mx.array:
@@ -110,32 +109,30 @@ def _apply_penalties(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
             - mx.array(freq)[:, None] * counts)
 
 
-def sample(logits: mx.array, rows: list[SamplingRow]) -> SamplerOutput:
-    """Draw one token per row of `logits` [B, V] (lazy; the caller evals)."""
+def sample(logits: mx.array, rows: list[SamplingRow],
+           kernels: SamplerKernels = PORTABLE_SAMPLING) -> SamplerOutput:
+    """Draw one token per row of `logits` [B, V] (lazy; the caller evals),
+    with the platform's `kernels` (the same draws on every path)."""
     logits = logits.astype(mx.float32)
     batch, vocab = logits.shape
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits, rows)
     want_logprobs = any(r.params.logprobs is not None for r in rows)
-    logprobs_all = logits - _logsumexp(logits) if want_logprobs else None
+    logprobs_all = logits - _logsumexp(logits, kernels) if want_logprobs else None
 
     tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
     if not all(r.params.greedy for r in rows):
         tokens = mx.where(mx.array([r.params.greedy for r in rows]), tokens,
-                          _sample_random(logits, rows))
+                          _sample_random(logits, rows, kernels))
 
     out = SamplerOutput(tokens, None, None, None)
     if want_logprobs:
         out.logprobs = mx.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
         k = max(r.params.logprobs or 0 for r in rows)
         if k:
-            out.top_ids = _top_ids(logprobs_all, k)
+            out.top_ids = _top_ids(logprobs_all, k, kernels)
             out.top_logprobs = mx.take_along_axis(logprobs_all, out.top_ids, axis=-1)
     return out
-
-
-def _cpu_helper():
-    return cpu_sampling.load() if _FAST_EXP else None
 
 
 def _host_f32(x: mx.array) -> np.ndarray:
@@ -144,11 +141,10 @@ def _host_f32(x: mx.array) -> np.ndarray:
     return np.asarray(x if x.dtype == mx.float32 else x.astype(mx.float32))
 
 
-def _top_ids(x: mx.array, k: int) -> mx.array:
+def _top_ids(x: mx.array, k: int, kernels: SamplerKernels) -> mx.array:
     """[B, k] ids of each row's k largest entries of x [B, V], largest first."""
-    helper = _cpu_helper()
-    if helper is not None:  # the CPU: a C selection instead of MLX's argpartition
-        return mx.array(helper.top_k(_host_f32(x), k))
+    if kernels.host is not None:  # a C selection instead of MLX's argpartition
+        return mx.array(kernels.host.top_k(_host_f32(x), k))
     ids = mx.argpartition(-x, kth=k - 1, axis=-1)[:, :k]
     order = mx.argsort(-mx.take_along_axis(x, ids, axis=-1), axis=-1)
     return mx.take_along_axis(ids, order, axis=-1)
@@ -166,7 +162,8 @@ def _gumbel(rows: list[SamplingRow], token_ids: mx.array) -> mx.array:
     return -mx.log(-mx.log(_hash_uniform(_row_seeds(rows), _row_steps(rows), token_ids)))
 
 
-def _sample_random(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
+def _sample_random(logits: mx.array, rows: list[SamplingRow],
+                   kernels: SamplerKernels) -> mx.array:
     batch, vocab = logits.shape
     temps = mx.array([r.params.temperature or 1.0 for r in rows], dtype=mx.float32)
     scaled = logits / temps[:, None]
@@ -175,19 +172,19 @@ def _sample_random(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
     top_p = [r.params.top_p for r in rows]
     min_p = [r.params.min_p for r in rows]
     if not (any(top_k) or any(p < 1 for p in top_p) or any(min_p)):
-        return _inverse_cdf(logits, scaled, temps, rows)
+        return _inverse_cdf(logits, scaled, temps, rows, kernels)
 
     # Filtering keeps few tokens, so draw among the top MAX_CANDIDATES only:
     # whole-vocabulary sorts and noise are slow on the CPU (seconds at 256
     # rows). top_k is exact up to that size; top_p and min_p are exact
     # whenever the tokens they keep fit in the candidates.
     cand = min(vocab, max(max(top_k), MAX_CANDIDATES))
-    ids = _top_ids(scaled, cand)
+    ids = _top_ids(scaled, cand, kernels)
     vals = mx.take_along_axis(scaled, ids, axis=-1)
     rank = mx.arange(cand)[None, :]
     keep = rank < mx.array([k or cand for k in top_k])[:, None]
     # Probabilities against the whole vocabulary.
-    probs = mx.exp(vals - _logsumexp(scaled))
+    probs = mx.exp(vals - _logsumexp(scaled, kernels))
     before = mx.cumsum(mx.where(keep, probs, 0), axis=-1) - probs
     keep = keep & (before < mx.array(top_p, dtype=mx.float32)[:, None])
     keep = keep & (probs >= mx.array(min_p, dtype=mx.float32)[:, None] * probs[:, :1])
@@ -197,17 +194,16 @@ def _sample_random(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
 
 
 def _inverse_cdf(logits: mx.array, scaled: mx.array, temps: mx.array,
-                 rows: list[SamplingRow]) -> mx.array:
+                 rows: list[SamplingRow], kernels: SamplerKernels) -> mx.array:
     """One draw a row from softmax(scaled) over the whole vocabulary: the
     first token whose cumulative weight passes u * total, u keyed by (seed,
-    output index) as the candidates' noise is. On the CPU in C from the
-    unscaled logits and temps (the same draw, ~2 ms instead of ~18)."""
+    output index) as the candidates' noise is. With host kernels in C from
+    the unscaled logits and temps (the same draw, ~2 ms instead of ~18)."""
     u = _hash_uniform(_row_seeds(rows), _row_steps(rows), mx.array([-1], dtype=mx.int32))
-    helper = _cpu_helper()
-    if helper is not None:
-        _, ids = helper.softmax(_host_f32(logits), np.asarray(temps), np.asarray(u)[:, 0])
+    if kernels.host is not None:
+        _, ids = kernels.host.softmax(_host_f32(logits), np.asarray(temps), np.asarray(u)[:, 0])
         return mx.array(ids)
-    weights = _exp_below(scaled, scaled.max(axis=-1, keepdims=True))
+    weights = _exp_below(scaled, scaled.max(axis=-1, keepdims=True), kernels)
     cdf = mx.cumsum(weights, axis=-1)
     total = cdf[:, -1:]
     # u < 1, but u * total may round up to total: keep the target inside.

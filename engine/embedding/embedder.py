@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +25,8 @@ from tokenizers import Tokenizer
 
 from engine.embedding.pooling import Pooling, pool, pooled_dim, read_pooling
 from engine.errors import ModelLoadError, RequestError
-from engine.platform.backend import raise_cpu_cache_limit
+from engine.platform import current_platform
+from engine.platform.base import Platform
 from scheduler.embedding_batcher import plan_embedding_batches
 
 # Engine arguments that mean nothing for an encoder (LLM(task="embed") passes
@@ -49,7 +49,8 @@ class Embedder:
     def __init__(self, model: Any, tokenizer: Tokenizer, pooling: Pooling, *, max_length: int,
                  hidden_size: int, pad_token_id: int = 0, batch_tokens: int = 2048,
                  max_batch_size: int = 256, num_streams: int | None = None,
-                 name: str = ""):
+                 name: str = "", platform: Platform | None = None):
+        self.platform = platform = platform or current_platform()
         self.model = model
         self.pooling = pooling
         self.max_length = max_length
@@ -62,19 +63,15 @@ class Embedder:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length)
         self._untruncated: Tokenizer | None = None  # made on first use
-        on_cpu = mx.default_device() == mx.cpu
-        # Consecutive batches alternate between streams. On the CPU each stream
-        # has its own thread, and MLX runs element-wise ops on the stream's
-        # thread alone, so two streams (with a one-thread BLAS each) keep both
-        # cores busy where one stream leaves one idle outside the matmuls.
+        # Consecutive batches alternate between streams (the platform says how
+        # many pay off: two on a two-core CPU, one on a GPU).
         if num_streams is None:
-            num_streams = min(2, os.cpu_count() or 1) if on_cpu else 1
+            num_streams = platform.embed_streams
         self.num_streams = max(1, num_streams)
         # MLX streams belong to the thread that made them: each thread calling
         # embed() gets its own set, made on first use.
         self._thread_streams = threading.local()
-        if on_cpu:
-            raise_cpu_cache_limit()
+        platform.prepare_memory()
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, pooling: str | None = None,
@@ -95,8 +92,10 @@ class Embedder:
             raise ModelLoadError(f"unknown option for an embedding model: {unknown[0]}")
         from engine.loading.loader import load_model
 
+        platform = current_platform()
         path = resolve_embedding_model(model)
-        net, config = load_model(path, dtype=dtype, keep_quantized=keep_quantized)
+        net, config = load_model(path, dtype=dtype, keep_quantized=keep_quantized,
+                                 platform=platform)
         if not hasattr(net, "hidden_size"):
             raise ModelLoadError(f"{path} ({config.get('model_type')}) is not an encoder model")
         tokenizer_file = path / "tokenizer.json"
@@ -112,7 +111,7 @@ class Embedder:
             pad_token_id=int(config.get("pad_token_id") or 0),
             batch_tokens=batch_tokens or max_num_batched_tokens or 2048,
             max_batch_size=max_batch_size or max_num_seqs or 256,
-            num_streams=num_streams, name=path.name)
+            num_streams=num_streams, name=path.name, platform=platform)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
         """Token ids of each text, cut to `max_length`, and whether it was cut."""
@@ -182,7 +181,7 @@ class Embedder:
     def _streams(self) -> list:
         streams = getattr(self._thread_streams, "streams", None)
         if streams is None:
-            streams = [mx.new_stream(mx.default_device()) for _ in range(self.num_streams)]
+            streams = [mx.new_stream(self.platform.device) for _ in range(self.num_streams)]
             self._thread_streams.streams = streams
         return streams
 

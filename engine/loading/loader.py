@@ -21,14 +21,8 @@ import mlx.nn as nn
 
 import models
 from engine.errors import ModelLoadError
-from engine.platform import int8_matmul
-from engine.platform.backend import (
-    WeightFormat,
-    choose_weight_format,
-    log_once,
-    on_cpu,
-    raise_cpu_cache_limit,
-)
+from engine.platform import current_platform, int8_matmul
+from engine.platform.base import Platform, WeightFormat
 from engine.platform.int8_linear import Int8Embedding, Int8Linear
 from engine.platform.int8_matmul import Int8Matmul
 from models.layers.embedding import Embedding
@@ -186,37 +180,12 @@ def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     model.update(tree_map_with_path(cast, model.parameters()))
 
 
-CPU_MATMULS = ("float32", "int16", "int8")
-
-
-def _integer_matmul(fmt: WeightFormat, choice: str | None) -> tuple[Int8Matmul, bool] | None:
-    """(kernel, wide) when a quantized checkpoint's codes should be multiplied
-    as integers on the CPU, else None (dequantize to float32).
-
-    "int16" (the default where the kernel builds: AVX-512 VNNI and a C
-    compiler) quantizes activations to 16 bits per group: the default model's
-    logits stay within ~0.14 (of ~33) of float32's. "int8" is llama.cpp's
-    scheme, ~1.5x faster again, but it moves them by up to ~5
-    (bench/cpu_matmul_quality.py)."""
-    if choice is not None and choice not in CPU_MATMULS:
-        raise ModelLoadError(f"unknown cpu_matmul {choice!r}; choose from {', '.join(CPU_MATMULS)}")
-    if choice == "float32" or not on_cpu() or fmt.dtype != mx.float32:
-        if choice in ("int16", "int8"):
-            raise ModelLoadError(f"cpu_matmul={choice} runs on the CPU with float32 compute "
-                                 "(drop --dtype / --keep-quantized)")
-        return None
-    kernel = int8_matmul.load()
-    if kernel is None:
-        if choice is not None:
-            raise ModelLoadError(f"cpu_matmul={choice} needs a CPU with AVX-512 VNNI and a C "
-                                 "compiler (cc/gcc/clang on PATH)")
-        return None
-    return kernel, choice != "int8"
-
-
 def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | None = None,
-               cpu_matmul: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the model in `path` in the fastest weight format for this device."""
+               cpu_matmul: str | None = None,
+               platform: Platform | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model in `path` in the fastest weight format for `platform`
+    (None: the current device's)."""
+    platform = platform or current_platform()
     config = load_config(path)
     module = model_module(config["model_type"])
     try:
@@ -233,12 +202,11 @@ def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | N
                              f"{str(exc).splitlines()[0]}") from None
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
                     for _, m in model.named_modules())
-    fmt: WeightFormat = choose_weight_format(quantized, config, dtype, keep_quantized)
-    if on_cpu():
-        raise_cpu_cache_limit()
+    fmt: WeightFormat = platform.weight_format(quantized, config, dtype, keep_quantized)
+    platform.prepare_memory()
     reason = fmt.reason
     if quantized and not fmt.keep_quantized:
-        integer = _integer_matmul(fmt, cpu_matmul)
+        integer = platform.integer_matmul(fmt, cpu_matmul)
         model = _dequantized(model, fmt.dtype, integer=integer)
         if integer is not None:
             acts = "int16" if integer[1] else "int8"
@@ -247,6 +215,6 @@ def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | N
                                     "(AVX-512 VNNI kernel; --cpu-matmul chooses)")
     _cast_floats(model, fmt.dtype)
     mx.eval(model.parameters())
-    log_once(reason)
+    platform.log_once(reason)
     model.eval()
     return model, config

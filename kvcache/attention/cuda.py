@@ -1,4 +1,5 @@
-"""Decode attention that reads K/V blocks in place on CUDA (mx.fast.cuda_kernel).
+"""The CUDA attention backend: decode rows through a kernel that reads K/V
+blocks in place (mx.fast.cuda_kernel); prompt chunks on the portable path.
 
 The portable path gathers every sequence's context into a new array before
 attention; on an H100 that gather cost ~4x the attention itself. Here one
@@ -9,16 +10,26 @@ and the warps' partial results are merged through shared memory at the end.
 K/V rows are read straight from the pools, and the row's new token is
 stored into them by the kernel itself.
 
-Used only after `verify()` has matched it against the portable path on this
-device; everywhere else the portable path runs.
+The platform (engine/platform/cuda.py) picks this backend only for shapes
+within the kernel's limits (`unsupported`) and once `available()` has
+matched the kernel against the portable path on this device, at the
+model's own shape; everywhere else the portable backend runs.
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+
 import mlx.core as mx
+import numpy as np
+
+from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
+from kvcache.attention.portable import PortableAttention, PortableMetadata, attend_prompts
 
 WARPS = 4
 UNROLL = 4  # tokens a warp loads before computing on them
+SHARED_MEMORY = 48 << 10  # static shared memory a thread block may use
 
 _SOURCE = """
     constexpr int PER_LANE = D / 32;
@@ -126,7 +137,6 @@ _SOURCE = """
 """
 
 _kernel = None
-_verified: bool | None = None
 
 
 def _get_kernel():
@@ -160,32 +170,44 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, k_ne
         output_shapes=[(batch, heads, dim)], output_dtypes=[q.dtype])[0]
 
 
-def available() -> bool:
-    """True on CUDA once the kernel has matched the portable path here."""
-    global _verified
-    if _verified is None:
-        _verified = _on_cuda() and verify()
-    return _verified
+# The shape gpu_check reports on: a Llama-style group of 4, head_dim 128.
+DEFAULT_SPEC = AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=128, block_size=16,
+                             kv_dtype=mx.bfloat16)
+_verified: dict[AttentionSpec, bool] = {}
 
 
-def _on_cuda() -> bool:
-    try:
-        return mx.default_device() == mx.gpu and mx.cuda.is_available()
-    except AttributeError:
-        return False
+def unsupported(spec: AttentionSpec) -> str | None:
+    """Why the kernel cannot serve this shape, or None if it may (verify decides)."""
+    if spec.head_dim not in (32, 64, 128, 256):  # whole, power-of-two vector loads a lane
+        return f"the CUDA attention kernel needs head_dim 32, 64, 128 or 256, not {spec.head_dim}"
+    if spec.num_kv_heads <= 0 or spec.num_heads % spec.num_kv_heads:
+        return f"{spec.num_heads} query heads do not split evenly over {spec.num_kv_heads} KV heads"
+    if WARPS * spec.group * (spec.head_dim + 2) * 4 > SHARED_MEMORY:
+        return (f"the CUDA attention kernel's shared memory does not fit {spec.group} query "
+                f"heads per KV head at head_dim {spec.head_dim}")
+    return None
 
 
-def verify(dtype=mx.bfloat16) -> bool:
+def available(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
+    """True once the kernel has matched the portable path on this device at
+    this shape (checked once per shape)."""
+    if spec not in _verified:
+        _verified[spec] = unsupported(spec) is None and verify(spec)
+    return _verified[spec]
+
+
+def verify(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
     """Compare with gather + SDPA on random data; any error means 'no'."""
     try:
-        import numpy as np
-
         rng = np.random.default_rng(0)
-        bs, kvh, g, d, blocks, batch, width = 16, 2, 4, 128, 40, 5, 6
+        dtype, bs, kvh, g, d = (spec.kv_dtype, spec.block_size, spec.num_kv_heads,
+                                spec.group, spec.head_dim)
+        lens = np.array([1, 17, 33, 90, 96], dtype=np.int32)
+        batch, width = len(lens), -(-int(lens.max()) // bs)
+        blocks = batch * width + 2
         k_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
         v_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
         tables = rng.permutation(blocks)[:batch * width].reshape(batch, width).astype(np.int32)
-        lens = np.array([1, 17, 33, 90, 96], dtype=np.int32)
         q = mx.array(rng.normal(size=(batch, kvh * g, d)), dtype=dtype)
         k_new = mx.array(rng.normal(size=(batch, kvh, d)), dtype=dtype)
         v_new = mx.array(rng.normal(size=(batch, kvh, d)), dtype=dtype)
@@ -210,7 +232,58 @@ def verify(dtype=mx.bfloat16) -> bool:
             mx.abs(v_pool[mx.array(new_rows)] - v_new.reshape(-1, d)).max().item()
         return err < 2e-2 and stored == 0
     except Exception as exc:  # a compile or launch failure: fall back
-        import sys
         print(f"conveyor: CUDA paged attention unavailable ({type(exc).__name__}: {exc})",
               file=sys.stderr)
         return False
+
+
+@dataclass
+class CudaMetadata(PortableMetadata):
+    """The portable metadata, with the decode rows' arrays for the kernel."""
+
+    decode_block_tables: mx.array | None = None  # [Bd, W] int32
+    decode_context_lens: mx.array | None = None  # [Bd] int32, the new token included
+
+
+class CudaAttention(PortableAttention):
+    """Decode rows through the in-place kernel, the rest through the portable path."""
+
+    name = "cuda"
+    # Kernel rows may be padding (they read and write the scratch block), so a
+    # decode step can be padded to a bucket of rows and compiled once per bucket.
+    compiled_decode = True
+    metadata_class = CudaMetadata
+
+    def build(self, common: CommonAttentionMetadata) -> CudaMetadata:
+        meta = self._common_part(common)
+        nd = common.num_decode
+        if nd:
+            meta.decode_block_tables = mx.array(common.tables(0, nd).astype(np.int32))
+            meta.decode_context_lens = mx.array(common.context_lens[:nd].astype(np.int32))
+        return meta
+
+    def decode_graph_inputs(self, meta: CudaMetadata) -> tuple[mx.array, ...]:
+        """The arrays a compiled decode step takes (see decode_metadata)."""
+        return meta.decode_block_tables, meta.decode_context_lens
+
+    def decode_metadata(self, rows: int, tables: mx.array, context_lens: mx.array,
+                        ) -> CudaMetadata:
+        """Metadata of a decode-only step of `rows` rows, inside a compiled graph."""
+        return CudaMetadata(None, num_decode=rows, decode_block_tables=tables,
+                            decode_context_lens=context_lens)
+
+    def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        meta, cache = view.meta, view.cache
+        nd, hkv = meta.num_decode, cache.n_kv_heads
+        if nd < k.shape[0]:
+            # Decode rows store their K/V inside the kernel; the rest (prompt
+            # chunks, padding) through MLX first, so the kernel gets the live pools.
+            cache.write(view.layer, meta.write_rows[nd * hkv:], k[nd:], v[nd:])
+        outs = []
+        if nd:
+            od = paged_decode_attention(
+                q[:nd].astype(cache.dtype), cache.k[view.layer], cache.v[view.layer], k[:nd],
+                v[:nd], meta.decode_block_tables, meta.decode_context_lens, scale,
+                cache.block_size, hkv)
+            outs.append(od.astype(q.dtype))
+        return attend_prompts(view, q, scale, outs)

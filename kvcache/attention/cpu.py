@@ -1,32 +1,39 @@
-"""Paged attention on the CPU through a small C kernel (cpu_paged_attention.c).
+"""The CPU attention backend: a small C kernel (cpu_paged_attention.c) that
+writes and reads the pools in place, through numpy views of their memory.
 
 MLX's CPU backend has no way to add a kernel, and its portable path gathers
 every sequence's K/V rows into a new array, then runs attention whose exp is
 evaluated one scalar at a time: at 64 decode rows of the default model that
 was ~9 ms of a layer against ~5 ms for all its matmuls. The kernel reads K/V
-rows in place from the pools through numpy views of the MLX arrays and
-vectorises the dot products and the exp.
+rows in place and vectorises the dot products and the exp.
 
 The kernel keeps its own layout in the pools' memory: keys transposed per
 block, [blocks, kv_heads, head_dim, block_size], so one query's scores over a
 block are head_dim vector FMAs; values [blocks, kv_heads, block_size, head_dim].
+Once bound, the MLX pool arrays are never written by MLX.
 
-The engine compiles it once per (head_dim, block_size, K/V dtype, CPU) with
-the system C compiler (engine/native.py) and loads it here with ctypes; where
-it can't be built, the portable MLX path runs.
+The platform (engine/platform/cpu.py) builds the kernel once per (head_dim,
+block_size, K/V dtype, CPU) and picks this backend only for models within
+its limits (`unsupported`); otherwise the portable backend runs.
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
-SOURCE = Path(__file__).parents[1] / "engine" / "platform" / "kernels" / "cpu_paged_attention.c"
+from kvcache.attention.backend import AttentionBackend
+from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
+
+SOURCE = Path(__file__).parents[2] / "engine" / "platform" / "kernels" / "cpu_paged_attention.c"
 _I32 = ctypes.POINTER(ctypes.c_int32)
 _I64 = ctypes.POINTER(ctypes.c_int64)
 _F32 = ctypes.POINTER(ctypes.c_float)
+MAX_GROUP = 16  # query heads per KV head the kernel serves (MAX_GROUP in the C source)
 
 
 def compile_args(head_dim: int, block_size: int, kv_dtype=np.float32) -> list[str]:
@@ -110,3 +117,86 @@ class CpuPagedAttention:
 
 def _ptr(a: np.ndarray, kind):
     return a.ctypes.data_as(kind)
+
+
+def host_dtype(dtype: mx.Dtype) -> np.dtype | None:
+    """The numpy dtype the kernel's pools have for K/V stored as `dtype`, or
+    None where it has none (numpy has no bfloat16)."""
+    return {mx.float32: np.dtype(np.float32), mx.float16: np.dtype(np.float16)}.get(dtype)
+
+
+def unsupported(spec: AttentionSpec) -> str | None:
+    """Why the kernel cannot serve this attention shape, or None if it can."""
+    if host_dtype(spec.kv_dtype) is None:
+        return (f"the CPU attention kernel stores K/V as float32 or float16, not "
+                f"{str(spec.kv_dtype).rsplit('.', 1)[-1]} (kv_cache_dtype='float16' uses it)")
+    if spec.num_kv_heads <= 0 or spec.num_heads % spec.num_kv_heads:
+        return f"{spec.num_heads} query heads do not split evenly over {spec.num_kv_heads} KV heads"
+    if spec.group > MAX_GROUP:
+        return (f"the CPU attention kernel serves at most {MAX_GROUP} query heads per KV head; "
+                f"this model has {spec.group}")
+    return None
+
+
+@dataclass
+class CpuMetadata:
+    """Every packed token i attends to the first context[i] slots of block
+    table tables[table_of[i]] (so prompt chunks are causal by construction)."""
+
+    slots: np.ndarray     # [N] int64 token slot each packed token's K/V is stored at
+    tables: np.ndarray    # [chunks, W] int32
+    table_of: np.ndarray  # [N] int32
+    context: np.ndarray   # [N] int32; 0 for padding (attends nothing)
+
+
+class CpuAttention(AttentionBackend):
+    """The C kernel over host views of the pools."""
+
+    name = "cpu"
+    host_attention = True
+
+    def __init__(self, spec: AttentionSpec, kernel: CpuPagedAttention):
+        super().__init__(spec)
+        self.kernel = kernel
+        self.k_host: list[np.ndarray] = []
+        self.v_host: list[np.ndarray] = []
+
+    def bind(self, cache) -> None:
+        for k, v in zip(cache.k, cache.v):
+            k_view, v_view = self.kernel.pool_views(_host_view(k), _host_view(v),
+                                                    cache.n_kv_heads)
+            self.k_host.append(k_view)
+            self.v_host.append(v_view)
+
+    def build(self, common: CommonAttentionMetadata) -> CpuMetadata:
+        pad = common.num_padding
+        table_of = np.repeat(np.arange(common.num_chunks, dtype=np.int32), common.chunk_lens)
+        context = common.positions.astype(np.int32) + 1
+        context[len(context) - pad:] = 0
+        return CpuMetadata(common.slots.astype(np.int64), common.block_tables.astype(np.int32),
+                           np.concatenate([table_of, np.zeros(pad, np.int32)]), context)
+
+    def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        # The kernel runs outside MLX's graph: evaluate this layer's q/k/v, write
+        # K/V into the pools and attend in place, hand the result back to MLX.
+        # It computes in float32 (numpy has no bfloat16).
+        dtype = q.dtype
+        q, k, v = (a.astype(mx.float32) for a in (q, k, v))
+        mx.eval(q, k, v)
+        out = self.attend_host(view, np.asarray(q), np.asarray(k), np.asarray(v), scale)
+        return mx.array(out).astype(dtype)
+
+    def attend_host(self, view, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                    scale: float) -> np.ndarray:
+        """q [N, heads, D], k/v [N, kv_heads, D] float32 -> [N, heads, D]."""
+        meta, layer = view.meta, view.layer
+        return self.kernel(q, self.k_host[layer], self.v_host[layer], meta.tables,
+                           meta.table_of, meta.context, scale, k_new=k, v_new=v,
+                           slots=meta.slots)
+
+
+def _host_view(pool: mx.array) -> np.ndarray:
+    view = np.asarray(pool)
+    if not (view.flags.writeable and view.flags.c_contiguous):
+        raise RuntimeError("paged cache: pool memory is not a writable contiguous buffer")
+    return view

@@ -1,0 +1,149 @@
+"""The Linux CPU: MLX's fp32 matmuls through the preloaded BLAS, plus
+Conveyor's native kernels (attention, integer matmuls, the llama forward in
+host memory, the sampler's helpers) wherever they build and fit.
+
+Only MLX's fp32 matmul is fast here (bf16, fp16 and 4/8-bit matmuls run at
+1-6 GFLOP/s against ~180), so quantized checkpoints leave MLX's quantized
+layers at load: dequantized to fp32, or kept as integer codes for
+Conveyor's own kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlx.core as mx
+
+from engine.errors import ModelLoadError, RequestError
+from engine.platform import blas
+from engine.platform.base import (
+    Platform,
+    SamplerKernels,
+    WeightFormat,
+    check_cpu_matmul,
+)
+from kvcache.attention import cpu as cpu_attention
+from kvcache.attention.backend import AttentionBackend
+from kvcache.attention.metadata import AttentionSpec
+
+BUFFER_CACHE_BYTES = 2 << 30
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    kv_cache_bytes = 2 << 30        # a fixed 2 GiB
+    # A 2048-row step already runs the matmuls at full speed.
+    max_num_batched_tokens = 2048
+    keeps_quantized = False
+    fast_math = True
+
+    def __init__(self, device: mx.Device):
+        super().__init__(device)
+        self.threads = os.cpu_count() or 1
+        self._memory_prepared = False
+
+    @property
+    def embed_streams(self) -> int:
+        # Each stream has its own thread, and MLX runs element-wise ops on the
+        # stream's thread alone: two streams (a one-thread BLAS each) keep two
+        # cores busy where one leaves one idle outside the matmuls.
+        return min(2, self.threads)
+
+    def describe(self) -> str:
+        where = "cpu" + (" + " + blas.loaded().rsplit("/", 1)[-1] if blas.loaded() else "")
+        if not blas.loaded():
+            where += " (no optimised BLAS found: matmuls will be slow)"
+        return where
+
+    def default_dtype(self, config: dict) -> mx.Dtype:
+        return mx.float32
+
+    def integer_matmul(self, fmt: WeightFormat, choice: str | None) -> tuple[Any, bool] | None:
+        """"int16" (the default where the kernel builds: AVX-512 VNNI and a C
+        compiler) quantizes activations to 16 bits per group: the default
+        model's logits stay within ~0.14 (of ~33) of float32's. "int8" is
+        llama.cpp's scheme, ~1.5x faster again, but it moves them by up to ~5
+        (bench/cpu_matmul_quality.py)."""
+        check_cpu_matmul(choice)
+        if choice == "float32" or fmt.dtype != mx.float32:
+            if choice in ("int16", "int8"):
+                raise ModelLoadError(f"cpu_matmul={choice} runs on the CPU with float32 compute "
+                                     "(drop --dtype / --keep-quantized)")
+            return None
+        from engine.platform import int8_matmul
+
+        kernel = int8_matmul.load()
+        if kernel is None:
+            if choice is not None:
+                raise ModelLoadError(f"cpu_matmul={choice} needs a CPU with AVX-512 VNNI and a "
+                                     "C compiler (cc/gcc/clang on PATH)")
+            return None
+        return kernel, choice != "int8"
+
+    def prepare_memory(self) -> None:
+        """MLX's CPU buffer cache defaults to 32 MiB: larger arrays (a step's
+        activations, gathered K/V) went back to the OS after every use and
+        were page-faulted in again (~30 ms for a 44 MB array). Raise it,
+        never lower it."""
+        if self._memory_prepared:
+            return
+        self._memory_prepared = True
+        limit = BUFFER_CACHE_BYTES
+        try:
+            limit = min(limit, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8)
+        except (ValueError, OSError):
+            pass
+        previous = mx.set_cache_limit(limit)
+        if previous > limit:
+            mx.set_cache_limit(previous)
+
+    def fast_attention(self, spec: AttentionSpec) -> tuple[AttentionBackend | None, str | None]:
+        why_not = cpu_attention.unsupported(spec)
+        if why_not is not None:
+            return None, why_not
+        kernel = self._attention_kernel(spec)
+        if kernel is None:
+            return None, "no C compiler, or the CPU attention kernel did not build"
+        return cpu_attention.CpuAttention(spec, kernel), None
+
+    def _attention_kernel(self, spec: AttentionSpec) -> cpu_attention.CpuPagedAttention | None:
+        from engine.loading.model_store import cache_dir
+        from engine.platform import native
+
+        kv_dtype = cpu_attention.host_dtype(spec.kv_dtype)
+        library = native.build_library(
+            "cpu_paged_attention", cpu_attention.SOURCE,
+            cpu_attention.compile_args(spec.head_dim, spec.block_size, kv_dtype),
+            native.openmp_link_args() + ["-lm"], cache_dir() / "kernels")
+        if library is None:
+            return None
+        return cpu_attention.CpuPagedAttention(library, spec.head_dim, spec.block_size,
+                                               self.threads, kv_dtype)
+
+    def host_forward(self, model, backend: AttentionBackend, wanted: bool | None = None):
+        """The CPU fast path (engine/platform/host_forward.py): the model's own
+        forward on host arrays, every shared layer on its C kernel, around the
+        attention backend's host path; None (said once) where a layer has no
+        kernel, and an error then if `wanted`."""
+        if wanted is False:
+            return None
+        from engine.platform import cpu_ops
+        from engine.platform.host_forward import HostForward
+
+        if not backend.host_attention:
+            forward, why = None, "the attention backend has no host path"
+        else:
+            forward, why = HostForward.build(model, cpu_ops.load())
+        if forward is None:
+            if wanted:
+                raise RequestError(f"host_forward: {why}")
+            self.log_once(f"CPU fast path off: {why}; running the portable MLX path (slower)")
+        else:
+            self.log_once("CPU fast path: every layer on its C kernel")
+        return forward
+
+    def sampler_kernels(self) -> SamplerKernels:
+        from engine.platform import cpu_sampling
+
+        return SamplerKernels(fast_exp=self.fast_math, host=cpu_sampling.load())

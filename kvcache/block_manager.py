@@ -1,14 +1,24 @@
-"""Fixed-size KV blocks handed to sequences from one pool. Pure Python.
+"""Fixed-size KV blocks handed to sequences from one pool, with automatic
+prefix caching. Pure Python.
 
 Each sequence owns a block table: the list of physical blocks holding its
 tokens in order, so token t of a sequence lives in slot
 `table[t // block_size] * block_size + t % block_size`. Reference counts let
-a block be shared (prefix reuse) and returned only when its last owner is done.
+a block be shared and returned only when its last owner is done.
+
+Prefix caching (vLLM's scheme): once a block is full and its K/V computed, it
+is registered under its chained key (kvcache/prefix_hash.py). A new sequence
+takes the longest run of registered blocks matching its prompt instead of
+computing them. A block whose last owner lets go stays registered, with its
+contents, in an LRU queue of free blocks; it is evicted (unregistered) only
+when the allocator hands it out again, oldest first.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+
+from kvcache.prefix_hash import ROOT, chain_keys
 
 
 class NoFreeBlocks(RuntimeError):
@@ -16,15 +26,24 @@ class NoFreeBlocks(RuntimeError):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int = 16):
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        # Free blocks in eviction order (least recently freed first).
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
         self.peak_used = 0
+        # Prefix cache: key -> block, block -> key, and each sequence's keys
+        # of its registered full blocks (in table order).
+        self._cached: dict[bytes, int] = {}
+        self._key_of: list[bytes | None] = [None] * num_blocks
+        self._seq_keys: dict[str, list[bytes]] = {}
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0     # of which found cached
 
     # -- counters ---------------------------------------------------------
     @property
@@ -34,6 +53,11 @@ class BlockManager:
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding registered K/V (in use or free and evictable)."""
+        return len(self._cached)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -53,15 +77,22 @@ class BlockManager:
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free)
 
+    def _take_free(self) -> int:
+        block, _ = self._free.popitem(last=False)
+        key = self._key_of[block]
+        if key is not None:  # evicted: its contents are about to be overwritten
+            self._key_of[block] = None
+            del self._cached[key]
+        self._ref_counts[block] = 1
+        return block
+
     def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
         """Grow `seq_id`'s table to hold `num_tokens` tokens (a new sequence, a
         prefill chunk, or a decode step's slot); return the new blocks."""
         need = self.blocks_needed(seq_id, num_tokens)
         if need > len(self._free):
             raise NoFreeBlocks(f"{seq_id} needs {need} blocks, {len(self._free)} free")
-        new = [self._free.popleft() for _ in range(need)]
-        for block in new:
-            self._ref_counts[block] = 1
+        new = [self._take_free() for _ in range(need)]
         self._tables.setdefault(seq_id, []).extend(new)
         self.peak_used = max(self.peak_used, self.num_used)
         return new
@@ -76,28 +107,96 @@ class BlockManager:
         for block in table:
             self._ref_counts[block] += 1
         self._tables[child_id] = table
+        self._seq_keys[child_id] = list(self._seq_keys.get(parent_id, []))
 
     def free(self, seq_id: str) -> None:
         """Release the sequence's blocks; each returns to the pool when its
-        last owner lets go. Freeing an unknown sequence does nothing."""
+        last owner lets go, last block first (so a prompt's tail is evicted
+        before the prefix it shares). Freeing an unknown sequence does nothing."""
+        self._seq_keys.pop(seq_id, None)
         for block in reversed(self._tables.pop(seq_id, [])):
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
-                self._free.append(block)
+                self._free[block] = None
 
     def slot(self, seq_id: str, position: int) -> int:
         table = self._tables[seq_id]
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
+    # -- prefix caching ----------------------------------------------------
+    def cached_prefix(self, token_ids) -> list[int]:
+        """Registered blocks holding the longest cached prefix of `token_ids`,
+        leaving at least the last token to compute (its logits are needed).
+        Looks only; `take_prefix` claims them."""
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        full = (len(token_ids) - 1) // self.block_size
+        for key in chain_keys(token_ids, self.block_size, full):
+            block = self._cached.get(key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def can_take_prefix(self, hits: list[int], num_tokens: int) -> bool:
+        """Whether a new sequence can claim `hits` and grow to `num_tokens`."""
+        reclaimed = sum(1 for b in hits if self._ref_counts[b] == 0)
+        return self.blocks_for(num_tokens) - len(hits) <= len(self._free) - reclaimed
+
+    def take_prefix(self, seq_id: str, hits: list[int], num_prompt_tokens: int) -> int:
+        """Start `seq_id`'s table with the cached blocks `hits`; returns the
+        tokens they hold. Counts the lookup in the hit-rate statistics."""
+        if seq_id in self._tables:
+            raise ValueError(f"{seq_id} already has blocks")
+        for block in hits:
+            if self._ref_counts[block] == 0:
+                del self._free[block]
+            self._ref_counts[block] += 1
+        self._tables[seq_id] = list(hits)
+        self._seq_keys[seq_id] = [self._key_of[b] for b in hits]
+        self.peak_used = max(self.peak_used, self.num_used)
+        cached = len(hits) * self.block_size
+        if self.enable_prefix_caching:
+            self.prefix_queries += num_prompt_tokens
+            self.prefix_hits += cached
+        return cached
+
+    def register_computed(self, seq_id: str, token_ids, num_computed: int) -> None:
+        """Register the sequence's blocks that are now full and computed (its
+        first `num_computed` tokens have K/V), so later sequences can share them."""
+        if not self.enable_prefix_caching:
+            return
+        keys = self._seq_keys.setdefault(seq_id, [])
+        table = self._tables.get(seq_id, [])
+        full = min(num_computed // self.block_size, len(table))
+        if full <= len(keys):
+            return
+        parent = keys[-1] if keys else ROOT
+        for i, key in enumerate(chain_keys(token_ids, self.block_size, full, len(keys), parent),
+                                start=len(keys)):
+            keys.append(key)
+            block = table[i]
+            # An equal block computed twice (two sequences with the same new
+            # prefix at once) stays registered once; the copy is a plain block.
+            if key not in self._cached and self._key_of[block] is None:
+                self._cached[key] = block
+                self._key_of[block] = key
+
+    # -- checks ------------------------------------------------------------
     def check_invariants(self) -> None:
         """Every block is either free with no owner or owned as often as its
-        reference count says; used in tests and after failures."""
+        reference count says, and the prefix index agrees with itself; used in
+        tests and after failures."""
         owners = [0] * self.num_blocks
         for table in self._tables.values():
             for block in table:
                 owners[block] += 1
-        free = set(self._free)
-        assert len(free) == len(self._free), "a block is free twice"
         for block in range(self.num_blocks):
+            assert self._ref_counts[block] >= 0, f"block {block} has a negative count"
             assert owners[block] == self._ref_counts[block], f"block {block} miscounted"
-            assert (block in free) == (owners[block] == 0), f"block {block} leaked or double-booked"
+            assert (block in self._free) == (owners[block] == 0), \
+                f"block {block} leaked or double-booked"
+            key = self._key_of[block]
+            assert key is None or self._cached.get(key) == block, f"block {block} mis-indexed"
+        assert all(self._key_of[b] == k for k, b in self._cached.items()), "stale prefix key"

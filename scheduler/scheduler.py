@@ -7,7 +7,10 @@ sequences go first (oldest first); waiting ones are admitted first come,
 first served while the batch size, the token budget and free blocks allow.
 When a running sequence needs a block and none is free, the most recently
 admitted sequence is preempted: its blocks are freed and it is requeued at the
-front, to be recomputed later.
+front, to be recomputed later. With prefix caching (kvcache/block_manager.py)
+an admitted sequence starts after the longest cached prefix of its tokens, so
+a shared prompt prefix, or a preempted sequence's own blocks while they are
+still cached, is not computed again.
 """
 
 from __future__ import annotations
@@ -141,11 +144,17 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(
-                    self.blocks.blocks_needed(seq.seq_id, seq.num_computed_tokens + n)):
+            # A waiting sequence holds no blocks (new, or preempted and freed):
+            # it starts from the longest prefix of its tokens already cached.
+            hits = self.blocks.cached_prefix(seq.token_ids)
+            cached = len(hits) * self.blocks.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.blocks.can_take_prefix(hits, cached + n):
                 break
-            self.blocks.allocate(seq.seq_id, seq.num_computed_tokens + n)
+            seq.num_computed_tokens = self.blocks.take_prefix(seq.seq_id, hits,
+                                                              seq.num_prompt_tokens)
+            seq.num_cached_tokens = seq.num_computed_tokens
+            self.blocks.allocate(seq.seq_id, cached + n)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -195,6 +204,7 @@ class Scheduler:
             if seq is None or seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted or preempted since the step was planned
             seq.num_computed_tokens += chunk.num_tokens
+            self.blocks.register_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if not chunk.samples:
                 continue
             seq.token_ids.append(token)

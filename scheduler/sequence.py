@@ -32,6 +32,7 @@ class Sequence:
     ignore_eos: bool = False
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

@@ -9,8 +9,9 @@ from scheduler import FinishReason, Scheduler, SchedulerConfig, Sequence
 from scheduler.scheduler import RequestTooLong
 
 
-def make(num_blocks=64, block_size=4, **cfg):
-    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size))
+def make(num_blocks=64, block_size=4, prefix_caching=True, **cfg):
+    return Scheduler(SchedulerConfig(**cfg),
+                     BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching))
 
 
 def seq(i, n_prompt, max_tokens=4, **kw):
@@ -43,8 +44,10 @@ def test_max_num_seqs_limits_running():
     assert len(out.chunks) == 2 and len(s.waiting) == 2
 
 
-def test_preempts_most_recent_and_recomputes_it_later():
-    s = make(num_blocks=5, block_size=2, max_num_batched_tokens=64)
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preempts_most_recent_and_recomputes_it_later(prefix_caching):
+    s = make(num_blocks=5, block_size=2, max_num_batched_tokens=64,
+             prefix_caching=prefix_caching)
     a, b = seq(0, 3, max_tokens=4), seq(1, 3, max_tokens=4)
     s.add(a)
     s.add(b)
@@ -54,10 +57,19 @@ def test_preempts_most_recent_and_recomputes_it_later():
     assert out.preempted == ("r1",) and [c.seq_id for c in out.chunks] == ["r0"]
     assert b.num_computed_tokens == 0 and s.waiting[0] is b
     assert s.stats.preemptions == 1
-    while not a.is_finished:
-        run_step(s)
-    out, _ = run_step(s)               # b comes back and recomputes prompt + output
-    assert out.chunks[0].seq_id == "r1" and out.chunks[0].token_ids == (1, 2, 3, 7, 7)
+    if prefix_caching:
+        # b comes back at once: a's two full blocks hold its first 4 tokens,
+        # shared, so only its last token is computed again.
+        out, _ = run_step(s)
+        assert [(c.seq_id, c.token_ids, c.start) for c in out.chunks] == [
+            ("r0", (7,), 5), ("r1", (7,), 4)]
+        assert out.chunks[1].block_table[:2] == out.chunks[0].block_table[:2]
+        assert b.num_cached_tokens == 4
+    else:
+        while not a.is_finished:
+            run_step(s)
+        out, _ = run_step(s)           # b comes back and recomputes prompt + output
+        assert out.chunks[0].seq_id == "r1" and out.chunks[0].token_ids == (1, 2, 3, 7, 7)
     while not b.is_finished:
         run_step(s)
     assert b.output_token_ids == [7, 7, 7, 7] and s.blocks.num_free == 5

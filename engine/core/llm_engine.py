@@ -54,6 +54,9 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # C kernel (engine/platform/host_forward.py); False keeps MLX's graph.
     # None: wherever every layer of the model has a kernel.
     host_forward: bool | None = None
+    # Reuse the K/V of full blocks whose token prefix an earlier request
+    # computed (vLLM's automatic prefix caching); outputs are the same either way.
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -69,6 +72,13 @@ class EngineStats:
     generated_tokens: int
     running: int
     waiting: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0     # of which were found cached
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries \
+            if self.prefix_cache_queries else 0.0
 
 
 def _compute_dtype(embedding) -> mx.Dtype:
@@ -109,7 +119,7 @@ class LLMEngine:
         backend = platform.attention_backend(spec, args.paged_kernel)
         self.cache = PagedKVCache(margs.num_hidden_layers, num_blocks, args.block_size,
                                   margs.num_key_value_heads, margs.head_dim, dtype, backend)
-        self.blocks = BlockManager(num_blocks, args.block_size)
+        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs,
                             args.max_num_batched_tokens or platform.max_num_batched_tokens,
@@ -243,4 +253,5 @@ class LLMEngine:
             kv_blocks_peak=self.blocks.peak_used, kv_cache_bytes=self.cache.nbytes,
             padding_waste=self.runner.padding_waste, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.generated_tokens, running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting))
+            waiting=len(self.scheduler.waiting), prefix_cache_queries=self.blocks.prefix_queries,
+            prefix_cache_hits=self.blocks.prefix_hits)

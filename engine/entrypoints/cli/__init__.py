@@ -94,7 +94,9 @@ def run_generate(args: argparse.Namespace) -> int:
     stats = llm.stats()
     print(f"Engine: {stats.steps} steps, {stats.preemptions} preemptions, KV blocks peak "
           f"{stats.kv_blocks_peak}/{stats.kv_blocks_total}, padding waste "
-          f"{100 * stats.padding_waste:.1f}%", file=sys.stderr)
+          f"{100 * stats.padding_waste:.1f}%, prefix cache {stats.prefix_cache_hits}/"
+          f"{stats.prefix_cache_queries} prompt tokens "
+          f"({100 * stats.prefix_cache_hit_rate:.0f}%)", file=sys.stderr)
     return 0
 
 

@@ -31,6 +31,10 @@ def add_engine_args(p, model_help: str = DEFAULT_MODEL_HELP) -> None:
     add_cpu_matmul_arg(p)
     p.add_argument("--no-host-forward", dest="host_forward", action="store_false", default=None,
                    help="CPU: run the model as an MLX graph instead of the C forward")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", default=True,
+                   help="compute every prompt from its first token instead of reusing the "
+                        "K/V of a prefix an earlier request computed")
 
 
 def add_cpu_matmul_arg(p) -> None:
@@ -48,7 +52,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
               "max_num_batched_tokens": args.max_num_batched_tokens,
               "max_model_len": args.max_model_len, "paged_kernel": args.paged_kernel,
               "kv_cache_dtype": args.kv_cache_dtype, "cpu_matmul": args.cpu_matmul,
-              "host_forward": args.host_forward}
+              "host_forward": args.host_forward,
+              "enable_prefix_caching": args.enable_prefix_caching}
     for name in ("kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
         if kwargs[name] is not None and kwargs[name] < 1:
             raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")

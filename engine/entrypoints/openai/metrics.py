@@ -126,6 +126,11 @@ class ServerMetrics:
                 ("conveyor_preemptions_total", "Sequences preempted for lack of KV blocks.",
                  stats.preemptions),
                 ("conveyor_engine_steps_total", "Engine steps run.", stats.steps),
+                # vLLM's names and units (tokens), so its dashboards read them.
+                ("vllm:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
+                 stats.prefix_cache_queries),
+                ("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.",
+                 stats.prefix_cache_hits),
             ]
             for name, help_text, value in counter_rows:
                 metric(name, "counter", help_text, [f"{name} {_number(value)}"])

@@ -18,7 +18,8 @@ def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (see bench/RESULTS.md)")
     kinds = p.add_subparsers(dest="bench_kind", required=True)
     for kind in ("throughput", "latency"):
-        k = kinds.add_parser(kind, help=f"{kind} on DESIGN.md's workloads")
+        k = kinds.add_parser(kind, help=f"{kind} on the standard workloads "
+                             "(docs/architecture.md)")
         k.add_argument("--workload", choices=["decode-heavy", "mixed"], default="decode-heavy")
         k.add_argument("--n", type=int, help="requests (default 64 decode-heavy, 256 mixed)")
         k.add_argument("--input-len", type=int, default=128)
@@ -26,6 +27,10 @@ def add_bench_parser(sub) -> None:
         _add_common(k)
         k.add_argument("--plot", help="also run at several concurrencies and draw "
                        "throughput vs concurrency to this PNG (needs matplotlib)")
+    x = kinds.add_parser("prefix", help="prefix caching off vs on, same engine, same run")
+    x.add_argument("--workload", choices=["shared-prefix", "document-qa", "decode-heavy"],
+                   default="shared-prefix")
+    _add_common(x)
     s = kinds.add_parser("single", help="one request: prompt and generation tok/s")
     s.add_argument("--input-len", type=int, default=512)
     s.add_argument("--output-len", type=int, default=128)
@@ -134,6 +139,8 @@ def _warm_up(engine) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench_kind == "single":
         return _run_single(args)
+    if args.bench_kind == "prefix":
+        return _run_prefix(args)
     engine, peer = _build(args)
     work = _workload(args)
     _warm_up(engine)
@@ -201,6 +208,39 @@ def _plot(args, engine, work) -> None:
     plt.title(f"Conveyor {work.name}")
     plt.tight_layout()
     plt.savefig(args.plot)
+
+
+def _run_prefix(args) -> int:
+    """The same workload with the prefix cache off, then on (emptied first):
+    output tok/s and time to first token."""
+    work = {"shared-prefix": workloads.shared_prefix, "document-qa": workloads.document_qa,
+            "decode-heavy": workloads.decode_heavy}[args.workload]()
+    engine, _ = _build(args)
+    _warm_up(engine)
+    rows = []
+    for enabled in (False, True):
+        engine.blocks.enable_prefix_caching = enabled
+        r = run_conveyor(engine, work)
+        rows.append((enabled, r))
+    engine.blocks.enable_prefix_caching = True
+    if args.json:
+        for enabled, r in rows:
+            print(json.dumps({"machine": _machine(), "prefix_caching": enabled, **r.as_dict()}))
+        return 0
+    print(f"# {work.name}: {len(work.prompts)} requests, {work.num_prompt_tokens} prompt "
+          f"tokens, {work.num_output_tokens} new; {_machine()}")
+    print(f"conveyor ran: {rows[0][1].extra['path']}")
+    print(f"{'prefix cache':<13} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} "
+          f"{'seconds':>8} {'hit tokens':>11}")
+    for enabled, r in rows:
+        ttft = r.extra["ttft_s"]
+        print(f"{'on' if enabled else 'off':<13} {r.output_tps:>10.1f} "
+              f"{ttft['p50'] * 1e3:>12.1f} {ttft['p90'] * 1e3:>12.1f} {r.seconds:>8.2f} "
+              f"{r.extra['prefix_cache_hits']:>11}")
+    off, on = rows[0][1], rows[1][1]
+    print(f"ratio on/off: output tok/s {on.output_tps / off.output_tps:.2f}x, TTFT p50 "
+          f"{off.extra['ttft_s']['p50'] / on.extra['ttft_s']['p50']:.2f}x lower")
+    return 0
 
 
 def _run_single(args) -> int:

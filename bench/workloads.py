@@ -37,5 +37,28 @@ def mixed(n: int = 256) -> Workload:
     return Workload("mixed", prompts, [int(k) for k in out_lens])
 
 
+def shared_prefix(n: int = 64, prefix_len: int = 1024, unique_len: int = 32,
+                  output_len: int = 32) -> Workload:
+    """One `prefix_len`-token prefix (default_rng(0)) + `unique_len` tokens of
+    each request's own; `output_len` new tokens each."""
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(1000, 40000, size=prefix_len).tolist()
+    tails = rng.integers(1000, 40000, size=(n, unique_len)).tolist()
+    return Workload("shared-prefix", [prefix + t for t in tails], [output_len] * n)
+
+
+def document_qa(docs: int = 8, questions: int = 8, doc_len: int = 512, question_len: int = 24,
+                output_len: int = 32) -> Workload:
+    """`docs` documents with `questions` questions each (default_rng(3)); each
+    request is one document followed by one of its questions."""
+    rng = np.random.default_rng(3)
+    prompts = []
+    for _ in range(docs):
+        doc = rng.integers(1000, 40000, size=doc_len).tolist()
+        prompts += [doc + rng.integers(1000, 40000, size=question_len).tolist()
+                    for _ in range(questions)]
+    return Workload("document-qa", prompts, [output_len] * len(prompts))
+
+
 # The embed workload (4,096 texts of 5-200 words) lives with its benchmark:
 # bench/embed.py, make_texts().

@@ -183,6 +183,14 @@ class BlockManager:
                 self._cached[key] = block
                 self._key_of[block] = key
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every registered block (contents are left as they are):
+        later sequences compute their prompts from the start. Benchmarks
+        use it so a warm-up run does not serve the timed one."""
+        self._cached.clear()
+        self._key_of = [None] * self.num_blocks
+        self._seq_keys.clear()
+
     # -- checks ------------------------------------------------------------
     def check_invariants(self) -> None:
         """Every block is either free with no owner or owned as often as its

@@ -246,6 +246,10 @@ class LLMEngine:
             if request is not None:
                 request.finish(FinishReason.ABORT.value, error=message)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache (see BlockManager.reset_prefix_cache)."""
+        self.blocks.reset_prefix_cache()
+
     def stats(self) -> EngineStats:
         return EngineStats(
             steps=self.scheduler.stats.steps, preemptions=self.scheduler.stats.preemptions,

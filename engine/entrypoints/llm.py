@@ -107,6 +107,10 @@ class LLM:
     def stats(self):
         return self._require_engine().stats()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (as vLLM's LLM.reset_prefix_cache)."""
+        self._require_engine().reset_prefix_cache()
+
 
 def _per_prompt(params, n: int) -> list[SamplingParams]:
     if params is None:

@@ -385,8 +385,8 @@ def test_openapi_lists_every_route_with_struct_schemas(server):
     assert {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models",
             "/health", "/metrics"} <= set(doc["paths"])
     schemas = doc["components"]["schemas"]
-    assert schemas["CompletionBody"]["additionalProperties"] is False
-    assert "messages" in schemas["ChatCompletionBody"]["required"]
+    assert schemas["CompletionRequest"]["additionalProperties"] is False
+    assert "messages" in schemas["ChatCompletionRequest"]["required"]
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 

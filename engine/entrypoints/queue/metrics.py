@@ -3,7 +3,11 @@ and Prometheus."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
+
+from engine.entrypoints.queue.jobs import text
 
 
 @dataclass
@@ -70,8 +74,23 @@ class WorkerMetrics:
         if self.lag_entries is not None:
             gauges.append(("lag_entries", "gauge", "Entries not yet delivered to the group.",
                            self.lag_entries))
-        for name, kind, text, value in gauges:
-            lines += [f"# HELP conveyor_worker_{name} {text}",
+        for name, kind, help_text, value in gauges:
+            lines += [f"# HELP conveyor_worker_{name} {help_text}",
                       f"# TYPE conveyor_worker_{name} {kind}",
                       f"conveyor_worker_{name}{{{label}}} {value}"]
         return "\n".join(lines) + "\n"
+
+
+def group_lag(redis: Any, stream: str, group: str) -> tuple[int | None, float]:
+    """The group's backlog: entries not yet delivered (None where Redis < 7
+    does not say) and the age in seconds of the oldest of them."""
+    info = next((g for g in redis.xinfo_groups(stream) if text(g["name"]) == group), None)
+    if info is None:
+        return None, 0.0
+    lag = info.get("lag")
+    last = text(info["last-delivered-id"])
+    first = redis.xrange(stream, min=f"({last}", max="+", count=1)
+    if not first:
+        return (int(lag) if lag is not None else 0), 0.0
+    millis = int(text(first[0][0]).split("-")[0])
+    return (int(lag) if lag is not None else None), max(0.0, time.time() - millis / 1000)

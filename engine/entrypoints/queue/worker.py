@@ -56,7 +56,7 @@ from engine.entrypoints.queue.jobs import (
     text,
     text_fields,
 )
-from engine.entrypoints.queue.metrics import WorkerMetrics
+from engine.entrypoints.queue.metrics import WorkerMetrics, group_lag
 from engine.entrypoints.serving.errors import ServingError
 from engine.entrypoints.serving.limits import ServingLimits
 from engine.entrypoints.serving.models import EmbeddingModel, GenerationModel
@@ -372,25 +372,12 @@ class QueueWorker:
         m.in_flight = self._in_flight_count()
         try:
             m.pending = self._group_pending()
-            m.lag_entries, m.lag_seconds = self._lag()
+            m.lag_entries, m.lag_seconds = group_lag(self.redis, self.config.stream,
+                                                     self.config.group)
         except Exception as exc:  # noqa: BLE001 - metrics must not stop the worker
             log.warning("cannot sample the backlog: %s", exc)
         m.update_rate(now)
         log.info("%s", m.log_line())
-
-    def _lag(self) -> tuple[int | None, float]:
-        cfg = self.config
-        group = next((g for g in self.redis.xinfo_groups(cfg.stream)
-                      if text(g["name"]) == cfg.group), None)
-        if group is None:
-            return None, 0.0
-        lag = group.get("lag")
-        last = text(group["last-delivered-id"])
-        first = self.redis.xrange(cfg.stream, min=f"({last}", max="+", count=1)
-        if not first:
-            return (int(lag) if lag is not None else 0), 0.0
-        millis = int(text(first[0][0]).split("-")[0])
-        return (int(lag) if lag is not None else None), max(0.0, time.time() - millis / 1000)
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():

@@ -206,6 +206,3 @@ def embedding_texts(request: EmbeddingRequest) -> list[str]:
     return list(value)
 
 
-def is_known_url(url: str) -> bool:
-    return url in REQUEST_TYPES
-

@@ -492,15 +492,15 @@ def test_long_generation_job_is_not_taken_over_while_it_runs(client, tiny_llama_
     engine = LLMEngine.from_args(EngineArgs(model=str(tiny_llama_dir), kv_cache_bytes=16 << 20))
     step = engine.step
 
-    def slow_step():  # >= 0.6 s for the job however fast the engine gets
-        time.sleep(0.001)
+    def slow_step():  # >= 1.8 s for the job however fast the engine gets
+        time.sleep(0.003)
         return step()
 
     engine.step = slow_step
     push(client, [("slow", "/v1/completions", {"prompt": "a", "max_tokens": 600,
                                                "ignore_eos": True, "temperature": 0})])
     owner = QueueWorker(client, [GenerationJobs(engine, model="tiny")],
-                        config(consumer="owner", claim_idle_ms=200))
+                        config(consumer="owner", claim_idle_ms=600))
     thread = threading.Thread(target=owner.run)
     start = time.monotonic()
     thread.start()
@@ -508,10 +508,10 @@ def test_long_generation_job_is_not_taken_over_while_it_runs(client, tiny_llama_
     # A second worker polls for stale entries the whole time the job runs: the
     # owner's heartbeat keeps the entry's idle time under claim_idle_ms.
     thief = QueueWorker(client, [stub_jobs(lambda t: None)],
-                        config(consumer="thief", claim_idle_ms=200))
+                        config(consumer="thief", claim_idle_ms=600))
     thief.run()
     thread.join(60)
-    assert time.monotonic() - start > 0.4, "the job was too quick to test the heartbeat"
+    assert time.monotonic() - start > 1.2, "the job was too quick to test the heartbeat"
     assert thief.metrics.claimed == 0 and thief.metrics.failed == 0
     assert owner.metrics.ok == 1 and stream_result_ids(client) == ["slow"]
 

@@ -40,6 +40,8 @@ retention: answered entries are deleted from <stream>; the results and
 failures: a job whose run fails (an engine error) is retried, by this or
   another worker, once it has been pending for --claim-idle-ms; after
   --max-attempts deliveries it goes to the dead-letter stream (<stream>:dead).
+fleets: workers that read one stream must serve the same --tasks and model;
+  give other kinds of jobs their own stream.
 SIGTERM/SIGINT: stop reading, finish and ack the jobs in flight, exit 0.
 password: a Redis URL with a password is read from $CONVEYOR_REDIS_URL or
   --redis-url-file, never from the command line (`ps` shows it to everyone).

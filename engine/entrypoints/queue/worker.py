@@ -24,13 +24,10 @@ taken over with XAUTOCLAIM once idle for `claim_idle_ms`; an entry delivered
 more than `max_attempts` times, or failing on its last attempt, goes to the
 dead-letter stream instead.
 
-Every body goes through the serving layer the HTTP server uses: a job gets
-the answer, or the error (status_code 4xx and OpenAI's error body), that the
-same body gets over HTTP; that includes a job that is no job (no url or
-body), one for a url or model this worker does not serve, and one whose body
-is not JSON: such errors would repeat, so they are answered at once and never
-retried. Only a run that fails (an engine error) is retried, and the
-dead-letter stream is where a person looks at what kept failing.
+Every body goes through the serving layer the HTTP server uses, so a job gets
+the answer or the error (4xx, OpenAI's error body) the same body gets over
+HTTP, at once and never retried: also a job with no url or body, or for a url
+or model this worker does not serve. Only failed runs are retried.
 """
 
 from __future__ import annotations
@@ -281,7 +278,15 @@ class QueueWorker:
             prepared = self.serving.prepare(job.url, job.body)
             self.handlers[job.url].admit(job, prepared)
         except ServingError as exc:
-            self._finish([Outcome(job, refusal=exc)])
+            self._finish([self._refused(job, exc)])
+
+    @staticmethod
+    def _refused(job: Job, error: ServingError) -> Outcome:
+        # A 4xx is the request's fault and would repeat: answered. A 5xx is
+        # ours (an engine error, a bug): retried, then dead-lettered.
+        if error.status >= 500:
+            return Outcome(job, error=error.message)
+        return Outcome(job, refusal=error)
 
     def _respond(self, done: Finished) -> Outcome:
         """A handler's finished job as its outcome: the serving layer's answer
@@ -291,9 +296,7 @@ class QueueWorker:
         try:
             return Outcome(done.job, body=self.serving.respond(done.prepared, done.result))
         except ServingError as exc:
-            if exc.status >= 500:
-                return Outcome(done.job, error=exc.message)
-            return Outcome(done.job, refusal=exc)
+            return self._refused(done.job, exc)
 
     # -- writing -------------------------------------------------------------
     def _finish(self, outcomes: list[Outcome]) -> None:

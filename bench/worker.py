@@ -20,7 +20,8 @@ from pathlib import Path
 import engine  # noqa: F401  (preloads the BLAS)
 from bench.embed import make_texts
 from engine.embedding.embedder import Embedder
-from engine.entrypoints.queue.worker import EmbeddingJobs, QueueWorker, WorkerConfig
+from engine.entrypoints.queue.handlers import EmbeddingJobs
+from engine.entrypoints.queue.worker import QueueWorker, WorkerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from redis_server import RedisServer  # noqa: E402
@@ -52,7 +53,7 @@ def main() -> None:
         start = time.perf_counter()
         worker.run()
         worker_s = time.perf_counter() - start
-        done = client.hlen("bench:results:by-id")
+        done = worker.metrics.ok
     print(f"# {args.n} embedding jobs (texts of 5-200 words), all-MiniLM-L6-v2")
     print(f"direct Embedder.embed: {args.n / direct_s:7.1f} texts/s ({direct_s:.1f} s)")
     print(f"through the worker   : {done / worker_s:7.1f} jobs/s ({worker_s:.1f} s, "

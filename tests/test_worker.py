@@ -25,16 +25,15 @@ from redis_server import RedisServer, _free_port, find_redis_server
 
 redis = pytest.importorskip("redis", reason="the worker needs the redis package")
 
-from engine.entrypoints.queue.worker import (  # noqa: E402  (after the importorskip)
+from engine.entrypoints.queue.handlers import (  # noqa: E402  (after the importorskip)
     EmbeddingJobs,
     GenerationJobs,
-    QueueWorker,
-    WorkerConfig,
 )
+from engine.entrypoints.queue.worker import QueueWorker, WorkerConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STREAM, GROUP, RESULTS = "jobs", "workers", "results"
-HASH, DEAD = f"{RESULTS}:by-id", f"{STREAM}:dead"
+BY_ID, DEAD = f"{RESULTS}:by-id:", f"{STREAM}:dead"
 EMBED = "/v1/embeddings"
 
 
@@ -85,7 +84,17 @@ def config(**kw) -> WorkerConfig:
 
 
 def results_by_id(r) -> dict[str, dict]:
-    return {k.decode(): json.loads(v) for k, v in r.hgetall(HASH).items()}
+    keys = list(r.scan_iter(match=BY_ID + "*", count=1000))
+    values = r.mget(keys) if keys else []
+    return {k.decode().removeprefix(BY_ID): json.loads(v) for k, v in zip(keys, values)}
+
+
+def num_results(r) -> int:
+    return sum(1 for _ in r.scan_iter(match=BY_ID + "*", count=1000))
+
+
+def result_of(r, job_id: str) -> bytes | None:
+    return r.get(BY_ID + job_id)
 
 
 def stream_result_ids(r) -> list[str]:
@@ -101,10 +110,27 @@ class StubResult:
 
     def __init__(self, vectors: np.ndarray, num_tokens: list[int]):
         self.vectors, self.num_tokens = vectors, num_tokens
+        self.truncated = [False] * len(num_tokens)
 
     @classmethod
     def of(cls, texts: list[str], tokens: int = 3) -> StubResult:
         return cls(np.ones((len(texts), 4), np.float32), [tokens] * len(texts))
+
+
+class StubEmbedder:
+    """An embedder made of an embed function (texts -> StubResult)."""
+
+    dim, max_length = 4, 32
+
+    def __init__(self, embed=StubResult.of):
+        self._embed = embed
+
+    def embed(self, texts, truncate=True):
+        return self._embed(list(texts))
+
+
+def stub_jobs(embed=StubResult.of, **kw) -> EmbeddingJobs:
+    return EmbeddingJobs(StubEmbedder(embed), model="stub", **kw)
 
 
 def stream_id(entry: bytes) -> tuple[int, int]:
@@ -147,7 +173,8 @@ def test_thousand_embedding_jobs_round_trip(client, embedder):
 def test_redelivered_or_resubmitted_job_gets_one_result(client, embedder):
     push(client, [("same", EMBED, {"input": "first"}), ("same", EMBED, {"input": "second"}),
                   ("other", EMBED, {"input": ["a", "b"]})])
-    worker = QueueWorker(client, [EmbeddingJobs.from_embedder(embedder)], config())
+    worker = QueueWorker(client, [EmbeddingJobs.from_embedder(embedder)],
+                         config(keep_answered=True))
     worker.run()
     assert stream_result_ids(client).count("same") == 1
     assert len(results_by_id(client)) == 2
@@ -161,6 +188,11 @@ def test_redelivered_or_resubmitted_job_gets_one_result(client, embedder):
     again.run()
     assert again.metrics.duplicate == 3 and again.metrics.ok == 0
     assert len(stream_result_ids(client)) == 2
+    assert client.xlen(STREAM) == 0  # answered entries leave the stream by default
+    # Submitted again later: still one result (while the result key lives).
+    push(client, [("same", EMBED, {"input": "third"})])
+    QueueWorker(client, [EmbeddingJobs.from_embedder(embedder)], config()).run()
+    assert len(stream_result_ids(client)) == 2
 
 
 def test_refused_request_gets_an_error_result(client, embedder):
@@ -170,34 +202,41 @@ def test_refused_request_gets_an_error_result(client, embedder):
     QueueWorker(client, [EmbeddingJobs.from_embedder(embedder)], config()).run()
     got = results_by_id(client)
     assert got["empty"]["response"]["status_code"] == 400
-    assert "input must not be empty" in got["empty"]["response"]["body"]["error"]["message"]
+    assert got["empty"]["response"]["body"]["error"]["param"] == "input"
     assert got["dims"]["response"]["status_code"] == 400
     assert got["ok"]["response"]["status_code"] == 200
     assert client.xlen(DEAD) == 0 and pending(client) == 0
 
 
-def test_malformed_jobs_are_dead_lettered_after_n_attempts(client, embedder):
+def test_unreadable_jobs_are_answered_at_once_and_never_retried(client, embedder):
     texts = texts_for(30)
     push_texts(client, texts[:15])
     client.xadd(STREAM, {"id": "bad-json", "url": EMBED, "body": "{not json"})
     client.xadd(STREAM, {"id": "no-url", "body": "{}"})
     client.xadd(STREAM, {"id": "bad-url", "url": "/v1/nope", "body": "{}"})
     client.xadd(STREAM, {"id": "not-object", "url": EMBED, "body": "[1, 2]"})
+    client.xadd(STREAM, {"id": "no-body", "url": EMBED})
+    client.xadd(STREAM, {"id": "latin-1", "url": EMBED, "body": b'{"input": "\xe9"}'})
     push(client, [(f"job-{i}", EMBED, {"input": texts[i]}) for i in range(15, 30)])
     worker = QueueWorker(client, [EmbeddingJobs.from_embedder(embedder)],
                          config(max_attempts=3))
     worker.run()
 
-    dead = {f[b"id"].decode(): f for _, f in client.xrange(DEAD)}
-    assert sorted(dead) == ["bad-json", "bad-url", "no-url", "not-object"]
-    for fields in dead.values():
-        assert fields[b"attempts"] == b"3"
-        assert fields[b"error"].startswith(b"malformed job:")
-    assert b"not valid JSON" in dead["bad-json"][b"error"]
-    assert dead["bad-json"][b"body"] == b"{not json"  # the job as it was sent
-    assert sorted(results_by_id(client)) == sorted(f"job-{i}" for i in range(30))
-    assert pending(client) == 0
-    assert worker.metrics.failed == 8 and worker.metrics.dead == 4
+    got = results_by_id(client)
+    assert sorted(got) == sorted([f"job-{i}" for i in range(30)] + [
+        "bad-json", "bad-url", "no-url", "not-object", "no-body", "latin-1"])
+    def error(job_id):
+        response = got[job_id]["response"]
+        return response["status_code"], response["body"]["error"]
+    assert error("bad-json")[0] == 400 and "invalid JSON" in error("bad-json")[1]["message"]
+    assert error("no-url") == (400, {"message": "the job has no url field", "param": "url",
+                                     "type": "invalid_request_error", "code": None})
+    assert error("no-body")[1]["param"] == "body"
+    assert error("bad-url")[0] == 404 and error("bad-url")[1]["code"] == "unknown_url"
+    assert error("not-object")[0] == 400 and "object" in error("not-object")[1]["message"]
+    assert error("latin-1")[0] == 400 and "not UTF-8" in error("latin-1")[1]["message"]
+    assert pending(client) == 0 and client.xlen(DEAD) == 0
+    assert worker.metrics.failed == 0 and worker.metrics.refused == 6
 
 
 def test_job_failing_in_the_model_is_retried_then_dead_lettered(client):
@@ -211,7 +250,7 @@ def test_job_failing_in_the_model_is_retried_then_dead_lettered(client):
 
     push(client, [("a", EMBED, {"input": "fine"}), ("b", EMBED, {"input": "boom"}),
                   ("c", EMBED, {"input": ["also", "fine"]})])
-    worker = QueueWorker(client, [EmbeddingJobs(embed, model="stub")], config(max_attempts=2))
+    worker = QueueWorker(client, [stub_jobs(embed)], config(max_attempts=2))
     worker.run()
     assert sorted(results_by_id(client)) == ["a", "c"]
     dead = client.xrange(DEAD)
@@ -232,11 +271,11 @@ def test_entry_delivered_too_often_is_dead_lettered_without_running(client):
     client.xreadgroup(GROUP, "ghost", {STREAM: ">"}, count=1)
     client.xclaim(STREAM, GROUP, "ghost", 0, [entry], retrycount=3)
     time.sleep(0.15)
-    QueueWorker(client, [EmbeddingJobs(embed, model="stub")], config(max_attempts=3)).run()
+    QueueWorker(client, [stub_jobs(embed)], config(max_attempts=3)).run()
     dead = client.xrange(DEAD)
     assert len(dead) == 1 and dead[0][1][b"entry"].decode() == entry
     assert dead[0][1][b"attempts"] == b"4"
-    assert pending(client) == 0 and client.hlen(HASH) == 0
+    assert pending(client) == 0 and num_results(client) == 0
 
 
 def test_generation_jobs_match_llm_generate(client, tiny_llama_dir):
@@ -318,13 +357,13 @@ def test_kill_9_mid_batch_then_another_worker_finishes(client, server, embedder,
     push_texts(client, texts)
     first = start_worker(server, tmp_path, "doomed", "--max-batch-jobs", "24")
     try:
-        wait_for(lambda: client.hlen(HASH) >= 24 and pending(client, "doomed") > 0, 60,
+        wait_for(lambda: num_results(client) >= 24 and pending(client, "doomed") > 0, 60,
                  "the first results", first)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
         first.kill()
-    done_before = client.hlen(HASH)
+    done_before = num_results(client)
     stranded = pending(client, "doomed")
     assert stranded > 0, "the worker was killed between batches"
     assert done_before < 240
@@ -333,7 +372,7 @@ def test_kill_9_mid_batch_then_another_worker_finishes(client, server, embedder,
     assert second.wait(90) == 0, (tmp_path / "heir.log").read_text()
     ids = stream_result_ids(client)
     assert sorted(ids) == sorted(f"job-{i}" for i in range(240))  # each exactly once
-    assert client.hlen(HASH) == 240
+    assert num_results(client) == 240
     assert pending(client) == 0 and client.xlen(DEAD) == 0
     got = results_by_id(client)
     want = embedder.embed(texts).vectors
@@ -349,7 +388,7 @@ def test_sigterm_finishes_in_flight_jobs_and_acks_them(client, server, tmp_path)
     worker = start_worker(server, tmp_path, "graceful", "--max-batch-jobs", "32",
                           "--metrics-port", str(port))
     try:
-        wait_for(lambda: client.hlen(HASH) >= 32 and pending(client, "graceful") > 0, 60,
+        wait_for(lambda: num_results(client) >= 32 and pending(client, "graceful") > 0, 60,
                  "the first results", worker)
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         worker.send_signal(signal.SIGTERM)
@@ -360,16 +399,16 @@ def test_sigterm_finishes_in_flight_jobs_and_acks_them(client, server, tmp_path)
     assert 'conveyor_worker_jobs_total{consumer="graceful",outcome="ok"}' in text
     assert "conveyor_worker_pending" in text and "conveyor_worker_lag_seconds" in text
 
-    # Everything it read was answered and acked; it stopped early, leaving the
-    # rest undelivered for the next worker.
+    # Everything it read was answered, acked and deleted from the stream; it
+    # stopped early, leaving the rest undelivered for the next worker.
     assert pending(client) == 0
-    answered = client.hlen(HASH)
+    answered = num_results(client)
     assert 32 <= answered < 600
     group = next(g for g in client.xinfo_groups(STREAM) if g["name"] == GROUP.encode())
     entries = client.xrange(STREAM)
     last = stream_id(group["last-delivered-id"])
-    delivered = [e for e, _ in entries if stream_id(e) <= last]
-    assert len(delivered) == answered
+    assert len(entries) == 600 - answered
+    assert all(stream_id(e) > last for e, _ in entries)
     assert set(results_by_id(client)) == {f"job-{i}" for i in range(answered)}
     log = (tmp_path / "graceful.log").read_text()
     match = re.search(r"signal 15 with (\d+) jobs in flight", log)
@@ -394,22 +433,22 @@ def test_result_record_is_a_batch_output_line(client, embedder):
     entry, _ = push(client, [("shape", EMBED, {"input": "x", "encoding_format": "base64"}),
                             ("no", EMBED, {"input": []})])
     QueueWorker(client, [EmbeddingJobs.from_embedder(embedder)], config()).run()
-    raw = client.hget(HASH, "shape")
+    raw = result_of(client, "shape")
     result = msgspec.json.decode(raw, type=BatchOutputLine)
     assert (result.id, result.custom_id, result.error) == (f"queue_req_{entry}", "shape", None)
     assert result.response.status_code == 200 and result.response.request_id == entry
     data = result.response.body["data"][0]["embedding"]
     np.testing.assert_allclose(np.frombuffer(base64.b64decode(data), "<f4"),
                                embedder.embed(["x"]).vectors[0], atol=1e-6)
-    no = msgspec.json.decode(client.hget(HASH, "no"), type=BatchOutputLine)
+    no = msgspec.json.decode(result_of(client, "no"), type=BatchOutputLine)
     assert no.response.status_code == 400 and no.error.code == "invalid_request"
     assert no.error.message == no.response.body["error"]["message"]
     stream = {f[b"id"]: f[b"result"] for _, f in client.xrange(RESULTS)}
-    assert stream == {b"shape": raw, b"no": client.hget(HASH, "no")}
+    assert stream == {b"shape": raw, b"no": result_of(client, "no")}
     # A batch file line's custom_id names the job as well as id does.
     client.xadd(STREAM, {"custom_id": "from-batch", "url": EMBED, "body": '{"input": "y"}'})
     QueueWorker(client, [EmbeddingJobs.from_embedder(embedder)], config()).run()
-    assert client.hexists(HASH, "from-batch")
+    assert client.exists(BY_ID + "from-batch")
 
 
 def test_reads_never_exceed_what_one_batch_takes(client):
@@ -420,10 +459,10 @@ def test_reads_never_exceed_what_one_batch_takes(client):
         return StubResult.of(texts, tokens=10)
 
     push_texts(client, texts_for(60))
-    handler = EmbeddingJobs(embed, model="stub", token_budget=100, max_jobs=50)
+    handler = stub_jobs(embed, token_budget=100, max_jobs=50)
     worker = QueueWorker(client, [handler], config())
     worker.run()
-    assert sum(calls) == 60 and client.hlen(HASH) == 60
+    assert sum(calls) == 60 and num_results(client) == 60
     # 10 tokens a job and a 100-token budget: never more than 10 jobs a read
     # (3 before the first batch showed the size, from the 32-token prior).
     assert calls[0] == 3 and max(calls) <= 10
@@ -433,7 +472,7 @@ def test_backlog_metrics(client):
     client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     push_texts(client, texts_for(5))
     time.sleep(0.3)
-    worker = QueueWorker(client, [EmbeddingJobs(lambda t: None, model="stub")], config())
+    worker = QueueWorker(client, [stub_jobs(lambda t: None)], config())
     worker.refresh_metrics(force=True)
     m = worker.metrics
     assert m.pending == 0 and m.lag_seconds >= 0.3
@@ -453,26 +492,26 @@ def test_long_generation_job_is_not_taken_over_while_it_runs(client, tiny_llama_
     engine = LLMEngine.from_args(EngineArgs(model=str(tiny_llama_dir), kv_cache_bytes=16 << 20))
     step = engine.step
 
-    def slow_step():  # >= 0.6 s for the job however fast the engine gets
-        time.sleep(0.001)
+    def slow_step():  # >= 1.8 s for the job however fast the engine gets
+        time.sleep(0.003)
         return step()
 
     engine.step = slow_step
     push(client, [("slow", "/v1/completions", {"prompt": "a", "max_tokens": 600,
                                                "ignore_eos": True, "temperature": 0})])
     owner = QueueWorker(client, [GenerationJobs(engine, model="tiny")],
-                        config(consumer="owner", claim_idle_ms=200))
+                        config(consumer="owner", claim_idle_ms=600))
     thread = threading.Thread(target=owner.run)
     start = time.monotonic()
     thread.start()
     wait_for(lambda: pending(client, "owner") == 1, 30, "the owner to take the job")
     # A second worker polls for stale entries the whole time the job runs: the
     # owner's heartbeat keeps the entry's idle time under claim_idle_ms.
-    thief = QueueWorker(client, [EmbeddingJobs(lambda t: None, model="stub")],
-                        config(consumer="thief", claim_idle_ms=200))
+    thief = QueueWorker(client, [stub_jobs(lambda t: None)],
+                        config(consumer="thief", claim_idle_ms=600))
     thief.run()
     thread.join(60)
-    assert time.monotonic() - start > 0.4, "the job was too quick to test the heartbeat"
+    assert time.monotonic() - start > 1.2, "the job was too quick to test the heartbeat"
     assert thief.metrics.claimed == 0 and thief.metrics.failed == 0
     assert owner.metrics.ok == 1 and stream_result_ids(client) == ["slow"]
 
@@ -484,7 +523,7 @@ def test_pending_entry_deleted_from_the_stream_is_acked(client):
     client.xdel(STREAM, gone)
     time.sleep(0.15)
 
-    QueueWorker(client, [EmbeddingJobs(StubResult.of, model="stub")], config()).run()
+    QueueWorker(client, [stub_jobs()], config()).run()
     assert sorted(results_by_id(client)) == ["kept"]
     assert pending(client) == 0 and client.xlen(DEAD) == 0
 
@@ -492,8 +531,7 @@ def test_pending_entry_deleted_from_the_stream_is_acked(client):
 def test_worker_recreates_a_deleted_stream(client):
     import threading
 
-    worker = QueueWorker(client, [EmbeddingJobs(StubResult.of, model="stub")],
-                         config(drain=False))
+    worker = QueueWorker(client, [stub_jobs()], config(drain=False))
     thread = threading.Thread(target=worker.run)
     thread.start()
     try:
@@ -501,8 +539,146 @@ def test_worker_recreates_a_deleted_stream(client):
         client.delete(STREAM)
         time.sleep(0.2)
         push_texts(client, texts_for(3))
-        wait_for(lambda: client.hlen(HASH) == 3, 10, "the jobs pushed after the delete")
+        wait_for(lambda: num_results(client) == 3, 10, "the jobs pushed after the delete")
     finally:
         worker.stop()
         thread.join(10)
     assert not thread.is_alive()
+
+
+# -- the holes a hostile user found (issue 16) -----------------------------------------
+
+def test_huge_n_and_other_models_are_answered_not_hung_or_retried(client, tiny_llama_dir):
+    from engine.core.llm_engine import EngineArgs, LLMEngine
+
+    engine = LLMEngine.from_args(EngineArgs(model=str(tiny_llama_dir), kv_cache_bytes=16 << 20))
+    push(client, [
+        ("huge-n", "/v1/completions", {"prompt": "a", "n": 1_000_000_000, "max_tokens": 4}),
+        ("other-model", "/v1/completions", {"model": "gpt-4", "prompt": "a"}),
+        ("no-embedder", EMBED, {"input": "a"}),
+        ("ok", "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2}),
+    ])
+    # A worker with generation only: an embedding job is answered, not left
+    # for another worker (which would use up its attempts).
+    worker = QueueWorker(client, [GenerationJobs(engine, model="tiny")], config())
+    worker.run()
+    got = results_by_id(client)
+
+    def answer(job_id):
+        response = got[job_id]["response"]
+        return response["status_code"], response["body"]["error"]
+    status, error = answer("huge-n")
+    assert status == 400 and error["param"] == "n" and "at most 128" in error["message"]
+    assert answer("other-model")[0] == 404
+    assert answer("other-model")[1]["code"] == "model_not_found"
+    assert answer("no-embedder") == (404, {
+        "message": "no embedding model is served here", "type": "invalid_request_error",
+        "param": "model", "code": "model_not_found"})
+    assert got["ok"]["response"]["status_code"] == 200
+    assert worker.metrics.failed == 0 and pending(client) == 0 and client.xlen(DEAD) == 0
+
+
+def test_redis_memory_is_bounded_by_default(client):
+    cfg = config()
+    assert (cfg.results_ttl, cfg.results_maxlen, cfg.dead_letter_maxlen, cfg.keep_answered) == (
+        86_400, 10_000, 10_000, False)
+    push_texts(client, texts_for(400))
+    QueueWorker(client, [stub_jobs()], config(results_maxlen=50, results_ttl=600)).run()
+    assert num_results(client) == 400
+    assert client.xlen(STREAM) == 0                 # answered entries are gone
+    assert 50 <= client.xlen(RESULTS) < 400         # trimmed (approximately: whole nodes)
+    ttls = {client.ttl(BY_ID + f"job-{i}") for i in (0, 199, 399)}
+    assert all(0 < t <= 600 for t in ttls)          # every result key expires
+
+    # Dead letters are trimmed too: 300 poison jobs, each delivered too often.
+    client.delete(STREAM)
+    client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    entries = push(client, [(f"poison-{i}", EMBED, {"input": "x"}) for i in range(300)])
+    client.xreadgroup(GROUP, "ghost", {STREAM: ">"}, count=300)
+    client.xclaim(STREAM, GROUP, "ghost", 0, entries, retrycount=5)
+    time.sleep(0.15)
+    QueueWorker(client, [stub_jobs(lambda t: None)],
+                config(max_attempts=3, dead_letter_maxlen=50)).run()
+    assert pending(client) == 0 and client.xlen(STREAM) == 0
+    assert 50 <= client.xlen(DEAD) < 300
+
+
+def test_failing_step_charges_only_the_job_that_fails_alone(client, tiny_llama_dir):
+    from engine.core.llm_engine import EngineArgs, LLMEngine
+
+    engine = LLMEngine.from_args(EngineArgs(model=str(tiny_llama_dir), kv_cache_bytes=16 << 20,
+                                            max_num_seqs=8))
+    step, steps_with_poison = engine.step, []
+
+    def step_failing_on_poison():
+        # A request whose prompt is [7, 7, 7] breaks every step it is in.
+        if any(r.sequence.prompt_token_ids == [7, 7, 7] for r in engine.requests.values()):
+            steps_with_poison.append(len(engine.requests))
+            raise RuntimeError("kernel fault")
+        return step()
+
+    engine.step = step_failing_on_poison
+    innocent = [(f"ok-{i}", "/v1/completions",
+                 {"prompt": [1, 40 + i], "max_tokens": 3, "temperature": 0}) for i in range(3)]
+    push(client, innocent[:2] + [("bad", "/v1/completions", {"prompt": [7, 7, 7]})]
+         + innocent[2:])
+    worker = QueueWorker(client, [GenerationJobs(engine, model="tiny")],
+                         config(max_attempts=2, claim_idle_ms=50))
+    worker.run()
+    got = results_by_id(client)
+    assert sorted(got) == ["ok-0", "ok-1", "ok-2"]
+    assert all(r["response"]["status_code"] == 200 for r in got.values())
+    dead = client.xrange(DEAD)
+    assert [f[b"id"] for _, f in dead] == [b"bad"]
+    assert dead[0][1][b"error"] == b"engine step failed: RuntimeError: kernel fault"
+    # Charged: the poison job's two attempts only; the first failing step held
+    # all four jobs, and each was then run alone.
+    assert worker.metrics.failed == 1 and worker.metrics.dead == 1
+    assert steps_with_poison[0] == 4 and steps_with_poison[1:] == [1, 1]
+
+
+def test_tasks_both_is_accepted():
+    import argparse
+
+    from engine.entrypoints.cli.worker import add_worker_parser, parse_tasks
+
+    parser = argparse.ArgumentParser()
+    add_worker_parser(parser.add_subparsers(dest="command"))
+    for value in ("both", "embed,generate", "generate,both"):
+        args = parser.parse_args(["worker", "--tasks", value])
+        assert parse_tasks(args.tasks) == {"embed", "generate"}
+    assert parse_tasks(parser.parse_args(["worker"]).tasks) == {"embed", "generate"}
+    assert parse_tasks("embed") == {"embed"}
+    with pytest.raises(Exception, match="--tasks takes embed, generate or both"):
+        parse_tasks("images")
+
+
+def test_redis_password_stays_out_of_argv_and_messages(tmp_path):
+    secret = "s3cret-pass-word"
+    with RedisServer(tmp_path / "redis", password=secret) as locked:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        worker_cmd = [sys.executable, "-m", "engine.entrypoints.cli.worker", "--tasks", "embed",
+                      "--stream", STREAM, "--group", GROUP, "--results", RESULTS, "--drain",
+                      "--embedding-model", "none-such-model"]
+        # On the command line: refused before anything runs, the password masked.
+        run = subprocess.run([*worker_cmd, "--redis", locked.url], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert run.returncode == 2 and secret not in run.stderr
+        assert "CONVEYOR_REDIS_URL" in run.stderr and ":***@127.0.0.1" in run.stderr
+        # A wrong password from the environment: the error names neither.
+        wrong = locked.url.replace(secret, "not-" + secret)
+        run = subprocess.run(worker_cmd, cwd=REPO, capture_output=True, text=True, timeout=60,
+                             check=False, env={**env, "CONVEYOR_REDIS_URL": wrong})
+        assert run.returncode == 2 and "cannot reach Redis at redis://:***@" in run.stderr
+        assert secret not in run.stderr
+        # The right one, from a file: the worker gets in; `ps` never shows it.
+        url_file = tmp_path / "redis-url"
+        url_file.write_text(locked.url + "\n")
+        proc = subprocess.Popen([*worker_cmd[:-2], "--redis-url-file", str(url_file),
+                                 "--embedding-model", "none-such-model"],
+                                cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        _, err = proc.communicate(timeout=60)
+        assert secret.encode() not in cmdline
+        assert "cannot reach Redis" not in err and secret not in err
+        assert "none-such-model" in err  # it got past Redis, to loading the model

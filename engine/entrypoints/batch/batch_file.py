@@ -14,10 +14,14 @@ Resuming: the output file is the job's only state. `OutputFile.open` drops a
 torn last line (anything after the last newline: a write cut by a kill), then
 indexes what is already answered; each new record is one `write` of a whole
 line on an O_APPEND descriptor, so a kill leaves at most one torn line.
+One runner at a time: the open file is locked (flock), so a second run on
+the same output refuses instead of answering every line a second time; the
+lock goes with the process, kill -9 included.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -28,6 +32,7 @@ from typing import Any, Self
 import msgspec
 
 from engine.entrypoints.input_file import open_input
+from engine.entrypoints.serving.limits import DEFAULT_MAX_BODY_BYTES
 from engine.errors import ConveyorError
 
 # Error codes of the records this runner writes (OpenAI's style: snake_case).
@@ -36,15 +41,20 @@ INVALID_LINE = "invalid_batch_line"
 DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
 INVALID_REQUEST = "invalid_request"
 SERVER_ERROR = "server_error"
+LINE_TOO_LONG = "line_too_long"
+
+# What a line may hold besides its body (custom_id, url, method, JSON syntax).
+LINE_ENVELOPE_BYTES = 64 << 10
 
 
 class BatchRequestLine(msgspec.Struct, kw_only=True):
-    """One input line."""
+    """One input line. `body` stays raw JSON: the serving layer decodes it
+    exactly as the HTTP server decodes a request body."""
 
     custom_id: str
     method: str
     url: str
-    body: dict[str, Any]
+    body: msgspec.Raw
 
 
 class BatchResponse(msgspec.Struct, kw_only=True):
@@ -89,21 +99,25 @@ class _Probe(msgspec.Struct):
     custom_id: Any = None
 
 
+_PROBE = msgspec.json.Decoder(_Probe)
+_LINE = msgspec.json.Decoder(BatchRequestLine)
+
+
 def parse_input_line(line: int, raw: bytes) -> InputLine:
     """Decode one input line; never raises."""
     try:
-        value = msgspec.json.decode(raw)
+        probe = _PROBE.decode(raw)
     except msgspec.DecodeError as exc:
         return InputLine(line, error=f"line {line}: invalid JSON: {exc}", code=INVALID_JSON)
-    if not isinstance(value, dict):
-        return InputLine(line, error=f"line {line}: expected a JSON object, got "
-                         f"{type(value).__name__}", code=INVALID_LINE)
-    custom_id = value.get("custom_id")
+    except msgspec.ValidationError as exc:
+        return InputLine(line, error=f"line {line}: expected a JSON object ({exc})",
+                         code=INVALID_LINE)
+    custom_id = probe.custom_id
     if not isinstance(custom_id, str) or not custom_id:
         return InputLine(line, error=f"line {line}: \"custom_id\" must be a non-empty string",
                          code=INVALID_LINE)
     try:
-        request = msgspec.convert(value, BatchRequestLine)
+        request = _LINE.decode(raw)
     except msgspec.ValidationError as exc:
         return InputLine(line, custom_id=custom_id, error=f"line {line}: {exc}",
                          code=INVALID_LINE)
@@ -113,14 +127,23 @@ def parse_input_line(line: int, raw: bytes) -> InputLine:
     return InputLine(line, request=request, custom_id=custom_id)
 
 
-def read_input(path: Path) -> Iterator[InputLine]:
-    """The input's lines one at a time (never the whole file in memory).
-    Blank lines are skipped; they are not requests."""
+def read_input(path: Path, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Iterator[InputLine]:
+    """The input's lines one at a time (never the whole file in memory, nor a
+    line much longer than `max_body_bytes`: the rest of such a line is
+    skipped and the line answered with an error). Blank lines are skipped."""
+    limit = max_body_bytes + LINE_ENVELOPE_BYTES
     with open_input(path) as f:
-        for n, raw in enumerate(f, start=1):
+        n = 0
+        while raw := f.readline(limit + 1):
+            n += 1
             if n == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
-            if raw.strip():
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                yield InputLine(n, code=LINE_TOO_LONG, error=f"line {n} is longer than "
+                                f"{limit} bytes (the body limit is {max_body_bytes} bytes)")
+            elif raw.strip():
                 yield parse_input_line(n, raw)
 
 
@@ -185,6 +208,12 @@ class OutputFile:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
             raise ConveyorError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConveyorError(f"another `conveyor batch` is writing {path}; let it finish "
+                                "(or stop it), then run again to resume") from None
         try:
             repaired = _drop_torn_tail(fd)
             index = _index_records(path)

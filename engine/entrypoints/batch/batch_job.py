@@ -1,14 +1,16 @@
 """The batch job runner: an OpenAI Batch input file in, its results out.
 
-    lines ──lazily──► admit (dedupe, resume skip, parse, add_request) ──► engine
-      ▲                  │ bad line: error record at once                  │ step()
-      └── refill while fewer than `max_in_flight` engine requests ◄────────┘ finished:
-                                                                    record appended
-The input is never held in memory: lines are pulled only while the engine
-has room (`max_in_flight`, about 2 × max_num_seqs keeps it busy). Embedding
-lines are gathered into batches for the Embedder, loaded only if one appears.
-Every record is appended and flushed as soon as its line is answered, so the
-output file is the job's whole state: a re-run skips what it answers.
+    lines ──lazily──► admit (dedupe, resume skip, serving.prepare, submit) ──► engine
+      ▲                  │ refused line: error record at once               │ step()
+      └── refill while fewer than `max_in_flight` engine requests ◄─────────┘ finished:
+                                                                     record appended
+Every body goes through the serving layer the HTTP server uses, so a line
+gets the answer, or the error, the same body gets over HTTP. The input is
+never held in memory: lines are pulled only while the engine has room
+(`max_in_flight`, about 2 × max_num_seqs keeps it busy). Embedding lines
+are gathered into batches for the Embedder, loaded only if one appears.
+Every record is appended and flushed as soon as its line is answered, so
+the output file is the job's whole state: a re-run skips what it answers.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from typing import Any
 
 import msgspec
 
-from engine.core.outputs import RequestOutput
 from engine.entrypoints.batch.batch_file import (
     DUPLICATE_CUSTOM_ID,
     INVALID_REQUEST,
+    SERVER_ERROR,
     InputLine,
     OutputFile,
     count_lines,
@@ -34,20 +36,19 @@ from engine.entrypoints.batch.batch_file import (
     read_input,
     success_record,
 )
-from engine.entrypoints.openai.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    chat_inputs,
-    chat_response,
-    completion_inputs,
-    completion_response,
-    embedding_response,
-    embedding_texts,
-    error_response,
-    parse_request,
+from engine.entrypoints.serving.embedding import EmbeddedTexts, PreparedEmbedding
+from engine.entrypoints.serving.errors import ServingError
+from engine.entrypoints.serving.generation import PreparedGeneration
+from engine.entrypoints.serving.limits import ServingLimits
+from engine.entrypoints.serving.models import (
+    DEFAULT_EMBEDDING_NAME,
+    EmbeddingModel,
+    GenerationModel,
+    ModelNames,
 )
-from engine.errors import ConveyorError, RequestError
+from engine.entrypoints.serving.openai_serving import OpenAIServing
+from engine.entrypoints.serving.runs import GenerationRuns
+from engine.errors import ConveyorError
 
 
 class BatchSummary(msgspec.Struct, kw_only=True):
@@ -72,21 +73,8 @@ class BatchSummary(msgspec.Struct, kw_only=True):
                 f"tokens in {self.elapsed:.1f} s ({self.output_tokens_per_s:.1f} output tok/s)")
 
 
-@dataclass
-class _Pending:
-    """A completion/chat line waiting for its engine requests (one a choice)."""
-
-    line: InputLine
-    request: CompletionRequest | ChatCompletionRequest
-    outputs: list[RequestOutput | None]
-    remaining: int
-
-
-@dataclass
-class _PendingEmbedding:
-    line: InputLine
-    request: EmbeddingRequest
-    texts: list[str]
+def _names(name: str | ModelNames) -> ModelNames:
+    return name if isinstance(name, ModelNames) else ModelNames([name])
 
 
 @dataclass
@@ -95,42 +83,50 @@ class BatchJob:
 
     `load_llm()` returns an `engine.LLM` and `load_embedder()` an Embedder;
     each is called at most once, when the first line that needs it arrives.
+    The model names are what a line's `model` may say (anything else: 404).
     """
 
     input_path: Path
     output_path: Path
     load_llm: Callable[[], Any]
     load_embedder: Callable[[], Any]
-    model_name: str = "conveyor"
-    embedding_model_name: str = "conveyor-embedding"
+    model_name: str | ModelNames = "conveyor"
+    embedding_model_name: str | ModelNames = "conveyor-embedding"
     max_in_flight: int = 512
     embed_batch_texts: int = 256
     progress: bool = True
+    limits: ServingLimits = field(default_factory=ServingLimits)
     summary: BatchSummary = field(default_factory=BatchSummary)
 
     def __post_init__(self):
-        self._llm = None
-        self._embedder = None
-        self._pending: dict[str, tuple[_Pending, int]] = {}  # engine request id -> choice
-        self._in_flight = 0
-        self._embeds: list[_PendingEmbedding] = []
+        self.serving = OpenAIServing(
+            GenerationModel(_names(self.model_name), load=lambda: self.load_llm().engine),
+            EmbeddingModel(_names(self.embedding_model_name), load=self.load_embedder),
+            self.limits)
+        self._runs: GenerationRuns | None = None
+        self._lines: dict[int, InputLine] = {}   # line number -> line, while it runs
+        self._embeds: list[tuple[InputLine, PreparedEmbedding]] = []
         self._embed_texts = 0
         self._seen: set[str] = set()
         self._out: OutputFile | None = None
         self._bar = None
         self._start = 0.0
 
+    @property
+    def _in_flight(self) -> int:
+        return self._runs.num_sequences if self._runs is not None else 0
+
     # -- the loop ----------------------------------------------------------------
     def run(self) -> BatchSummary:
         """Run to the end of the input; return the summary. Raises ConveyorError
-        when the job cannot run (missing input, unreadable output, model)."""
+        when the job cannot run (missing input, unusable or locked output, model)."""
         if not self.input_path.is_file():
             if not self.input_path.exists():
                 raise ConveyorError(f"input file not found: {self.input_path}")
             raise ConveyorError(f"input is not a file: {self.input_path}")
         if self.output_path.exists() and self.output_path.samefile(self.input_path):
             raise ConveyorError("the output file must not be the input file")
-        lines = read_input(self.input_path)
+        lines = read_input(self.input_path, self.limits.max_body_bytes)
         self._start = time.monotonic()
         with OutputFile.open(self.output_path) as out, self._progress_bar(out) as bar:
             self._out, self._bar = out, bar
@@ -138,7 +134,10 @@ class BatchJob:
             try:
                 self._drive(lines)
             finally:
-                self._abort_all()
+                if self._runs is not None:
+                    # On an exception (Ctrl-C, engine failure) leave no request
+                    # holding KV blocks; a re-run answers their lines.
+                    self._runs.abort_all()
                 self.summary.elapsed = time.monotonic() - self._start
         return self.summary
 
@@ -152,37 +151,18 @@ class BatchJob:
                     exhausted = True
                 else:
                     self._admit(line)
-            engine_busy = self._llm is not None and self._llm.engine.has_unfinished()
+            engine_busy = self._runs is not None and self._runs.engine.has_unfinished()
             if self._embeds and (exhausted or not engine_busy
                                  or self._embed_texts >= self.embed_batch_texts):
                 self._flush_embeddings()
             if engine_busy:
-                self._step()
+                for number, prepared, outputs in self._runs.step():
+                    self._finish_generation(self._lines.pop(number), prepared, outputs)
             elif self._in_flight:  # a bug, not a user error: never spin forever
                 raise RuntimeError(f"{self._in_flight} requests in flight but the engine "
                                    "has none")
             elif exhausted and not self._embeds:
                 return
-
-    def _step(self) -> None:
-        for request in self._llm.engine.step():
-            if not request.finished:
-                continue
-            pending, choice = self._pending.pop(request.request_id)
-            pending.outputs[choice] = request.output(delta=False)
-            pending.remaining -= 1
-            self._in_flight -= 1
-            if pending.remaining == 0:
-                self._finish_generation(pending)
-
-    def _abort_all(self) -> None:
-        # On an exception (Ctrl-C, engine failure) leave no request holding KV
-        # blocks; their lines are simply not answered and a re-run does them.
-        if self._llm is not None:
-            for rid in list(self._pending):
-                self._llm.engine.abort_request(rid)
-        self._pending.clear()
-        self._in_flight = 0
 
     # -- one input line -------------------------------------------------------------
     def _admit(self, line: InputLine) -> None:
@@ -201,82 +181,45 @@ class BatchJob:
                 return self._skipped()
         if line.request is None:
             return self._fail(line, line.error, line.code)
+        # A model that cannot load raises a ConveyorError that is not a
+        # ServingError: it ends the job rather than failing each line.
         try:
-            request = parse_request(line.request.url, line.request.body)
-            if isinstance(request, EmbeddingRequest):
-                texts = embedding_texts(request)
-                self._embeds.append(_PendingEmbedding(line, request, texts))
-                self._embed_texts += len(texts)
+            prepared = self.serving.prepare(line.request.url, bytes(line.request.body))
+            if isinstance(prepared, PreparedEmbedding):
+                self._embeds.append((line, prepared))
+                self._embed_texts += len(prepared.texts)
                 return None
-        except RequestError as exc:
-            return self._fail(line, str(exc), INVALID_REQUEST, status_code=400)
-        llm = self._get_llm()  # outside the try: a model that cannot load ends the job
-        try:
-            self._submit(line, request, llm)
-        except ConveyorError as exc:  # RequestError, or a model with no chat template
-            self._fail(line, str(exc), INVALID_REQUEST, status_code=400)
+            if self._runs is None:
+                self._runs = GenerationRuns(self.serving.generation.engine)
+            self._runs.submit(line.line, prepared)
+            self._lines[line.line] = line
+        except ServingError as exc:
+            return self._refuse(line, exc)
+        self.summary.peak_in_flight = max(self.summary.peak_in_flight, self._in_flight)
         return None
 
-    def _submit(self, line: InputLine, request: CompletionRequest | ChatCompletionRequest,
-                llm) -> None:
-        engine = llm.engine
-        if isinstance(request, ChatCompletionRequest):
-            inputs = chat_inputs(request, llm.tokenizer, engine.scheduler.config.max_model_len)
-        else:
-            inputs = completion_inputs(request)
-        pending = _Pending(line, request, [None] * len(inputs), len(inputs))
-        added: list[str] = []
+    def _finish_generation(self, line: InputLine, prepared: PreparedGeneration,
+                           outputs: list) -> None:
         try:
-            for choice, item in enumerate(inputs):
-                rid = f"{line.line}.{choice}"
-                engine.add_request(item.prompt, item.params, request_id=rid)
-                added.append(rid)
-                self._pending[rid] = (pending, choice)
-        except RequestError:
-            for rid in added:  # all choices or none
-                engine.abort_request(rid)
-                del self._pending[rid]
-            raise
-        self._in_flight += len(inputs)
-        self.summary.peak_in_flight = max(self.summary.peak_in_flight, self._in_flight)
-
-    def _finish_generation(self, pending: _Pending) -> None:
-        request, outputs = pending.request, pending.outputs
-        model = request.model or self.model_name
-        tokenizer = self._llm.tokenizer
-        try:
-            if isinstance(request, ChatCompletionRequest):
-                body = chat_response(request, outputs, tokenizer, model=model)
-            else:
-                body = completion_response(request, outputs, tokenizer, model=model)
-        except RequestError as exc:  # the engine failed this request
-            return self._fail(pending.line, str(exc), "server_error", status_code=500)
-        self._succeed(pending.line, body, body.usage.prompt_tokens,
-                      body.usage.completion_tokens or 0)
+            body = self.serving.respond(prepared, outputs)
+        except ServingError as exc:  # the engine failed this request
+            return self._refuse(line, exc)
+        self._succeed(line, body, body.usage.prompt_tokens, body.usage.completion_tokens or 0)
         return None
 
     def _flush_embeddings(self) -> None:
         batch, self._embeds, self._embed_texts = self._embeds, [], 0
-        embedder = self._get_embedder()
-        texts = [t for item in batch for t in item.texts]
+        embedder = self.serving.embedding.embedder
+        texts = [t for _, prepared in batch for t in prepared.texts]
         result = embedder.embed(texts, truncate=True)
-        start = 0
-        for item in batch:
-            rows = slice(start, start + len(item.texts))
-            start = rows.stop
-            cut = [i for i, t in enumerate(result.truncated[rows]) if t]
+        shares = EmbeddedTexts.split(result, [len(p.texts) for _, p in batch])
+        for (line, prepared), share in zip(batch, shares, strict=True):
             try:
-                if cut:
-                    raise RequestError(
-                        f"input {cut[0]} is longer than the model's maximum of "
-                        f"{embedder.max_length} tokens")
-                body = embedding_response(item.request, result.vectors[rows],
-                                          result.num_tokens[rows],
-                                          model=item.request.model or self.embedding_model_name)
-            except RequestError as exc:
-                self._fail(item.line, str(exc), INVALID_REQUEST, status_code=400)
+                body = self.serving.respond(prepared, share)
+            except ServingError as exc:
+                self._refuse(line, exc)
                 continue
-            self._succeed(item.line, body, body.usage.prompt_tokens, 0)
+            self._succeed(line, body, body.usage.prompt_tokens, 0)
 
     # -- records --------------------------------------------------------------------
     def _succeed(self, line: InputLine, body: Any, prompt_tokens: int,
@@ -287,15 +230,18 @@ class BatchJob:
         self.summary.completion_tokens += completion_tokens
         self._advance()
 
-    def _fail(self, line: InputLine, message: str, code: str, *,
-              status_code: int | None = None) -> None:
-        body = None
-        if status_code is not None:
-            kind = "server_error" if status_code >= 500 else "invalid_request_error"
-            body = error_response(message, type=kind, code=code)
-        request_id = f"req_{uuid.uuid4().hex}" if status_code is not None else None
-        self._out.write(error_record(line, message, code, status_code=status_code,
-                                     request_id=request_id, body=body))
+    def _refuse(self, line: InputLine, error: ServingError) -> None:
+        """The record of a request the API answered with an error: its status
+        and OpenAI's error body, as the HTTP server would send them."""
+        code = error.code or (SERVER_ERROR if error.status >= 500 else INVALID_REQUEST)
+        self._out.write(error_record(line, error.message, code, status_code=error.status,
+                                     request_id=f"req_{uuid.uuid4().hex}", body=error.body()))
+        self.summary.failed += 1
+        self._advance()
+
+    def _fail(self, line: InputLine, message: str, code: str) -> None:
+        """The record of a line that is not a request at all (no response)."""
+        self._out.write(error_record(line, message, code))
         self.summary.failed += 1
         self._advance()
 
@@ -323,21 +269,12 @@ class BatchJob:
         return tqdm(total=total, desc="batch", unit=" req", disable=not self.progress,
                     file=sys.stderr, dynamic_ncols=True)
 
-    # -- models, loaded on first use -----------------------------------------------
-    def _get_llm(self):
-        if self._llm is None:
-            self._llm = self.load_llm()
-        return self._llm
-
-    def _get_embedder(self):
-        if self._embedder is None:
-            self._embedder = self.load_embedder()
-        return self._embedder
-
 
 def run_batch_file(input_path: Path, output_path: Path, *, model: str | None = None,
-                   embedding_model: str | None = None, max_num_seqs: int = 256,
-                   progress: bool = True, engine_args: dict | None = None) -> BatchSummary:
+                   embedding_model: str | None = None, served_model_name: str | None = None,
+                   max_num_seqs: int = 256, progress: bool = True,
+                   engine_args: dict | None = None,
+                   limits: ServingLimits | None = None) -> BatchSummary:
     """Run a batch file with Conveyor's models (None: the defaults)."""
     engine_args = {k: v for k, v in (engine_args or {}).items() if v is not None}
 
@@ -352,14 +289,9 @@ def run_batch_file(input_path: Path, output_path: Path, *, model: str | None = N
         return Embedder.load(embedding_model)
 
     job = BatchJob(Path(input_path), Path(output_path), load_llm, load_embedder,
-                   model_name=_model_name(model, "SmolLM2-135M-Instruct"),
-                   embedding_model_name=_model_name(embedding_model, "all-MiniLM-L6-v2"),
-                   max_in_flight=2 * max_num_seqs, progress=progress)
+                   model_name=ModelNames.of(model, served=served_model_name),
+                   embedding_model_name=ModelNames.of(embedding_model,
+                                                      default=DEFAULT_EMBEDDING_NAME),
+                   max_in_flight=2 * max_num_seqs, progress=progress,
+                   limits=limits or ServingLimits())
     return job.run()
-
-
-def _model_name(model: str | None, default: str) -> str:
-    if model is None:
-        return default
-    path = Path(model)
-    return path.stem if path.suffix == ".gguf" else (path.name or model)

@@ -7,7 +7,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.entrypoints.cli.common import add_engine_args, engine_kwargs
+from engine.entrypoints.cli.common import (
+    add_engine_args,
+    add_limit_args,
+    engine_kwargs,
+    serving_limits,
+)
 from engine.errors import ConveyorError
 
 _EPILOG = """\
@@ -19,13 +24,17 @@ input (one JSON object a line, OpenAI Batch format):
 output (one line a request, appended as each one finishes, in any order):
   {"id": "batch_req_7", "custom_id": "r1", "response": {"status_code": 200,
    "request_id": "...", "body": {... OpenAI response, with usage ...}}, "error": null}
-  A bad line (invalid JSON, unknown url, missing field, bad sampling
-  parameter, prompt too long, repeated custom_id) gets a record with "error"
-  {"code", "message"} and the job goes on.
+  A line whose request the API refuses (unknown url or model, bad field,
+  prompt too long, ...) gets the status and error body the HTTP server would
+  send, plus "error" {"code", "message"}; a line that is no request at all
+  (invalid JSON, no custom_id, repeated custom_id) gets "error" alone. The
+  job goes on either way. A line's "model" must name the served model (or
+  be left out).
 
 Resuming: run the same command again after an interruption (even kill -9).
 Lines whose custom_id the output file already answers are skipped, and a
 torn last line is cut off first, so every custom_id ends up answered once.
+One run per output file at a time: a second run on the same output exits 2.
 
 Exit status: 0 when the job ran (bad lines included); 2 when it could not
 (missing input file, unusable output file, model not found).
@@ -43,6 +52,9 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, type=Path,
                    help="results.jsonl (appended to; re-run to resume)")
     add_engine_args(p)
+    p.add_argument("--served-model-name", help="the name lines may give as `model` "
+                   "(default: --model as given, or its last path part)")
+    add_limit_args(p)
     p.add_argument("--embedding-model", help="model for /v1/embeddings lines "
                    "(default: all-MiniLM-L6-v2; loaded only if such a line appears)")
     p.add_argument("--quiet", "-q", action="store_true",
@@ -59,8 +71,9 @@ def run_batch(args: argparse.Namespace) -> int:
         engine_args = engine_kwargs(args)
         summary = run_batch_file(
             args.input, args.output, model=args.model, embedding_model=args.embedding_model,
+            served_model_name=args.served_model_name,
             max_num_seqs=engine_args.pop("max_num_seqs"), progress=not args.quiet,
-            engine_args=engine_args)
+            engine_args=engine_args, limits=serving_limits(args))
     except ConveyorError as exc:
         print(f"conveyor: error: {exc}", file=sys.stderr)
         return 2

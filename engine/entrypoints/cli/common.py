@@ -58,3 +58,30 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         if kwargs[name] is not None and kwargs[name] < 1:
             raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")
     return kwargs
+
+
+def add_limit_args(p) -> None:
+    """The serving limits every entry point applies (serving/limits.py)."""
+    from engine.entrypoints.serving import limits
+
+    p.add_argument("--max-body-bytes", type=int, default=limits.DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body (HTTP), batch line body or job body; 413 "
+                   "above it (default: %(default)s)")
+    p.add_argument("--max-choices", type=int, default=limits.DEFAULT_MAX_CHOICES,
+                   help="most choices (prompts × n) one request may ask for (default: "
+                   "%(default)s)")
+    p.add_argument("--max-embedding-inputs", type=int,
+                   default=limits.DEFAULT_MAX_EMBEDDING_INPUTS,
+                   help="most texts in one embeddings request (default: %(default)s)")
+
+
+def serving_limits(args: argparse.Namespace, **extra):
+    """ServingLimits from the flags of add_limit_args; a bad value is a ConveyorError."""
+    from engine.entrypoints.serving.limits import ServingLimits
+
+    values = {"max_body_bytes": args.max_body_bytes, "max_choices": args.max_choices,
+              "max_embedding_inputs": args.max_embedding_inputs, **extra}
+    for name, value in values.items():
+        if value < 1:
+            raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")
+    return ServingLimits(**values)

@@ -1,4 +1,4 @@
-"""`conveyor serve`: the OpenAI-compatible HTTP server (engine/server.py)."""
+"""`conveyor serve`: the OpenAI-compatible HTTP server (engine.entrypoints.openai.server)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,19 @@ import os
 import socket
 import sys
 
-from engine.entrypoints.cli.common import add_engine_args, engine_kwargs
+from engine.entrypoints.cli.common import (
+    add_engine_args,
+    add_limit_args,
+    engine_kwargs,
+    serving_limits,
+)
+from engine.entrypoints.serving.limits import DEFAULT_MAX_WAITING
+from engine.entrypoints.serving.models import DEFAULT_EMBEDDING_NAME, ModelNames
 from engine.errors import ConveyorError
-
-DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register `serve` on the `conveyor` command's subparsers."""
-    from engine.entrypoints.openai.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING
-
     p = subparsers.add_parser(
         "serve", help="serve the OpenAI API (completions, chat, embeddings) over HTTP",
         description="Serve /v1/completions, /v1/chat/completions, /v1/embeddings, "
@@ -36,11 +38,15 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("CONVEYOR_API_KEY"),
                    help="require `Authorization: Bearer <key>` on /v1/* (default: "
                    "$CONVEYOR_API_KEY; the environment keeps it out of `ps`)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host header name to accept besides localhost/127.0.0.1/::1 "
+                   "(repeatable). A server on a loopback address refuses every other name "
+                   "(403), so a web page cannot reach it through DNS rebinding; on another "
+                   "address any name is accepted unless this is given")
     p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help="refuse new requests (429) while this many wait for admission "
                    "(default: %(default)s)")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                   help="largest request body (413 above it; default: %(default)s)")
+    add_limit_args(p)
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -69,6 +75,16 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _allowed_hosts(host: str, extra: list[str]) -> list[str] | None:
+    """Host header names to accept: loopback names (and `extra`) for a
+    loopback server; for another address only `extra` when given, else any."""
+    from engine.entrypoints.openai.transport import LOOPBACK_HOSTS
+
+    if _is_loopback(host):
+        return [*LOOPBACK_HOSTS, *extra]
+    return [host, *LOOPBACK_HOSTS, *extra] if extra else None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -76,28 +92,28 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.entrypoints.openai.server import build_app
 
     engine_args = engine_kwargs(args)  # checks the engine flags before the port is taken
-    for name in ("max_waiting", "max_body_bytes"):
-        if getattr(args, name) < 1:
-            raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")
+    limits = serving_limits(args, max_waiting=args.max_waiting)
     if not 0 <= args.port < 65536:
         raise ConveyorError(f"--port must be in [0, 65535], got {args.port}")
     sock = _listen(args.host, args.port)
+    allowed_hosts = _allowed_hosts(args.host, args.allowed_host)
     if not args.api_key and not _is_loopback(args.host):
         print(f"conveyor: warning: listening on {args.host} without --api-key: anyone who "
               "can reach this port can use the model", file=sys.stderr)
     llm = embedder = None
     try:
+        embedding_names = None
         if args.embedding_model.lower() != "none":
-            from engine.entrypoints.openai.server import EmbeddingWorker
+            from engine.entrypoints.openai.embedding_worker import EmbeddingWorker
 
             chosen = None if args.embedding_model == "default" else args.embedding_model
-            embedder = EmbeddingWorker.load(chosen, name=chosen or DEFAULT_EMBEDDING_NAME)
+            embedding_names = ModelNames.of(chosen, default=DEFAULT_EMBEDDING_NAME)
+            embedder = EmbeddingWorker.load(chosen, name=embedding_names.label)
         llm = AsyncLLM(args.model, **engine_args)
         app = build_app(llm, embedder,
-                        model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
-                        embedding_model_name=embedder.name if embedder else None,
-                        api_key=args.api_key,
-                        max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
+                        model_name=ModelNames.of(args.model, served=args.served_model_name),
+                        embedding_model_name=embedding_names, api_key=args.api_key,
+                        limits=limits, allowed_hosts=allowed_hosts)
         host, port = sock.getsockname()[:2]
         print(f"conveyor: serving on http://{host}:{port}", file=sys.stderr, flush=True)
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)

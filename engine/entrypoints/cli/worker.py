@@ -9,8 +9,15 @@ import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-from engine.entrypoints.cli.common import add_engine_args, engine_kwargs
+from engine.entrypoints.cli.common import (
+    add_engine_args,
+    add_limit_args,
+    engine_kwargs,
+    serving_limits,
+)
+from engine.entrypoints.queue.worker import DEFAULT_RESULTS_TTL, DEFAULT_STREAM_MAXLEN
 from engine.errors import ConveyorError
 
 _EPILOG = """\
@@ -19,17 +26,25 @@ jobs: XADD <stream> * id JOB_ID url /v1/embeddings body '{"input": "some text"}'
   JSON body that url takes over HTTP (and in batch files).
   (custom_id works for id). These are a batch file's line fields (conveyor batch).
 results: the stream <results> gets one entry per job (fields id, result), and
-  the hash <results>:by-id maps each job id to the same result JSON, a batch
-  output line: {"id": "queue_req_<entry>", "custom_id": JOB_ID, "response":
-  {"status_code": 200, "request_id": "<entry>", "body": {...}}, "error": null};
-  a request the API refuses has status_code 400, an OpenAI error body and
-  "error": {"code": "invalid_request", "message": ...}. A job is answered
-  once, however often it is delivered.
-failures: a job that cannot be read (no url/body, body not a JSON object,
-  unknown url) or whose run fails is retried, by this or another worker, once
-  it has been pending for --claim-idle-ms; after --max-attempts deliveries it
-  goes to the dead-letter stream (<stream>:dead) with its error.
+  the key <results>:by-id:JOB_ID holds the same result JSON, a batch output
+  line: {"id": "queue_req_<entry>", "custom_id": JOB_ID, "response":
+  {"status_code": 200, "request_id": "<entry>", "body": {...}}, "error": null}.
+  A job the API refuses gets the status and OpenAI error body the HTTP server
+  would send, plus "error": {"code", "message"}: a bad field, a prompt too
+  long, a url or model this worker does not serve, a body that is not JSON,
+  an entry with no url or body. A job is answered once, however often it is
+  delivered, while its result key lives (--results-ttl).
+retention: answered entries are deleted from <stream>; the results and
+  dead-letter streams are trimmed to about --results-maxlen and
+  --dead-letter-maxlen entries; result keys expire after --results-ttl.
+failures: a job whose run fails (an engine error) is retried, by this or
+  another worker, once it has been pending for --claim-idle-ms; after
+  --max-attempts deliveries it goes to the dead-letter stream (<stream>:dead).
+fleets: workers that read one stream must serve the same --tasks and model;
+  give other kinds of jobs their own stream.
 SIGTERM/SIGINT: stop reading, finish and ack the jobs in flight, exit 0.
+password: a Redis URL with a password is read from $CONVEYOR_REDIS_URL or
+  --redis-url-file, never from the command line (`ps` shows it to everyone).
 """
 
 
@@ -41,7 +56,10 @@ def add_worker_parser(subparsers) -> argparse.ArgumentParser:
         "batches and write one result per job.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     q = p.add_argument_group("queue")
-    q.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL")
+    q.add_argument("--redis", help="Redis URL without a password (default: "
+                   "$CONVEYOR_REDIS_URL, else redis://127.0.0.1:6379/0)")
+    q.add_argument("--redis-url-file", type=Path, help="read the Redis URL (password "
+                   "included) from this file")
     q.add_argument("--stream", default="conveyor:jobs", help="the jobs stream")
     q.add_argument("--group", default="conveyor", help="the consumer group (made if missing)")
     q.add_argument("--results", default="conveyor:results", help="the results stream")
@@ -56,12 +74,22 @@ def add_worker_parser(subparsers) -> argparse.ArgumentParser:
                    help="longest wait for new jobs when idle (default 1000)")
     q.add_argument("--max-batch-jobs", type=int,
                    help="jobs per read at most (default: what the models can batch)")
-    q.add_argument("--results-maxlen", type=int, default=0,
-                   help="trim the results stream to about this many entries (default: never)")
+    q.add_argument("--results-maxlen", type=int, default=DEFAULT_STREAM_MAXLEN,
+                   help="trim the results stream to about this many entries; 0: never "
+                   "(default: %(default)s)")
+    q.add_argument("--dead-letter-maxlen", type=int, default=DEFAULT_STREAM_MAXLEN,
+                   help="trim the dead-letter stream to about this many entries; 0: never "
+                   "(default: %(default)s)")
+    q.add_argument("--results-ttl", type=int, default=DEFAULT_RESULTS_TTL,
+                   help="seconds each job's result key is kept (and a re-submitted job id "
+                   "is not answered again); 0: forever (default: %(default)s)")
+    q.add_argument("--keep-answered", action="store_true",
+                   help="leave answered entries in the jobs stream (default: delete them)")
     q.add_argument("--drain", action="store_true",
                    help="exit once the stream has no new or pending jobs")
-    q.add_argument("--tasks", default="embed,generate",
-                   help="job kinds to serve: embed, generate or both (default both)")
+    q.add_argument("--tasks", default="both",
+                   help="job kinds to serve: embed, generate, both, or embed,generate "
+                   "(default both); a job of another kind gets a 404 answer")
     q.add_argument("--log-interval", type=float, default=10.0,
                    help="seconds between metrics log lines (default 10)")
     q.add_argument("--metrics-port", type=int,
@@ -72,10 +100,13 @@ def add_worker_parser(subparsers) -> argparse.ArgumentParser:
     m = p.add_argument_group("models")
     m.add_argument("--embedding-model", help="encoder for /v1/embeddings "
                    "(default: all-MiniLM-L6-v2)")
+    m.add_argument("--served-model-name", help="the name generation jobs may give as "
+                   "`model` (default: --model as given, or its last path part)")
     m.add_argument("--batch-tokens", type=int, help="padded tokens per embedding batch")
     m.add_argument("--max-batch-size", type=int, help="texts per embedding batch")
     add_engine_args(m, model_help="generation model, loaded on the first generation job "
                     "(default: SmolLM2-135M-Instruct)")
+    add_limit_args(m)
     p.set_defaults(run=run_worker)
     return p
 
@@ -87,39 +118,54 @@ def run_worker(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConveyorError("the worker needs the redis package (pip install redis)") from None
 
+    from engine.entrypoints.queue import redis_url
     from engine.entrypoints.queue.worker import QueueWorker, WorkerConfig
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
-    if not tasks or tasks - {"embed", "generate"}:
-        raise ConveyorError(f"--tasks takes embed, generate or both, not {args.tasks!r}")
+    tasks = parse_tasks(args.tasks)
+    limits = serving_limits(args)
+    url = redis_url.resolve(args.redis, args.redis_url_file)
     config = WorkerConfig(
         stream=args.stream, group=args.group, results=args.results,
         consumer=args.consumer or f"{socket.gethostname()}-{os.getpid()}",
         dead_letter=args.dead_letter, results_maxlen=args.results_maxlen,
-        max_attempts=args.max_attempts, claim_idle_ms=args.claim_idle_ms,
-        block_ms=args.block_ms, max_batch_jobs=args.max_batch_jobs,
-        log_interval=args.log_interval, drain=args.drain)
+        dead_letter_maxlen=args.dead_letter_maxlen, results_ttl=args.results_ttl,
+        keep_answered=args.keep_answered, max_attempts=args.max_attempts,
+        claim_idle_ms=args.claim_idle_ms, block_ms=args.block_ms,
+        max_batch_jobs=args.max_batch_jobs, log_interval=args.log_interval, drain=args.drain)
     try:
-        client = redis.Redis.from_url(args.redis)
+        client = redis.Redis.from_url(url)
         client.ping()
     except (redis.RedisError, ValueError) as exc:
-        raise ConveyorError(f"cannot reach Redis at {args.redis}: {exc}") from None
-    worker = QueueWorker(client, _handlers(args, tasks), config)
+        raise ConveyorError(redis_url.scrub(f"cannot reach Redis at {url}: {exc}", url)
+                            ) from None
+    worker = QueueWorker(client, _handlers(args, tasks), config, limits)
     server = _serve_metrics(worker, args.metrics_host, args.metrics_port)
     try:
         return worker.run()
     except redis.ConnectionError as exc:
         # Jobs in flight stay pending and are claimed by another worker.
-        raise ConveyorError(f"lost the connection to Redis: {exc}") from None
+        raise ConveyorError(redis_url.scrub(f"lost the connection to Redis: {exc}", url)
+                            ) from None
     finally:
         if server is not None:
             server.shutdown()
 
 
+def parse_tasks(value: str) -> set[str]:
+    """--tasks: "embed", "generate", "both", or a comma list of the first two."""
+    tasks = {t.strip() for t in value.split(",") if t.strip()}
+    if "both" in tasks:
+        tasks = (tasks - {"both"}) | {"embed", "generate"}
+    if not tasks or tasks - {"embed", "generate"}:
+        raise ConveyorError(f"--tasks takes embed, generate or both, not {value!r}")
+    return tasks
+
+
 def _handlers(args: argparse.Namespace, tasks: set[str]) -> list:
-    from engine.entrypoints.queue.worker import EmbeddingJobs, GenerationJobs
+    from engine.entrypoints.queue.handlers import EmbeddingJobs, GenerationJobs
+    from engine.entrypoints.serving.models import DEFAULT_EMBEDDING_NAME, ModelNames
 
     handlers: list = []
     if "embed" in tasks:
@@ -127,15 +173,16 @@ def _handlers(args: argparse.Namespace, tasks: set[str]) -> list:
 
         embedder = Embedder.load(args.embedding_model, batch_tokens=args.batch_tokens,
                                  max_batch_size=args.max_batch_size)
-        handlers.append(EmbeddingJobs.from_embedder(embedder))
+        names = ModelNames.of(args.embedding_model, default=DEFAULT_EMBEDDING_NAME)
+        handlers.append(EmbeddingJobs.from_embedder(embedder, names))
     if "generate" in tasks:
         def load_engine():
             from engine.core.llm_engine import EngineArgs, LLMEngine
 
             return LLMEngine.from_args(EngineArgs(model=args.model, **engine_kwargs(args)))
 
-        name = os.path.basename(args.model.rstrip("/")) if args.model else "SmolLM2-135M-Instruct"
-        handlers.append(GenerationJobs(load_engine, model=name))
+        names = ModelNames.of(args.model, served=args.served_model_name)
+        handlers.append(GenerationJobs(load_engine, model=names))
     return handlers
 
 

@@ -669,3 +669,19 @@ def test_a_line_far_past_the_body_limit_is_skipped_unread(tmp_path, tiny_llama_d
     huge = next(r for r in records_ if r["id"] == "batch_req_2")
     assert huge["custom_id"] is None and huge["response"] is None
     assert huge["error"]["code"] == "line_too_long"
+
+
+def test_summary_counts_the_prefix_cache(tmp_path, tiny_llama_dir):
+    """Lines sharing a long prompt prefix: the summary says how many of their
+    prompt tokens were served from the prefix cache."""
+    shared = "x" * 80  # 80 byte tokens: 5 full blocks of 16
+    lines = [json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/completions",
+                         "body": {"model": "tiny", "prompt": shared + str(i), "max_tokens": 2,
+                                  "temperature": 0}}) for i in range(6)]
+    job = make_job(tmp_path, tiny_llama_dir, write_lines(tmp_path / "in.jsonl", lines),
+                   max_num_seqs=1)  # one at a time: every later line finds the prefix
+    summary = job.run()
+    assert summary.done == 6
+    assert summary.prefix_cache_queries == sum(len(shared) + len(str(i)) for i in range(6))
+    assert summary.prefix_cache_hits == 5 * 80
+    assert "prefix cache 400/" in summary.describe()

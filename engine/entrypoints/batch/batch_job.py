@@ -62,6 +62,8 @@ class BatchSummary(msgspec.Struct, kw_only=True):
     elapsed: float = 0.0
     repaired_bytes: int = 0        # a torn last line dropped from the output
     peak_in_flight: int = 0        # most engine requests queued at once
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0     # of which were cached (computed once, shared)
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -70,7 +72,10 @@ class BatchSummary(msgspec.Struct, kw_only=True):
     def describe(self) -> str:
         return (f"{self.done} done, {self.failed} failed, {self.skipped} skipped (already "
                 f"answered); {self.prompt_tokens} prompt + {self.completion_tokens} output "
-                f"tokens in {self.elapsed:.1f} s ({self.output_tokens_per_s:.1f} output tok/s)")
+                f"tokens in {self.elapsed:.1f} s ({self.output_tokens_per_s:.1f} output tok/s)"
+                + (f"; prefix cache {self.prefix_cache_hits}/{self.prefix_cache_queries} prompt "
+                   f"tokens ({100 * self.prefix_cache_hits / self.prefix_cache_queries:.0f}%)"
+                   if self.prefix_cache_queries else ""))
 
 
 def _names(name: str | ModelNames) -> ModelNames:
@@ -139,7 +144,15 @@ class BatchJob:
                     # holding KV blocks; a re-run answers their lines.
                     self._runs.abort_all()
                 self.summary.elapsed = time.monotonic() - self._start
+                self._count_prefix_cache()
         return self.summary
+
+    def _count_prefix_cache(self) -> None:
+        generation = self.serving.generation
+        if generation is not None and generation.loaded:
+            stats = generation.engine.stats()
+            self.summary.prefix_cache_queries = stats.prefix_cache_queries
+            self.summary.prefix_cache_hits = stats.prefix_cache_hits
 
     def _drive(self, lines: Iterator[InputLine]) -> None:
         exhausted = False

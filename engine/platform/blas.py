@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 _loaded: str | None = None
+_serves_mlx = False
 
 
 def _candidates() -> list[Path]:
@@ -27,26 +28,37 @@ def _candidates() -> list[Path]:
 
 
 def preload() -> str | None:
-    """Preload the BLAS once; return its path, or None when none was loaded."""
-    global _loaded
+    """Load the BLAS once; return its path, or None when none was found.
+
+    Before MLX is imported it is loaded globally, so MLX's own matmuls bind to
+    it too. After (someone imported mlx.core first) it is loaded for
+    Conveyor's kernels alone: the CPU fast path runs the same either way, and
+    only the portable MLX path keeps MLX's reference BLAS (`serves_mlx()`)."""
+    global _loaded, _serves_mlx
     if _loaded is not None or sys.platform != "linux":
         return _loaded
-    if "mlx.core" in sys.modules:
-        return None  # too late: MLX already bound its BLAS
     choice = os.environ.get("CONVEYOR_BLAS", "")
     if choice.lower() in ("off", "0", "none"):
         return None
+    early = "mlx.core" not in sys.modules
+    mode = ctypes.RTLD_GLOBAL if early else ctypes.RTLD_LOCAL
     paths = [Path(choice)] if choice else _candidates()
     for path in paths:
         try:
-            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            ctypes.CDLL(str(path), mode=mode)
         except OSError:
             continue
-        _loaded = str(path)
+        _loaded, _serves_mlx = str(path), early
         break
     return _loaded
 
 
 def loaded() -> str | None:
-    """The BLAS library preloaded into this process, if any."""
-    return _loaded
+    """The optimised BLAS loaded into this process, if any (preloading it
+    first where it was not yet)."""
+    return _loaded if _loaded is not None else preload()
+
+
+def serves_mlx() -> bool:
+    """Whether MLX's own matmuls use that BLAS (it was loaded before MLX)."""
+    return _serves_mlx

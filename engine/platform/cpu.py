@@ -54,6 +54,9 @@ class CpuPlatform(Platform):
         where = "cpu" + (" + " + blas.loaded().rsplit("/", 1)[-1] if blas.loaded() else "")
         if not blas.loaded():
             where += " (no optimised BLAS found: matmuls will be slow)"
+        elif not blas.serves_mlx():
+            where += " (mlx was imported before engine: the portable MLX path keeps its " \
+                     "reference BLAS; the CPU fast path is unaffected)"
         return where
 
     def default_dtype(self, config: dict) -> mx.Dtype:

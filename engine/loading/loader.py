@@ -21,6 +21,7 @@ import mlx.nn as nn
 
 import models
 from engine.errors import ModelLoadError
+from engine.loading.validate import check_checkpoint
 from engine.platform import int8_matmul
 from engine.platform.backend import (
     WeightFormat,
@@ -85,7 +86,7 @@ def load_config(path: Path) -> dict[str, Any]:
         config = json.loads(file.read_text())
     except FileNotFoundError:
         raise ModelLoadError(f"{path} has no config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ModelLoadError(f"malformed {file}: {exc}") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelLoadError(f"{file} does not name a model_type")
@@ -221,6 +222,7 @@ def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | N
     """Build the model in `path` in the fastest weight format for this device."""
     config = load_config(path)
     module = model_module(config["model_type"])
+    check_checkpoint(path, config)  # before anything is allocated
     try:
         args = module.ModelArgs.from_dict(config)
         model = module.Model(args)

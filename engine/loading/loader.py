@@ -88,8 +88,8 @@ def load_config(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path} has no config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ModelLoadError(f"malformed {file}: {exc}") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ModelLoadError(f"{file} does not name a model_type")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelLoadError(f"{file} does not name a model_type (a string)")
     return config
 
 

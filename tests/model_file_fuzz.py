@@ -168,23 +168,27 @@ def safetensors_campaign(examples: int, seed: int, work: Path) -> list[str]:
 
 
 def config_campaign(examples: int, seed: int, work: Path) -> list[str]:
-    """Hypothesis replaces config.json values with arbitrary JSON values."""
+    """Hypothesis replaces config.json values of a float and of a quantized
+    tiny checkpoint with arbitrary JSON values."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import seed as hypothesis_seed
     from hypothesis import strategies as st
-    from tiny_models import TINY_LLAMA, write_tiny_llama
+    from tiny_models import write_quantized, write_tiny_llama
 
     from engine.loading.loader import load_model
 
-    path = write_tiny_llama(work / "model")
-    keys = sorted(TINY_LLAMA) + ["head_dim", "quantization", "rope_scaling", "text_config",
-                                 "pad_token_id", "attention_bias"]
+    dirs = [write_tiny_llama(work / "float")]
+    dirs.append(write_quantized(dirs[0], work / "quantized"))
+    bases = [json.loads((d / "config.json").read_text()) for d in dirs]
+    keys = sorted(bases[1]) + ["head_dim", "rope_scaling", "text_config", "pad_token_id",
+                               "attention_bias", "quantization_config"]
     leaves = (st.none() | st.booleans() | st.sampled_from(EXTREMES) | st.integers(-2**70, 2**70)
               | st.floats() | st.text(max_size=4)
-              | st.sampled_from([0, 1, 2, 4, 16, 32, 64, 128, -1, 1e-5, "linear", "llama3"]))
-    subkeys = st.sampled_from(["type", "rope_type", "factor", "bits", "group_size",
+              | st.sampled_from([0, 1, 2, 4, 8, 16, 32, 64, 128, -1, 1e-5, "linear", "llama3"]))
+    subkeys = st.sampled_from(["type", "rope_type", "factor", "bits", "group_size", "mode",
                                "low_freq_factor", "high_freq_factor", "hidden_size",
-                               "num_hidden_layers", "model.layers.0.mlp.up_proj"])
+                               "num_hidden_layers", "model.layers.0.mlp.up_proj",
+                               "model.layers.0.mlp.down_proj", "lm_head"])
     values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=3)
                           | st.dictionaries(subkeys, inner, max_size=3), max_leaves=6)
     outcomes: list[str] = []
@@ -192,12 +196,13 @@ def config_campaign(examples: int, seed: int, work: Path) -> list[str]:
     @hypothesis_seed(seed)
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(st.dictionaries(st.sampled_from(keys), values, min_size=1, max_size=4))
-    def check(changes):
-        config = {**TINY_LLAMA, **changes}
-        (path / "config.json").write_text(json.dumps(config))
-        outcome = attempt(lambda: load_model(path))
-        outcomes.append(report(len(outcomes), outcome, changes))
+    @given(st.integers(0, 1), st.dictionaries(st.sampled_from(keys), values, min_size=1,
+                                              max_size=4))
+    def check(which, changes):
+        config = {**bases[which], **changes}
+        (dirs[which] / "config.json").write_text(json.dumps(config))
+        outcome = attempt(lambda: load_model(dirs[which]))
+        outcomes.append(report(len(outcomes), outcome, (which, changes)))
 
     check()
     return outcomes

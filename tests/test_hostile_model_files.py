@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_gguf_import import _gguf_str, tiny_llama
-from tiny_models import write_tiny_llama
+from tiny_models import write_quantized, write_tiny_llama
 
 from engine.entrypoints.cli import main
 from engine.errors import ModelLoadError
@@ -86,8 +86,8 @@ def load_error(path: Path) -> str:
     ({"rope_theta": 0}, "rope_theta"),
     ({"rope_scaling": "linear"}, "rope_scaling"),
     ({"rope_scaling": {"type": "linear", "factor": 0}}, "rope_scaling factor"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
-                       "high_freq_factor": 4.0}}, "high_freq_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": -1.0,
+                       "high_freq_factor": 4.0}}, "low_freq_factor"),
     ({"quantization": [4]}, "quantization"),
     ({"quantization": {"bits": 7, "group_size": 64}}, "bits"),
     ({"quantization": {"bits": 4, "group_size": 0}}, "group_size"),
@@ -97,6 +97,28 @@ def load_error(path: Path) -> str:
 def test_bad_config_names_the_field(tiny_dir, tmp_path, changes, field):
     message = load_error(with_config(tiny_dir, tmp_path / "m", **changes))
     assert field in message and "config.json" in message, message
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_dir, tmp_path_factory):
+    return write_quantized(tiny_dir, tmp_path_factory.mktemp("hostile-q") / "q")
+
+
+DOWN = "model.layers.0.mlp.down_proj"  # write_quantized's 8-bit layer
+
+
+@pytest.mark.parametrize("quantization, words", [
+    ({"group_size": 128, "bits": 4, DOWN: {"group_size": 32, "bits": 8}}, "does not fit"),
+    ({"group_size": 32, "bits": 8, DOWN: {"group_size": 32, "bits": 8}}, "does not fit"),
+    ({"group_size": 32, "bits": 4, DOWN: {"bits": 8}}, "does not fit"),   # group 64 then
+    ({"group_size": 32, "bits": 4, DOWN: 5}, "must be true, false or an object"),
+    ({"group_size": 32, "bits": True}, "bits"),
+    ({"group_size": 32, "bits": 4, DOWN: {"group_size": 32, "bits": 8, "mode": "x"}}, "mode"),
+])
+def test_quantization_that_does_not_fit_the_weights(quantized_dir, tmp_path, quantization,
+                                                    words):
+    message = load_error(with_config(quantized_dir, tmp_path / "m", quantization=quantization))
+    assert words in message and "quantization" in message, message
 
 
 def test_three_million_layers_fail_before_building(tiny_dir, tmp_path):

@@ -226,8 +226,11 @@ def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | N
     try:
         args = module.ModelArgs.from_dict(config)
         model = module.Model(args)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"invalid config.json in {path}: {exc}") from None
+    # Arithmetic on config values an architecture checks itself, or that
+    # check_checkpoint cannot know about, fails here as the config's error.
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError) as exc:
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise ModelLoadError(f"invalid config.json in {path}: {first}") from None
     weights = model.sanitize(load_weights(path))
     _quantize(model, config, weights)
     try:

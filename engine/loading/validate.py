@@ -35,6 +35,7 @@ EPSILONS = ("rms_norm_eps", "layer_norm_eps", "norm_eps", "layer_norm_epsilon")
 TOKEN_IDS = ("bos_token_id", "pad_token_id", "eos_token_id")
 QUANT_BITS = (1, 2, 3, 4, 5, 6, 8)
 QUANT_GROUP_SIZES = (32, 64, 128)
+QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
 
 # The model's parameters, counted from the config at the fewest bits a weight
 # can have (the checkpoint's quantization, else 8), may exceed the weight files'
@@ -158,7 +159,7 @@ def check_config(config: Mapping[str, Any], weights: WeightIndex, where: str,
         _check_heads(section, fail)
         _check_layers(section, weights, fail)
     quant = config.get("quantization") or config.get("quantization_config")
-    bits = _check_quantization(quant, fail) if quant is not None else 8
+    bits = _check_quantization(quant, weights, fail) if quant is not None else 8
     for section in sections:
         _check_size(section, weights, bits, fail)
 
@@ -210,10 +211,6 @@ def _check_rope_scaling(scaling: Any, fail) -> None:
         if key in scaling and not (_is_number(scaling[key]) and scaling[key] > 0):
             raise fail("rope_scaling", f"{key} must be a finite number > 0, "
                                        f"not {_short(scaling[key])}")
-    low, high = scaling.get("low_freq_factor"), scaling.get("high_freq_factor")
-    if low is not None and high is not None and not high > low:
-        raise fail("rope_scaling", f"high_freq_factor ({high}) must exceed "
-                                   f"low_freq_factor ({low})")
 
 
 def _check_heads(cfg: Mapping[str, Any], fail) -> None:
@@ -260,25 +257,53 @@ def _check_layers(cfg: Mapping[str, Any], weights: WeightIndex, fail) -> None:
                                         "layers) do not match")
 
 
-def _check_quantization(quant: Any, fail) -> int:
-    """The fewest bits any quantized layer uses."""
+def _check_quantization(quant: Any, weights: WeightIndex, fail) -> int:
+    """The fewest bits any quantized layer uses. Per-layer entries (keys naming
+    a module with weights) must be a flag or parameters that fit the packed
+    weight and scales the files hold, since the loader hands them to
+    nn.quantize as they are."""
     if not isinstance(quant, dict):
         raise fail("quantization", f"must be an object, not {_short(quant)}")
     bits = []
     for key, value in [("", quant), *quant.items()]:
+        label = f"quantization {key}".strip()
+        if key and f"{key}.weight" in weights.shapes and not isinstance(value, (bool, dict)):
+            raise fail(label, f"must be true, false or an object, not {_short(value)}")
         if not isinstance(value, dict):
             continue  # a flag (False: a float layer) or metadata such as quant_method
-        label = f"quantization {key}".strip()
         unknown = sorted(set(value) - {"group_size", "bits", "mode"})
         if key and unknown:
             raise fail(label, f"has unknown keys {_short(unknown)}")
-        if "bits" in value and value["bits"] not in QUANT_BITS:
+        if "bits" in value and not (_is_int(value["bits"]) and value["bits"] in QUANT_BITS):
             raise fail(label, f"bits must be one of {QUANT_BITS}, not {_short(value['bits'])}")
-        if "group_size" in value and value["group_size"] not in QUANT_GROUP_SIZES:
+        if "group_size" in value and not (_is_int(value["group_size"])
+                                          and value["group_size"] in QUANT_GROUP_SIZES):
             raise fail(label, f"group_size must be one of {QUANT_GROUP_SIZES}, "
                               f"not {_short(value['group_size'])}")
+        if "mode" in value and value["mode"] not in QUANT_MODES:
+            raise fail(label, f"mode must be one of {QUANT_MODES}, not {_short(value['mode'])}")
         bits.append(value.get("bits", 4))
+    _check_packing(quant, weights, fail)
     return min(bits)
+
+
+def _check_packing(quant: dict, weights: WeightIndex, fail) -> None:
+    """Each quantized weight (uint32 words) and its scales (one per group)
+    describe the same input width under the bits and group size it gets."""
+    for name, scales in weights.shapes.items():
+        module = name.removesuffix(".scales")
+        weight = weights.shapes.get(f"{module}.weight")
+        if module == name or not weight or not scales:
+            continue
+        # nn.quantize: an object gives its own parameters (MLX's defaults for
+        # the rest), a flag or nothing the checkpoint's.
+        own = quant.get(module)
+        params = own if isinstance(own, dict) else {}
+        group = params.get("group_size", 64 if params else quant.get("group_size", 64))
+        bits = params.get("bits", 4 if params else quant.get("bits", 4))
+        if weight[-1] * 32 != scales[-1] * group * bits:
+            raise fail("quantization", f"(group_size {group}, bits {bits}) does not fit "
+                       f"{module}: weight {list(weight)}, scales {list(scales)}")
 
 
 def _smallest(value: Any) -> int:

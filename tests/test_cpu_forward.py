@@ -155,7 +155,11 @@ def test_integer_layers_in_host_and_mlx_forwards(quantized_tiny, choice):
     assert isinstance(model.model.embed_tokens, Int8Embedding)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
     host_forward(model)
-    assert model.layers[0].self_attn.project_host is not None  # q/k/v in one kernel call
+    attn = model.layers[0].self_attn
+    assert attn.project_host is not None  # q/k/v in one kernel call ...
+    codes = [attn.q_proj.packed.codes, attn.k_proj.packed.codes, attn.v_proj.packed.codes]
+    # ... reading one copy of the codes: the three are back to back in one buffer.
+    assert all(a.ctypes.data + a.nbytes == b.ctypes.data for a, b in zip(codes, codes[1:]))
     dense, _ = load_model(quantized_tiny, cpu_matmul="float32")
     ids = np.random.default_rng(0).integers(0, 320, size=40).astype(np.int32)
     exact = np.array(dense(mx.array(ids)))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.platform.int8_matmul import PackedWeight, concat
+from engine.platform.int8_matmul import PackedWeight
 
 SOURCE = Path(__file__).parent / "kernels" / "cpu_ops.c"
 ACTIVATION_KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -48,20 +48,6 @@ class HostMatmul:
         self.keep[1] = None if bias is None else _f32(bias)
         self.out_dim, self.in_dim = self.struct.out_dim, self.struct.in_dim
         self.ref = ctypes.byref(self.struct)
-
-    @classmethod
-    def fused(cls, parts: list[HostMatmul]) -> HostMatmul | None:
-        """One weight producing the outputs of `parts` in turn (same input),
-        or None where they can't be fused (mixed kinds, biases, packed tiles
-        that don't line up)."""
-        if any(p.keep[1] is not None for p in parts):
-            return None
-        if all(p.packed is not None for p in parts):
-            packed = concat([p.packed for p in parts])
-            return None if packed is None else cls(packed)
-        if all(p.packed is None for p in parts):
-            return cls(np.concatenate([p.keep[0] for p in parts]))
-        return None
 
 
 def _f32(a: np.ndarray) -> np.ndarray:

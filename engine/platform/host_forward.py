@@ -17,12 +17,12 @@ import numpy as np
 
 from engine.platform.cpu_ops import CpuOps, HostMatmul
 from engine.platform.int8_linear import Int8Embedding, Int8Linear
+from engine.platform.int8_matmul import concat, parts_of
 from models.layers import (
     Activation,
     Attention,
     Embedding,
     GatedActivation,
-    GatedMLP,
     Layer,
     LayerNorm,
     Linear,
@@ -123,35 +123,28 @@ def bind_embedding(layer, ops: CpuOps):
 
 def bind_attention(layer: Attention, ops: CpuOps):
     """Attention keeps its generic forward (projections, norms, RoPE, cache),
-    each part on its own binding; only q/k/v are fused into one matmul where
-    their weights line up."""
-    parts = [_matmul(layer.q_proj), _matmul(layer.k_proj), _matmul(layer.v_proj)]
-    fused = HostMatmul.fused(parts)
+    each part on its own binding; only integer-code q/k/v are fused into one
+    matmul where their tiles line up (the narrow k and v alone left the two
+    cores half idle). The layers then read views into the fused copy, so the
+    codes are not held twice."""
+    projections = [layer.q_proj, layer.k_proj, layer.v_proj]
+    if not all(isinstance(p, Int8Linear) and "bias" not in p for p in projections):
+        return None
+    packed = [p.packed for p in projections]
+    fused = concat(packed)
     if fused is None:
         return None
-    widths = [p.out_dim for p in parts]
+    for projection, part in zip(projections, parts_of(fused, packed)):
+        projection.share_packed(part)
+    fused_matmul = HostMatmul(fused)
+    widths = [p.out_dim for p in packed]
     heads = (layer.n_heads, layer.n_kv_heads, layer.n_kv_heads)
 
     def project(x):
-        outs = ops.linear_split(fused, x, widths)
+        outs = ops.linear_split(fused_matmul, x, widths)
         return tuple(o.reshape(-1, h, layer.head_dim) for o, h in zip(outs, heads))
     layer.project_host = project
     return None
-
-
-def bind_gated_mlp(layer: GatedMLP, ops: CpuOps):
-    """gate and up fused into one matmul where their weights line up."""
-    parts = [_matmul(layer.gate_proj), _matmul(layer.up_proj)]
-    fused = HostMatmul.fused(parts)
-    if fused is None:
-        return None
-    widths = [p.out_dim for p in parts]
-    down, kind = _matmul(layer.down_proj), layer.act.name
-
-    def mlp(x):
-        gate, up = ops.linear_split(fused, x, widths)
-        return ops.linear(down, ops.act_mul(kind, gate, up))
-    return mlp
 
 
 def _binders(ops: CpuOps, tables: dict):
@@ -166,7 +159,6 @@ def _binders(ops: CpuOps, tables: dict):
         Embedding: lambda m: bind_embedding(m, ops),
         Int8Embedding: lambda m: bind_embedding(m, ops),
         Attention: lambda m: bind_attention(m, ops),
-        GatedMLP: lambda m: bind_gated_mlp(m, ops),
     }
 
 

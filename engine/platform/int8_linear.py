@@ -45,8 +45,14 @@ class Int8Linear(Layer):
 
     @property
     def packed(self) -> PackedWeight:
-        """The weight in the kernel's layout (read by the C forward)."""
+        """The weight in the kernel's layout (read by the CPU fast path)."""
         return self._packed
+
+    def share_packed(self, weight: PackedWeight) -> None:
+        """Replace the weight by an equal one (a view into a fused copy)."""
+        if (weight.out_dim, weight.in_dim) != (self._packed.out_dim, self._packed.in_dim):
+            raise ValueError("a packed weight of another shape")
+        self._packed = weight
 
     @classmethod
     def from_quantized(cls, module: nn.QuantizedLinear, kernel: Int8Matmul,

@@ -94,6 +94,19 @@ def concat(weights: list[PackedWeight]) -> PackedWeight | None:
                         first.wide)
 
 
+def parts_of(fused: PackedWeight, weights: list[PackedWeight]) -> list[PackedWeight]:
+    """`weights` as views into `fused` (made by `concat` of them): the same
+    values without a second copy in memory. Each part starts on a whole tile,
+    so the views keep the kernel's alignment."""
+    out, tile = [], 0
+    for w in weights:
+        tiles = -(-w.out_dim // 16)
+        out.append(w._replace(**{f: getattr(fused, f)[tile:tile + tiles]
+                                 for f in ("codes", "scales", "biases")}))
+        tile += tiles
+    return out
+
+
 def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
     """A C-contiguous copy of `a` whose data starts on an `alignment` boundary
     (the kernel uses aligned vector loads)."""

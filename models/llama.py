@@ -33,6 +33,7 @@ class ModelArgs(BaseModelArgs):
     rope_traditional: bool = False
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    attention_out_bias: bool | None = None  # o_proj's bias; None: as attention_bias
     mlp_bias: bool = False
     hidden_act: str = "silu"
     rope_parameters: dict[str, Any] | None = None  # transformers >= 5 nests RoPE here
@@ -57,6 +58,7 @@ class TransformerBlock(nn.Module):
         self.self_attn = Attention(args.hidden_size, args.num_attention_heads,
                                    args.num_key_value_heads, args.head_dim, rope=rope,
                                    bias=args.attention_bias,
+                                   out_bias=args.attention_out_bias,
                                    qk_norm_eps=args.rms_norm_eps if args.qk_norm else None)
         self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.hidden_act,
                             args.mlp_bias)

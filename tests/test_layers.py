@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from tiny_models import TINY_QWEN3, write_tiny_llama
+from tiny_models import TINY_QWEN2, TINY_QWEN3, write_tiny_llama
 
 from engine import LLM, SamplingParams
 from engine.loading.loader import load_model
@@ -198,3 +198,14 @@ def test_a_layer_without_kernel_falls_back_once_with_same_tokens(tiny_llama_dir,
     # Nothing stays half-bound: the model's layers run their MLX forward.
     assert model.layers[0].self_attn.q_proj.host is None
     assert HostForward.build(model, None)[0] is None
+
+
+def test_qwen2_biases_on_qkv_only_match_mlx_lm(tmp_path):
+    """Another combination with no C of its own: biased q/k/v, unbiased o_proj."""
+    path = write_tiny_llama(tmp_path / "qwen2", **TINY_QWEN2)
+    prompts = [list(range(7, 7 + n)) for n in (5, 60)]
+    llm = LLM(str(path), kv_cache_bytes=16 << 20)
+    assert llm.engine.runner.host_forward is not None
+    assert "bias" not in llm.engine.model.layers[0].self_attn.o_proj
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert got == [mlx_lm_greedy(path, p, 20) for p in prompts]

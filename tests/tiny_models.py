@@ -67,7 +67,9 @@ def llama_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
         if config["model_type"] == "qwen3":
             weights[p + "self_attn.q_norm.weight"] = w(hd) + 1
             weights[p + "self_attn.k_norm.weight"] = w(hd) + 1
-        for flag, names in (("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        qkv_only = config["model_type"] == "qwen2"
+        attention = ("q_proj", "k_proj", "v_proj") + (() if qkv_only else ("o_proj",))
+        for flag, names in (("attention_bias", attention),
                             ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))):
             for name in names if config.get(flag) else ():
                 part = "self_attn" if flag == "attention_bias" else "mlp"
@@ -91,6 +93,8 @@ def write_tiny_llama(path: Path, shards: int = 1, seed: int = 0, **overrides) ->
     return path
 
 
+TINY_QWEN2 = {**TINY_LLAMA, "model_type": "qwen2", "rope_theta": 1000000.0,
+              "tie_word_embeddings": True, "attention_bias": True}
 TINY_QWEN3 = {**TINY_LLAMA, "model_type": "qwen3", "head_dim": 32, "rope_theta": 1000000.0,
               "tie_word_embeddings": True}
 

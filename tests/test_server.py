@@ -443,6 +443,19 @@ def test_metrics_exposition():
     assert samples['conveyor_time_to_first_token_seconds_bucket{le="0.025"}'] == 1
     assert samples['conveyor_requests_finished_total{reason="length"}'] == 1
     assert samples['conveyor_http_requests_total{route="/v1/completions",status="200"}'] == 1
+    # vLLM's names, so its Grafana dashboards read the same numbers.
+    label = '{model_name="default"}'
+    assert samples["vllm:num_requests_running" + label] == 3
+    assert samples["vllm:num_requests_waiting" + label] == 4
+    assert samples["vllm:gpu_cache_usage_perc" + label] == 0.25
+    assert samples["vllm:kv_cache_usage_perc" + label] == 0.25
+    assert samples["vllm:prompt_tokens_total" + label] == 11
+    assert samples["vllm:generation_tokens_total" + label] == 33
+    assert samples["vllm:num_preemptions_total" + label] == 2
+    assert samples["vllm:time_to_first_token_seconds_count" + label] == 1
+    assert samples['vllm:time_to_first_token_seconds_bucket{model_name="default",le="0.025"}'] == 1
+    assert samples["vllm:e2e_request_latency_seconds_sum" + label] == 0.5
+    assert samples['vllm:request_success_total{model_name="default",finished_reason="length"}'] == 1
 
 
 def test_serve_binds_loopback_by_default_and_busy_port_is_a_user_error():

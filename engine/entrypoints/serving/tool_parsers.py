@@ -34,13 +34,15 @@ class ToolParser:
         found = [i for i in (text.find(m) for m in self.markers) if i >= 0]
         return min(found) if found else None
 
-    def could_start(self, text: str) -> bool:
-        """Whether `text`'s end may be the beginning of a marker (hold it back
-        while streaming)."""
+    def held_from(self, text: str) -> int:
+        """While streaming: where the part of `text` that may still become a
+        call marker begins (len(text) when none may)."""
         if self.at_start_only:
             stripped = text.lstrip()
-            return any(m.startswith(stripped) or stripped.startswith(m) for m in self.markers)
-        return any(text.endswith(m[:k]) for m in self.markers for k in range(1, len(m)))
+            return 0 if any(m.startswith(stripped) for m in self.markers) else len(text)
+        longest = max((k for m in self.markers for k in range(1, len(m))
+                       if text.endswith(m[:k])), default=0)
+        return len(text) - longest
 
     def parse(self, text: str) -> tuple[str | None, list[Call]]:
         """(content, calls) of a finished output; all content when no call parses."""

@@ -29,6 +29,7 @@ from engine.entrypoints.serving.protocol import (
 from engine.entrypoints.serving.tool_parsers import Call, ToolParser, parser_for
 
 ANY_OBJECT = {"type": "object"}
+_DECODER = json.JSONDecoder()
 
 
 def new_call_id() -> str:
@@ -108,14 +109,23 @@ class ToolPlan:
         return content, tool_calls(calls)
 
     def _forced_calls(self, text: str) -> list[Call]:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return []
         if self.mode == "named":
-            return [(self.function, text)] if isinstance(value, dict) else []
-        return [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value
-                if isinstance(c, dict) and "name" in c and "parameters" in c]
+            try:
+                return [(self.function, text)] if isinstance(json.loads(text), dict) else []
+            except ValueError:
+                return []
+        # A list of calls; one cut off by max_tokens keeps its complete calls.
+        calls, i = [], text.find("[") + 1
+        while i > 0:
+            while i < len(text) and text[i] in " ,\n":
+                i += 1
+            try:
+                call, i = _DECODER.raw_decode(text, i)
+            except ValueError:
+                break
+            if isinstance(call, dict) and "name" in call and "parameters" in call:
+                calls.append((call["name"], json.dumps(call["parameters"], ensure_ascii=False)))
+        return calls
 
 
 class ToolCallStream:
@@ -140,9 +150,7 @@ class ToolCallStream:
         if begin is not None:
             self._in_calls = True
             return self._send(begin), []
-        if self.plan.parser.could_start(self._text):
-            return "", []
-        return self._send(len(self._text)), []
+        return self._send(self.plan.parser.held_from(self._text)), []
 
     def _send(self, upto: int) -> str:
         out = self._text[self._sent:upto]

@@ -191,19 +191,30 @@ def test_grammars_compile_once_and_bad_ones_are_request_errors(tiny):
     assert not engine.has_unfinished()
 
 
-def test_the_mask_touches_only_constrained_rows():
+@pytest.mark.parametrize("kernels", ["portable", "platform"])
+def test_the_mask_touches_only_constrained_rows(kernels):
+    from engine.platform import current_platform
+    from engine.platform.base import PORTABLE_SAMPLING
+
+    kernels = PORTABLE_SAMPLING if kernels == "portable" else current_platform().sampler_kernels()
     logits = mx.array(np.random.default_rng(0).normal(size=(3, 70)).astype(np.float32))
     rows = [SamplingRow(SamplingParams(temperature=0, logprobs=2), 0, [1], []) for _ in range(3)]
     bitmask = np.zeros((1, 3), np.int32)
     bitmask[0, 1] = 1 << 4                          # row 1 may draw token 36 only
-    masked = sample(logits, rows, mask=TokenMask([1], bitmask))
-    plain = sample(logits, rows)
+    masked = sample(logits, rows, kernels, TokenMask([1], bitmask))
+    plain = sample(logits, rows, kernels)
     assert masked.token_ids.tolist()[1] == 36
     for i in (0, 2):
         assert masked.token_ids.tolist()[i] == plain.token_ids.tolist()[i]
         assert masked.logprobs.tolist()[i] == plain.logprobs.tolist()[i]
     assert masked.logprobs.tolist()[1] == pytest.approx(0.0)
     assert masked.top_logprobs.tolist()[1][1] == -9999.0   # not -inf: JSON carries it
+    # Sampled rows too: under the mask only allowed tokens are ever drawn.
+    hot = [SamplingRow(SamplingParams(temperature=1.5, seed=s), s, [1], []) for s in range(3)]
+    bitmask = np.full((2, 3), 0b1010, np.int32)     # tokens 1, 3, 33, 35, 65, 67
+    for _ in range(3):
+        drawn = sample(logits, hot, kernels, TokenMask([0, 2], bitmask)).token_ids.tolist()
+        assert drawn[0] in (1, 3, 33, 35, 65, 67) and drawn[2] in (1, 3, 33, 35, 65, 67)
 
 
 def test_prompt_dicts_and_chat_with_tools(tiny):

@@ -135,7 +135,7 @@ def sample(logits: mx.array, rows: list[SamplingRow],
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits, rows)
     if mask is not None:
-        logits = _apply_mask(logits, mask)
+        logits = _apply_mask(logits, mask, on_host=kernels.host is not None)
         if kernels.fast_exp and kernels.host is None:
             kernels = replace(kernels, fast_exp=False)  # the polynomial exp needs finite input
     want_logprobs = any(r.params.logprobs is not None for r in rows)
@@ -158,15 +158,26 @@ def sample(logits: mx.array, rows: list[SamplingRow],
     return out
 
 
-def _apply_mask(logits: mx.array, mask: TokenMask) -> mx.array:
-    """-inf for every token a constrained row may not draw; other rows are
-    not touched. Each row is masked on its own, so a row draws the same
-    token alone or in any batch."""
+_BIAS = np.array([-np.inf, 0.0], np.float32)  # indexed by "allowed"
+
+
+def _apply_mask(logits: mx.array, mask: TokenMask, on_host: bool) -> mx.array:
+    """-inf for every token a constrained row may not draw; other rows keep
+    their values. Each row is masked on its own, so a row draws the same
+    token alone or in any batch. On the CPU (`on_host`) the rows are changed
+    in numpy, where the logits already are: MLX's CPU scatter and `where` took
+    ~13 ms for 32 rows of 49k against ~3 ms. Elsewhere the packed bits go to
+    the device (4 bytes per 32 tokens) and are unpacked there."""
     vocab = logits.shape[1]
-    allowed = np.unpackbits(mask.bitmask.view(np.uint8), axis=1, bitorder="little")
+    if on_host:
+        allowed = np.unpackbits(mask.bitmask.view(np.uint8), axis=1, bitorder="little")
+        host = np.array(logits)
+        host[mask.rows] += np.take(_BIAS, allowed[:, :vocab])
+        return mx.array(host)
+    bits = mx.array(mask.bitmask)[:, :, None] >> mx.arange(32, dtype=mx.int32)
+    allowed = (bits & 1).reshape(len(mask.rows), -1)[:, :vocab].astype(mx.bool_)
     idx = mx.array(mask.rows, dtype=mx.int32)
-    neg_inf = mx.array(-mx.inf, dtype=mx.float32)
-    logits[idx] = mx.where(mx.array(allowed[:, :vocab].astype(bool)), logits[idx], neg_inf)
+    logits[idx] = mx.where(allowed, logits[idx], mx.array(-mx.inf, dtype=mx.float32))
     return logits
 
 

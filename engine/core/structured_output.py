@@ -76,6 +76,10 @@ class StructuredOutputs:
         """int32 words per row of a token bitmask."""
         return (self.vocab_size + 31) // 32
 
+    def prepare(self) -> None:
+        """Build what every grammar shares now (else at the first compile)."""
+        self._tokenizer()
+
     def _tokenizer(self):
         # Built once (~0.3 s for a 49k vocabulary): the token trie every
         # matcher walks.
@@ -122,6 +126,8 @@ class StructuredOutputs:
         from llguidance.numpy import fill_next_token_bitmask_par
 
         bitmask = np.empty((len(matchers), self.mask_words), np.int32)
+        if not matchers:
+            return bitmask
         self._tokenizer()
         fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)],
                                     bitmask)

@@ -231,7 +231,9 @@ _json = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=3)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
 _FIELDS = ["model", "prompt", "messages", "input", "n", "max_tokens", "temperature", "top_p",
            "stop", "seed", "logprobs", "echo", "stream", "truncate_prompt_tokens",
-           "encoding_format", "dimensions", "top_k", "min_p", "stop_token_ids"]
+           "encoding_format", "dimensions", "top_k", "min_p", "stop_token_ids",
+           "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+           "structured_outputs", "tools", "tool_choice"]
 _body = st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=4) | _json
 _url = st.sampled_from([C, CH, E, "/v1/nope", ""])
 GOOD_BODIES = [(C, {"prompt": "ok", "max_tokens": 2, "temperature": 0}),

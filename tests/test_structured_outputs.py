@@ -12,6 +12,8 @@ import jsonschema
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine import LLM
 from engine.core.sampler import SamplingRow, TokenMask, sample
@@ -237,3 +239,24 @@ def test_prompt_dicts_and_chat_with_tools(tiny):
     two = tiny.chat([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
                     SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     assert len(two) == 2
+
+
+_leaf = st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=6) | st.sampled_from(
+    ["object", "string", "integer", "array", "#/$defs/x", "^a+$"])
+_schema = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.sampled_from(["type", "properties", "items", "enum", "required", "$ref", "pattern",
+                     "anyOf", "minItems", "maxLength", "x"]), inner, max_size=3), max_leaves=10)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["json", "regex", "grammar", "choice"]), value=_schema,
+       text=st.text(max_size=16))
+def test_any_constraint_compiles_or_is_a_request_error(tiny, kind, value, text):
+    """Hostile constraints: compiled, or refused as the user's mistake, never
+    another exception (which the server would answer with a 500)."""
+    try:
+        spec = Constraint(**{kind: value if kind in ("json", "choice") else text})
+        tiny.engine.compile_grammar(SamplingParams(structured_outputs=spec))
+    except RequestError:
+        pass

@@ -28,7 +28,7 @@ class StructuredOutputsParams(msgspec.Struct, kw_only=True, forbid_unknown_field
         if len(given) != 1:
             raise RequestError("structured_outputs needs exactly one of json, regex, choice, "
                                f"grammar or json_object (got {', '.join(given) or 'none'})")
-        if self.choice is not None and (not self.choice
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
                                         or not all(isinstance(c, str) for c in self.choice)):
             raise RequestError("structured_outputs.choice must be a non-empty list of strings")
 

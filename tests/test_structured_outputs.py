@@ -236,9 +236,11 @@ def test_prompt_dicts_and_chat_with_tools(tiny):
                     SamplingParams(temperature=0, max_tokens=3), use_tqdm=False, tools=tools)
     text = tiny.tokenizer.decode(out[0].prompt_token_ids)
     assert '"name": "lookup"' in text and "<tool_call>" in text and "find cats" in text
-    two = tiny.chat([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
+    two = tiny.chat([[{"role": "user", "content": "a"}],
+                     [{"role": "user", "content": [{"type": "text", "text": "b"}]}]],
                     SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     assert len(two) == 2
+    assert tiny.tokenizer.decode(two[1].prompt_token_ids).endswith("user: b\nassistant:")
 
 
 _leaf = st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=6) | st.sampled_from(

@@ -97,7 +97,7 @@ class LLM:
                          else list(messages))
         prompts = []
         for conversation in conversations:
-            text = render_chat(tokenizer, list(conversation), tools,
+            text = render_chat(tokenizer, [_text_content(m) for m in conversation], tools,
                                add_generation_prompt=add_generation_prompt,
                                **(chat_template_kwargs or {}))
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
@@ -132,6 +132,17 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (as vLLM's LLM.reset_prefix_cache)."""
         self._require_engine().reset_prefix_cache()
+
+
+def _text_content(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose content is a list of text parts, with the parts joined
+    (templates expect a string)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        raise ConveyorError("message content parts must be text")
+    return {**message, "content": "".join(p.get("text", "") for p in content)}
 
 
 def _prompt(prompt: Prompt) -> str | list[int]:

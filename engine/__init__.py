@@ -17,6 +17,7 @@ _blas.preload()
 _EXPORTS = {
     "LLM": "engine.entrypoints.llm",
     "SamplingParams": "engine.core.sampling_params",
+    "StructuredOutputsParams": "engine.core.sampling_params",
     "RequestOutput": "engine.core.outputs",
     "CompletionOutput": "engine.core.outputs",
     "ConveyorError": "engine.errors",

@@ -51,6 +51,8 @@ def _engine(tiny_llama_dir):
 
 
 MESSAGES = [{"role": "user", "content": "what is a belt?"}]
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+        "additionalProperties": False}
 GOOD = {
     "greedy": (C, {"model": "tiny", "prompt": "hello belt", "max_tokens": 5,
                    "temperature": 0}),
@@ -64,6 +66,13 @@ GOOD = {
                                             "ignore_eos": True}),
     "truncated prompt": (C, {"prompt": "x" * 300, "max_tokens": 4, "temperature": 0,
                              "truncate_prompt_tokens": -1}),
+    "json schema": (CH, {"messages": MESSAGES, "max_tokens": 20, "temperature": 0.7, "seed": 1,
+                         "response_format": {"type": "json_schema", "json_schema": {
+                             "name": "flag", "schema": FLAG}}}),
+    "guided choice": (C, {"prompt": "pick", "max_tokens": 5, "temperature": 0,
+                          "guided_choice": ["left", "right"]}),
+    "structured_outputs regex": (C, {"prompt": "pick", "max_tokens": 6, "temperature": 0,
+                                     "structured_outputs": {"regex": "[0-9]{3}"}}),
     "embeddings": (E, {"model": "emb", "input": ["a b c", "d"]}),
     "embeddings base64": (E, {"input": "one two", "encoding_format": "base64"}),
     "embeddings truncated": (E, {"input": "w " * 20, "truncate_prompt_tokens": -1}),
@@ -87,6 +96,10 @@ BAD = {
     "top_logprobs alone": (CH, {"messages": MESSAGES, "top_logprobs": 2}),
     "logit_bias": (C, {"prompt": "a", "logit_bias": {"5": 1.0}}),
     "tools": (CH, {"messages": MESSAGES, "tools": [{"type": "function"}]}),
+    "bad regex": (C, {"prompt": "a", "guided_regex": "[0-"}),
+    "two constraints": (C, {"prompt": "a", "guided_regex": "a", "guided_choice": ["a"]}),
+    "json_schema without schema": (CH, {"messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x"}}}),
     "too many inputs": (E, {"input": ["a", "b", "c", "d"]}),
     "input too long": (E, {"input": ["short", "w " * 20]}),
     "token-id input": (E, {"input": [[1, 2]]}),
@@ -203,6 +216,11 @@ def test_every_body_gets_one_answer_over_http_batch_and_queue(tiny_llama_dir, tm
     assert http["truncated prompt"][1]["usage"]["prompt_tokens"] == MAX_MODEL_LEN - 4
     assert http["embeddings truncated"][1]["usage"]["prompt_tokens"] == WordEmbedder.max_length
     assert http["seeded choices"][1]["choices"][0]["text"] != ""
+    flag = http["json schema"][1]["choices"][0]["message"]["content"]
+    assert json.loads(flag) in ({"ok": True}, {"ok": False})
+    assert http["guided choice"][1]["choices"][0]["text"] in ("left", "right")
+    assert http["structured_outputs regex"][1]["choices"][0]["text"].isdigit()
+    assert http["bad regex"][1]["error"]["param"] == "guided_regex"
 
 
 # -- fuzzing: batch lines and job payloads -------------------------------------------
@@ -213,7 +231,9 @@ _json = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=3)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
 _FIELDS = ["model", "prompt", "messages", "input", "n", "max_tokens", "temperature", "top_p",
            "stop", "seed", "logprobs", "echo", "stream", "truncate_prompt_tokens",
-           "encoding_format", "dimensions", "top_k", "min_p", "stop_token_ids"]
+           "encoding_format", "dimensions", "top_k", "min_p", "stop_token_ids",
+           "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+           "structured_outputs", "tools", "tool_choice"]
 _body = st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=4) | _json
 _url = st.sampled_from([C, CH, E, "/v1/nope", ""])
 GOOD_BODIES = [(C, {"prompt": "ok", "max_tokens": 2, "temperature": 0}),

@@ -16,10 +16,12 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import numpy as np
 import openai
+import pydantic
 import pytest
 
 import engine  # noqa: F401  (preloads the BLAS before mlx)
@@ -443,6 +445,19 @@ def test_metrics_exposition():
     assert samples['conveyor_time_to_first_token_seconds_bucket{le="0.025"}'] == 1
     assert samples['conveyor_requests_finished_total{reason="length"}'] == 1
     assert samples['conveyor_http_requests_total{route="/v1/completions",status="200"}'] == 1
+    # vLLM's names, so its Grafana dashboards read the same numbers.
+    label = '{model_name="default"}'
+    assert samples["vllm:num_requests_running" + label] == 3
+    assert samples["vllm:num_requests_waiting" + label] == 4
+    assert samples["vllm:gpu_cache_usage_perc" + label] == 0.25
+    assert samples["vllm:kv_cache_usage_perc" + label] == 0.25
+    assert samples["vllm:prompt_tokens_total" + label] == 11
+    assert samples["vllm:generation_tokens_total" + label] == 33
+    assert samples["vllm:num_preemptions_total" + label] == 2
+    assert samples["vllm:time_to_first_token_seconds_count" + label] == 1
+    assert samples['vllm:time_to_first_token_seconds_bucket{model_name="default",le="0.025"}'] == 1
+    assert samples["vllm:e2e_request_latency_seconds_sum" + label] == 0.5
+    assert samples['vllm:request_success_total{model_name="default",finished_reason="length"}'] == 1
 
 
 def test_serve_binds_loopback_by_default_and_busy_port_is_a_user_error():
@@ -467,6 +482,73 @@ def test_serve_binds_loopback_by_default_and_busy_port_is_a_user_error():
     assert "Traceback" not in run.stderr
 
 
+class Pet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=12)
+    kind: Literal["cat", "dog", "bird"]
+    age: int = pydantic.Field(ge=0, le=30)
+    vaccinated: bool
+
+
+def test_structured_outputs_over_http(client, server):
+    """The tiny model writes noise unless constrained: whatever it writes here
+    parses."""
+    parsed = client.chat.completions.parse(model="tiny", messages=[{"role": "user",
+                                                                    "content": "a pet"}],
+                                           response_format=Pet, max_tokens=120, seed=3,
+                                           temperature=1.0)
+    assert isinstance(parsed.choices[0].message.parsed, Pet)
+    done = client.completions.create(model="tiny", prompt="x", max_tokens=8, temperature=1.0,
+                                     extra_body={"guided_regex": "[0-9]{4}"})
+    assert done.choices[0].text.isdigit() and len(done.choices[0].text) == 4
+
+
+def test_tool_calls_over_http(small_server):
+    """(The tools' description alone outgrows the other server's short context.)"""
+    client = openai.OpenAI(base_url=small_server + "/v1", api_key="unused", max_retries=0)
+    tool = {"type": "function", "function": {"name": "set_mode", "parameters": {
+        "type": "object", "properties": {"mode": {"enum": ["on", "off"]}},
+        "required": ["mode"]}}}
+    messages = [{"role": "user", "content": "switch"}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, tools=[tool],
+                                           tool_choice="required", max_tokens=80, temperature=0,
+                                           parallel_tool_calls=False)
+    call = plain.choices[0].message.tool_calls[0]
+    assert plain.choices[0].finish_reason == "tool_calls" and call.function.name == "set_mode"
+    streamed = list(client.chat.completions.create(
+        model="tiny", messages=messages, tools=[tool], tool_choice="required", max_tokens=80,
+        temperature=0, stream=True, parallel_tool_calls=False))
+    pieces = [d.choices[0].delta.tool_calls for d in streamed
+              if d.choices and d.choices[0].delta.tool_calls]
+    assert len(pieces) == 1 and pieces[0][0].function.arguments == call.function.arguments
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+    # OpenAI fields that change nothing here are accepted.
+    client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, store=False,
+                                   metadata={"k": "v"}, service_tier="auto", user="u",
+                                   parallel_tool_calls=True, tools=[tool])
+
+
+def test_tokenize_and_detokenize(server, offline):
+    r = httpx.post(server + "/tokenize", headers=JSON_AUTH,
+                   json={"model": "tiny", "prompt": "hello", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == offline.tokenizer.encode("hello")
+    assert body["count"] == 5 and body["max_model_len"] == MAX_MODEL_LEN
+    assert "".join(body["token_strs"]) == "hello"
+    chat = httpx.post(server + "/tokenize", headers=JSON_AUTH, json={
+        "messages": [{"role": "user", "content": "hi"}]}).json()
+    text = offline.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert chat["tokens"] == offline.tokenizer.encode(text, add_special_tokens=False)
+    back = httpx.post(server + "/detokenize", headers=JSON_AUTH,
+                      json={"tokens": body["tokens"]})
+    assert back.json() == {"prompt": "hello"}
+    bad = httpx.post(server + "/detokenize", headers=JSON_AUTH, json={"tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    both = httpx.post(server + "/tokenize", headers=JSON_AUTH, json={"prompt": "a",
+                                                                     "messages": []})
+    assert both.status_code == 400
+
+
 def test_metrics_after_traffic(server, client):
     client.completions.create(model="tiny", prompt="count me", max_tokens=3, temperature=0)
     m = _metrics(server)
@@ -475,6 +557,8 @@ def test_metrics_after_traffic(server, client):
     assert m["conveyor_kv_blocks_total"] > 0
     assert m["conveyor_generation_tokens_per_second"] >= 0
     assert m['conveyor_http_requests_total{route="/v1/completions",status="200"}'] >= 1
+    assert m['vllm:e2e_request_latency_seconds_count{model_name="tiny"}'] >= 1
+    assert m['vllm:generation_tokens_total{model_name="tiny"}'] >= 3
 
 
 def test_default_models_end_to_end(smollm, minilm_dir):
@@ -491,6 +575,22 @@ def test_default_models_end_to_end(smollm, minilm_dir):
         assert "Paris" in got.choices[0].message.content
         emb = c.embeddings.create(model="all-MiniLM-L6-v2", input=["Paris", "France"])
         assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
+        # Structured outputs through the client's own parse(): a pydantic model in,
+        # an instance of it out (issue 17).
+        parsed = c.chat.completions.parse(
+            model="SmolLM2-135M-Instruct", response_format=City, temperature=0, max_tokens=80,
+            messages=[{"role": "user", "content": "Describe Paris as JSON."}])
+        city = parsed.choices[0].message.parsed
+        assert isinstance(city, City) and city.country
+        assert parsed.choices[0].finish_reason == "stop"
+
+
+class City(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=30)
+    country: str = pydantic.Field(max_length=30)
+    population_millions: int = pydantic.Field(ge=0, le=100)
+    continent: Literal["Europe", "Asia", "Africa", "America", "Oceania"]
+    landmarks: list[str] = pydantic.Field(max_length=3)
 
 
 # -- the holes a hostile user found (issue 16) -----------------------------------------

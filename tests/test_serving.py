@@ -54,7 +54,14 @@ def test_what_cannot_be_honoured_is_refused_not_ignored(serving):
     cases = [
         (C, '{"prompt": "x", "logit_bias": {"1": 5}}', 400, "logit_bias"),
         (CH, '{"messages": [{"role": "user", "content": "x"}], '
-             '"response_format": {"type": "json_object"}}', 400, "response_format"),
+             '"response_format": {"type": "xml"}}', 400, "response_format"),
+        (C, '{"prompt": "x", "guided_regex": "("}', 400, "guided_regex"),
+        (C, '{"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}', 400, "guided_choice"),
+        (CH, '{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}', 400,
+         "tool_choice"),
+        (CH, '{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+             '"function": {"name": "f"}}], "tool_choice": {"type": "function", '
+             '"function": {"name": "g"}}}', 400, "tool_choice"),
         (CH, '{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400,
          "top_logprobs"),
         (C, '{"prompt": "x", "suffix": "y"}', 400, "suffix"),

@@ -13,8 +13,9 @@ import msgspec
 from engine.core.model_runner import ModelRunner
 from engine.core.outputs import Logprob
 from engine.core.request import Request
-from engine.core.sampler import SamplingRow, sample
+from engine.core.sampler import SamplingRow, TokenMask, sample
 from engine.core.sampling_params import SamplingParams
+from engine.core.structured_output import StructuredOutputs
 from engine.errors import RequestError
 from engine.loading.tokenizer import Tokenizer
 from engine.platform import current_platform
@@ -131,6 +132,7 @@ class LLMEngine:
                                   host_forward=platform.host_forward(model, backend,
                                                                      args.host_forward))
         self.sampler_kernels = platform.sampler_kernels()
+        self.structured = StructuredOutputs(tokenizer, model.args.vocab_size)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._rng = random.Random(args.seed)
@@ -167,7 +169,9 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        request = Request(request_id, text, ids, params, self.tokenizer, seed)
+        matcher = (self.structured.matcher(params.structured_outputs)
+                   if params.structured_outputs is not None else None)
+        request = Request(request_id, text, ids, params, self.tokenizer, seed, matcher)
         try:
             self.scheduler.add(request.sequence)
         except RequestTooLong as exc:
@@ -175,6 +179,13 @@ class LLMEngine:
         self.requests[request_id] = request
         self.prompt_tokens += len(ids)
         return request
+
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile (and cache) the constraint of `params`, if any, so that
+        adding the request later finds it ready; RequestError if invalid.
+        Thread-safe: callers run it off the engine's thread."""
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)
 
     def abort_request(self, request_id: str) -> Request | None:
         request = self.requests.pop(request_id, None)
@@ -203,8 +214,9 @@ class LLMEngine:
         for seq, token in self.scheduler.update(out, tokens):
             request = self.requests[seq.seq_id]
             self.generated_tokens += 1
-            if request.append(token, logprobs(seq.seq_id, token)) and not seq.is_finished:
-                self.scheduler.finish(seq, FinishReason.STOP)
+            reason = request.append(token, logprobs(seq.seq_id, token))
+            if reason is not None and not seq.is_finished:
+                self.scheduler.finish(seq, reason)
             elif request.stop_reason is not None:
                 seq.finish_reason = FinishReason.STOP
             if seq.is_finished:
@@ -216,13 +228,20 @@ class LLMEngine:
     def _run(self, out):
         batch = self.runner.prepare(out)
         logits = self.runner.forward(batch)
-        rows = []
-        for chunk in out.chunks:
+        rows, constrained = [], []
+        for i, chunk in enumerate(out.chunks):
             request = self.requests[chunk.seq_id]
             seq = request.sequence
             rows.append(SamplingRow(request.params, request.seed, seq.prompt_token_ids,
                                     seq.output_token_ids))
-        result = sample(logits, rows, self.sampler_kernels)
+            if request.matcher is not None and chunk.samples:
+                constrained.append(i)
+        mask = None
+        if constrained:
+            mx.async_eval(logits)  # the forward runs while the host computes the masks
+            matchers = [self.requests[out.chunks[i].seq_id].matcher for i in constrained]
+            mask = TokenMask(constrained, self.structured.fill_bitmask(matchers))
+        result = sample(logits, rows, self.sampler_kernels, mask)
         extras = [a for a in (result.logprobs, result.top_ids, result.top_logprobs)
                   if a is not None]
         mx.eval(result.token_ids, *extras, *self.cache.k, *self.cache.v)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from engine.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.core.sampling_params import SamplingParams
@@ -12,8 +13,12 @@ from scheduler.sequence import FinishReason, Sequence
 
 class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, tokenizer: Tokenizer, seed: int):
+                 params: SamplingParams, tokenizer: Tokenizer, seed: int,
+                 matcher: Any = None):
+        """`matcher`: the grammar matcher of a constrained request
+        (engine/core/structured_output.py), advanced by every sampled token."""
         self.request_id = request_id
+        self.matcher = matcher
         self.prompt = prompt
         self.params = params
         self.seed = seed
@@ -54,6 +59,18 @@ class Request:
             self.text += self.detokenizer.add(token)
         if self.params.stop and len(self.text) > start and self._find_stop(start):
             return FinishReason.STOP
+        if self.matcher is not None:
+            return self._advance_matcher(token)
+        return None
+
+    def _advance_matcher(self, token: int) -> FinishReason | None:
+        # A preempted request is recomputed from its tokens without drawing
+        # them again, so its matcher already stands where it should.
+        if not self.matcher.consume_token(token):
+            self.error = f"constrained decoding failed: {self.matcher.get_error()}"
+            return FinishReason.ABORT
+        if self.matcher.is_stopped():  # the grammar allows nothing more
+            return FinishReason.STOP
         return None
 
     def _find_stop(self, start: int) -> bool:
@@ -75,7 +92,7 @@ class Request:
         if self.stop_reason is None and self.detokenizer:  # held back for UTF-8 completeness
             self.text += self.detokenizer.flush()
         self.finish_reason = reason
-        self.error = error
+        self.error = error or self.error
         self.metrics.finished_time = time.monotonic()
         if reason == FinishReason.STOP and self.stop_reason is None:
             last = self.sequence.token_ids[-1] if self.sequence.num_output_tokens else None

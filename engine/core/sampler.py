@@ -7,7 +7,7 @@ alone or beside others, and after being preempted and recomputed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
@@ -27,6 +27,21 @@ class SamplingRow:
     seed: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+
+
+@dataclass
+class TokenMask:
+    """The tokens constrained rows may draw (engine/core/structured_output.py):
+    `bitmask[j]` is row `rows[j]`'s mask, bit t % 32 of int32 word t // 32
+    set when token t is allowed. Rows not listed are not masked at all."""
+
+    rows: list[int]
+    bitmask: np.ndarray
+
+
+# A masked-out token's logprob is reported as this (vLLM's floor), not -inf,
+# which JSON cannot carry.
+MASKED_LOGPROB = -9999.0
 
 
 @dataclass
@@ -110,15 +125,23 @@ def _apply_penalties(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
 
 
 def sample(logits: mx.array, rows: list[SamplingRow],
-           kernels: SamplerKernels = PORTABLE_SAMPLING) -> SamplerOutput:
+           kernels: SamplerKernels = PORTABLE_SAMPLING,
+           mask: TokenMask | None = None) -> SamplerOutput:
     """Draw one token per row of `logits` [B, V] (lazy; the caller evals),
-    with the platform's `kernels` (the same draws on every path)."""
+    with the platform's `kernels` (the same draws on every path); `mask`
+    limits the constrained rows to their allowed tokens."""
     logits = logits.astype(mx.float32)
     batch, vocab = logits.shape
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits, rows)
+    if mask is not None:
+        logits = _apply_mask(logits, mask, on_host=kernels.host is not None)
+        if kernels.fast_exp and kernels.host is None:
+            kernels = replace(kernels, fast_exp=False)  # the polynomial exp needs finite input
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs_all = logits - _logsumexp(logits, kernels) if want_logprobs else None
+    if want_logprobs and mask is not None:
+        logprobs_all = mx.maximum(logprobs_all, MASKED_LOGPROB)
 
     tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
     if not all(r.params.greedy for r in rows):
@@ -133,6 +156,29 @@ def sample(logits: mx.array, rows: list[SamplingRow],
             out.top_ids = _top_ids(logprobs_all, k, kernels)
             out.top_logprobs = mx.take_along_axis(logprobs_all, out.top_ids, axis=-1)
     return out
+
+
+_BIAS = np.array([-np.inf, 0.0], np.float32)  # indexed by "allowed"
+
+
+def _apply_mask(logits: mx.array, mask: TokenMask, on_host: bool) -> mx.array:
+    """-inf for every token a constrained row may not draw; other rows keep
+    their values. Each row is masked on its own, so a row draws the same
+    token alone or in any batch. On the CPU (`on_host`) the rows are changed
+    in numpy, where the logits already are: MLX's CPU scatter and `where` took
+    ~13 ms for 32 rows of 49k against ~3 ms. Elsewhere the packed bits go to
+    the device (4 bytes per 32 tokens) and are unpacked there."""
+    vocab = logits.shape[1]
+    if on_host:
+        allowed = np.unpackbits(mask.bitmask.view(np.uint8), axis=1, bitorder="little")
+        host = np.array(logits)
+        host[mask.rows] += np.take(_BIAS, allowed[:, :vocab])
+        return mx.array(host)
+    bits = mx.array(mask.bitmask)[:, :, None] >> mx.arange(32, dtype=mx.int32)
+    allowed = (bits & 1).reshape(len(mask.rows), -1)[:, :vocab].astype(mx.bool_)
+    idx = mx.array(mask.rows, dtype=mx.int32)
+    logits[idx] = mx.where(allowed, logits[idx], mx.array(-mx.inf, dtype=mx.float32))
+    return logits
 
 
 def _host_f32(x: mx.array) -> np.ndarray:

@@ -11,6 +11,38 @@ from engine.errors import RequestError
 GREEDY_TEMPERATURE = 1e-5
 
 
+class StructuredOutputsParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A constraint on what a request may generate (vLLM's shape): exactly one
+    of a JSON schema (`json`, a dict or its JSON text), a regular expression,
+    a list of `choice` strings, a Lark or GBNF `grammar`, or any JSON object
+    (`json_object=True`). The engine compiles it once per distinct value and
+    masks each step's logits to the tokens that keep the output valid."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # JSON without optional whitespace between tokens (vLLM's name).
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self):
+        given = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise RequestError("structured_outputs needs exactly one of json, regex, choice, "
+                               f"grammar or json_object (got {', '.join(given) or 'none'})")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise RequestError("structured_outputs.choice must be a non-empty list of strings")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, k) not in (None, False))
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How to pick each token and when to stop. Validated on construction:
     a bad value raises RequestError (a ValueError) naming the field."""
@@ -31,6 +63,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     logprobs: int | None = None    # None: none; 0: the sampled token's; k: plus top k
     skip_special_tokens: bool = True
     detokenize: bool = True        # False: token ids only (benchmarks, token-id clients)
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding
 
     def __post_init__(self):
         checks = [

@@ -48,7 +48,12 @@ class AsyncLLM:
         if self._closed:
             raise RuntimeError("AsyncLLM is closed")
         request_id = request_id or f"async-{next(self._ids)}"
-        stream = _Stream(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if params is not None and params.structured_outputs is not None:
+            # Compile the grammar here, off the engine thread (cached: the
+            # serving layer usually did it already); a bad one fails this call.
+            await loop.run_in_executor(None, self.engine.compile_grammar, params)
+        stream = _Stream(loop)
         self._inbox.put(("add", request_id, prompt, params, stream))
         finished = False
         try:

@@ -12,8 +12,10 @@ from engine.core.llm_engine import EngineArgs, LLMEngine
 from engine.core.outputs import RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.errors import ConveyorError
+from engine.loading.chat_tools import render_chat
 
-Prompt = str | list[int]
+# A prompt: text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}.
+Prompt = str | list[int] | dict[str, Any]
 
 
 class LLM:
@@ -52,9 +54,9 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order."""
         engine = self._require_engine()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        prompts = list(prompts)
+        prompts = [_prompt(p) for p in prompts]
         params = _per_prompt(sampling_params, len(prompts))
         ids = []
         try:
@@ -81,12 +83,32 @@ class LLM:
             raise
         return results
 
+    def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, tools: list[dict[str, Any]] | None = None,
+             add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of OpenAI-style
+        messages) or to several (a list of them), through the model's chat
+        template; `tools` (OpenAI tool dicts) are offered to the model as
+        the template shows them (engine/loading/chat_tools.py)."""
+        tokenizer = self.tokenizer
+        conversations = ([messages] if messages and isinstance(messages[0], dict)
+                         else list(messages))
+        prompts = []
+        for conversation in conversations:
+            text = render_chat(tokenizer, [_text_content(m) for m in conversation], tools,
+                               add_generation_prompt=add_generation_prompt,
+                               **(chat_template_kwargs or {}))
+            prompts.append(tokenizer.encode(text, add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                ) -> Iterator[RequestOutput]:
         """Yield deltas (new text and token ids) as the request runs; other
         requests already queued in this engine keep running alongside it."""
         engine = self._require_engine()
-        request = engine.add_request(prompt, sampling_params)
+        request = engine.add_request(_prompt(prompt), sampling_params)
         try:
             while not request.finished:
                 for touched in engine.step():
@@ -110,6 +132,31 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (as vLLM's LLM.reset_prefix_cache)."""
         self._require_engine().reset_prefix_cache()
+
+
+def _text_content(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose content is a list of text parts, with the parts joined
+    (templates expect a string)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        raise ConveyorError("message content parts must be text")
+    return {**message, "content": "".join(p.get("text", "") for p in content)}
+
+
+def _prompt(prompt: Prompt) -> str | list[int]:
+    """Text or token ids from any accepted prompt form."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if "prompt_token_ids" in prompt:
+        ids = prompt["prompt_token_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise ConveyorError("prompt_token_ids must be a list of token ids")
+        return ids
+    if isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    raise ConveyorError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
 
 
 def _per_prompt(params, n: int) -> list[SamplingParams]:

@@ -38,13 +38,16 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def lines(self, name: str) -> list[str]:
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        """Exposition lines; `labels` ('a="x"') go on every sample."""
         out, running = [], 0
+        tail = f"{{{labels}}}" if labels else ""
         for bound, n in zip((*self.buckets, math.inf), self.counts):
             running += n
-            out.append(f'{name}_bucket{{le="{_number(bound)}"}} {running}')
-        out.append(f"{name}_sum {_number(self.sum)}")
-        out.append(f"{name}_count {self.count}")
+            le = f'le="{_number(bound)}"'
+            out.append(f"{name}_bucket{{{labels + ',' if labels else ''}{le}}} {running}")
+        out.append(f"{name}_sum{tail} {_number(self.sum)}")
+        out.append(f"{name}_count{tail} {self.count}")
         return out
 
 
@@ -67,9 +70,13 @@ class TokenRate:
 
 
 class ServerMetrics:
-    """What the server counts itself; `render(stats)` adds the engine's."""
+    """What the server counts itself; `render(stats)` adds the engine's.
+    Each number is exposed under Conveyor's name and, where vLLM has one,
+    under vLLM's too (labelled with `model_name`), so vLLM's Grafana
+    dashboards work against Conveyor unchanged."""
 
-    def __init__(self):
+    def __init__(self, model_name: str = "default"):
+        self.model_name = model_name
         self.time_to_first_token = Histogram()
         self.e2e_latency = Histogram()
         self.requests: dict[tuple[str, int], int] = {}   # (route, status) -> count
@@ -126,14 +133,10 @@ class ServerMetrics:
                 ("conveyor_preemptions_total", "Sequences preempted for lack of KV blocks.",
                  stats.preemptions),
                 ("conveyor_engine_steps_total", "Engine steps run.", stats.steps),
-                # vLLM's names and units (tokens), so its dashboards read them.
-                ("vllm:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
-                 stats.prefix_cache_queries),
-                ("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.",
-                 stats.prefix_cache_hits),
             ]
             for name, help_text, value in counter_rows:
                 metric(name, "counter", help_text, [f"{name} {_number(value)}"])
+        self._render_vllm(metric, stats)
         metric("conveyor_time_to_first_token_seconds", "histogram",
                "Time from arrival to the first generated token.",
                self.time_to_first_token.lines("conveyor_time_to_first_token_seconds"))
@@ -156,6 +159,42 @@ class ServerMetrics:
                [f'conveyor_http_requests_total{{route="{_label(r)}",status="{s}"}} {n}'
                 for (r, s), n in sorted(self.requests.items())])
         return "\n".join(out) + "\n"
+
+    def _render_vllm(self, metric, stats) -> None:
+        """vLLM's names, units and `model_name` label for the same numbers."""
+        label = f'model_name="{_label(self.model_name)}"'
+        if stats is not None:
+            usage = stats.kv_blocks_used / max(1, stats.kv_blocks_total)
+            rows = [
+                ("vllm:num_requests_running", "gauge", "Requests in the running batch.",
+                 stats.running),
+                ("vllm:num_requests_waiting", "gauge", "Requests queued for admission.",
+                 stats.waiting),
+                ("vllm:gpu_cache_usage_perc", "gauge",
+                 "KV-cache usage, 0 to 1 (vLLM's older name).", usage),
+                ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage, 0 to 1.", usage),
+                ("vllm:num_preemptions_total", "counter",
+                 "Sequences preempted for lack of KV blocks.", stats.preemptions),
+                ("vllm:prompt_tokens_total", "counter", "Prompt tokens received.",
+                 stats.prompt_tokens),
+                ("vllm:generation_tokens_total", "counter", "Tokens generated.",
+                 stats.generated_tokens),
+                ("vllm:prefix_cache_queries_total", "counter",
+                 "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
+                ("vllm:prefix_cache_hits_total", "counter",
+                 "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
+            ]
+            for name, kind, help_text, value in rows:
+                metric(name, kind, help_text, [f"{name}{{{label}}} {_number(value)}"])
+        metric("vllm:time_to_first_token_seconds", "histogram",
+               "Time from arrival to the first generated token.",
+               self.time_to_first_token.lines("vllm:time_to_first_token_seconds", label))
+        metric("vllm:e2e_request_latency_seconds", "histogram",
+               "Time from arrival to the last token.",
+               self.e2e_latency.lines("vllm:e2e_request_latency_seconds", label))
+        metric("vllm:request_success_total", "counter", "Requests finished, by finish reason.",
+               [f'vllm:request_success_total{{{label},finished_reason="{_label(r)}"}} {n}'
+                for r, n in sorted(self.finished.items())])
 
 
 def _number(value: float) -> str:

@@ -9,6 +9,7 @@ import msgspec
 from engine.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from engine.entrypoints.serving import protocol as proto
 from engine.entrypoints.serving import responses as resp
+from engine.entrypoints.serving import tokenization as tok
 from engine.entrypoints.serving.errors import ErrorResponse
 
 
@@ -26,7 +27,8 @@ def openapi_json(with_auth: bool = False) -> bytes:
     types = [proto.CompletionRequest, proto.ChatCompletionRequest, proto.EmbeddingRequest,
              resp.CompletionResponse, resp.ChatCompletionResponse, resp.EmbeddingResponse,
              resp.CompletionChunk, resp.ChatCompletionChunk, resp.ModelList, resp.ModelCard,
-             Health, ErrorResponse]
+             tok.TokenizeRequest, tok.TokenizeResponse, tok.DetokenizeRequest,
+             tok.DetokenizeResponse, Health, ErrorResponse]
     (_, components) = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}")
 
@@ -69,6 +71,10 @@ def openapi_json(with_auth: bool = False) -> bytes:
                                          resp.ChatCompletionChunk, "Answer a conversation"),
         proto.EMBEDDINGS_URL: post(proto.EmbeddingRequest, resp.EmbeddingResponse, None,
                                    "Embed texts"),
+        tok.TOKENIZE_URL: post(tok.TokenizeRequest, tok.TokenizeResponse, None,
+                               "Token ids of a prompt or a conversation"),
+        tok.DETOKENIZE_URL: post(tok.DetokenizeRequest, tok.DetokenizeResponse, None,
+                                 "Text of token ids"),
         "/v1/models": get(json_content(resp.ModelList), "List the served models"),
         "/v1/models/{model}": {"get": {
             **get(json_content(resp.ModelCard), "One served model", codes=(404,))["get"],

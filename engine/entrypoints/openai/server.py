@@ -59,6 +59,11 @@ from engine.entrypoints.serving.protocol import (
 )
 from engine.entrypoints.serving.responses import ModelList
 from engine.entrypoints.serving.streaming import StreamRenderer
+from engine.entrypoints.serving.tokenization import (
+    DETOKENIZE_URL,
+    TOKENIZE_URL,
+    TokenizationServing,
+)
 from engine.errors import ConveyorError
 
 log = logging.getLogger("conveyor.server")
@@ -77,7 +82,8 @@ class OpenAIServer:
         self.llm, self.embedder, self.serving = llm, embedder, serving
         self.limits = serving.limits
         self.api_key = api_key.encode() if api_key else None
-        self.metrics = metrics_mod.ServerMetrics()
+        self.metrics = metrics_mod.ServerMetrics(
+            serving.generation.names.label if serving.generation is not None else "default")
         self.created = int(time.time())
         self.embeddings_waiting = 0
         self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS,
@@ -200,6 +206,22 @@ class OpenAIServer:
         self.metrics.embedding_requests += 1
         return json_response(self.serving.respond(prepared, result))
 
+    # -- tokenizer ---------------------------------------------------------------
+    async def tokenize(self, request: Request) -> Response:
+        return await self._tokenization(request, "tokenize")
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._tokenization(request, "detokenize")
+
+    async def _tokenization(self, request: Request, what: str) -> Response:
+        if self.serving.generation is None:
+            raise ServingError(404, "no generation model is served here", param="model",
+                               code="model_not_found")
+        raw = await read_json_body(request, self.limits.max_body_bytes)
+        work = getattr(TokenizationServing(self.serving.generation), what)
+        loop = asyncio.get_running_loop()
+        return json_response(await loop.run_in_executor(self._prepare_pool, work, raw))
+
     # -- the rest ------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
         return json_response(ModelList(data=self.serving.model_cards(self.created)))
@@ -253,6 +275,8 @@ def build_app(llm: Any | None = None, embedder: Any | None = None, *,
         server.route(COMPLETIONS_URL, server.completions, ["POST"]),
         server.route(CHAT_COMPLETIONS_URL, server.chat_completions, ["POST"]),
         server.route(EMBEDDINGS_URL, server.embeddings, ["POST"]),
+        server.route(TOKENIZE_URL, server.tokenize, ["POST"]),
+        server.route(DETOKENIZE_URL, server.detokenize, ["POST"]),
         server.route("/v1/models", server.models, ["GET"]),
         server.route("/v1/models/{model:path}", server.model, ["GET"]),
         server.route("/health", server.health, ["GET"], protected=False),

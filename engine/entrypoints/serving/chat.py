@@ -1,5 +1,6 @@
-"""/v1/chat/completions: messages through the model's chat template, n
-choices, and chat-style logprobs."""
+"""/v1/chat/completions: messages (and tools) through the model's chat
+template, n choices, chat-style logprobs, and tool calls parsed out of the
+answers (engine/entrypoints/serving/tools.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from engine.entrypoints.serving.responses import (
     ChatTokenLogprob,
     TopLogprob,
 )
+from engine.entrypoints.serving.tools import ToolPlan
 from engine.errors import ConveyorError
+from engine.loading.chat_tools import render_chat
 
 
 class ChatServing(GenerationServing):
@@ -33,11 +36,15 @@ class ChatServing(GenerationServing):
     id_prefix = "chatcmpl"
     response_type = ChatCompletionResponse
 
-    def prompts(self, request: ChatCompletionRequest) -> list[str | list[int]]:
+    def tool_plan(self, request: ChatCompletionRequest) -> ToolPlan | None:
+        return ToolPlan.of(request, self.model.tokenizer.chat_template)
+
+    def prompts(self, request: ChatCompletionRequest, tools: ToolPlan | None = None
+                ) -> list[str | list[int]]:
         tokenizer = self.model.tokenizer
         try:
-            text = tokenizer.apply_chat_template(
-                chat_messages(request), add_generation_prompt=request.add_generation_prompt)
+            text = render_chat(tokenizer, chat_messages(request), tools.tools if tools else None,
+                               add_generation_prompt=request.add_generation_prompt)
         except ConveyorError as exc:  # no template, or one that refuses these messages
             raise bad_request(str(exc), "messages") from None
         return [tokenizer.encode(text, add_special_tokens=False)]
@@ -56,9 +63,16 @@ class ChatServing(GenerationServing):
         logprobs = None
         if prepared.request.logprobs and result.logprobs:
             logprobs = ChatLogprobs(content=[self._logprob(lp) for lp in result.logprobs])
-        return ChatChoice(index=index, message=AssistantMessage(content=result.text),
-                          logprobs=logprobs, finish_reason=result.finish_reason,
-                          stop_reason=result.stop_reason)
+        finish_reason = result.finish_reason
+        if prepared.tools is None:
+            message = AssistantMessage(content=result.text)
+        else:
+            content, calls = prepared.tools.parse(result.text)
+            message = AssistantMessage(content=content, tool_calls=calls)
+            if calls and finish_reason == "stop":
+                finish_reason = "tool_calls"
+        return ChatChoice(index=index, message=message, logprobs=logprobs,
+                          finish_reason=finish_reason, stop_reason=result.stop_reason)
 
     def _logprob(self, lp: Logprob) -> ChatTokenLogprob:
         tokenizer = self.model.tokenizer

@@ -24,7 +24,7 @@ class CompletionServing(GenerationServing):
     id_prefix = "cmpl"
     response_type = CompletionResponse
 
-    def prompts(self, request: CompletionRequest) -> list[str | list[int]]:
+    def prompts(self, request: CompletionRequest, tools: None = None) -> list[str | list[int]]:
         return completion_prompts(request)
 
     def choice(self, prepared: PreparedGeneration, index: int, output: RequestOutput,

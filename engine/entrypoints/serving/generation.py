@@ -12,8 +12,13 @@ from typing import Any
 import msgspec
 
 from engine.core.outputs import RequestOutput
-from engine.core.sampling_params import SamplingParams
-from engine.entrypoints.serving.errors import bad_request, engine_failed, field_named
+from engine.core.sampling_params import SamplingParams, StructuredOutputsParams
+from engine.entrypoints.serving.errors import (
+    ServingError,
+    bad_request,
+    engine_failed,
+    field_named,
+)
 from engine.entrypoints.serving.limits import ServingLimits
 from engine.entrypoints.serving.models import GenerationModel
 from engine.entrypoints.serving.protocol import REQUEST_FIELDS, GenerationRequest
@@ -40,6 +45,7 @@ class PreparedGeneration:
     inputs: list[EngineInput]
     response_id: str
     created: int
+    tools: Any = None   # chat's ToolPlan when tools are in play
 
     @property
     def n(self) -> int:
@@ -61,28 +67,49 @@ class GenerationServing:
         Tokenizes: callers on an event loop run it on a worker thread."""
         label = self.model.names.check(request.model, "generation")
         self._check_choices(request.n)  # before any work that grows with n
-        prompts = self.prompts(request)
+        tools = self.tool_plan(request)
+        prompts = self.prompts(request, tools)
         self._check_choices(request.n * len(prompts))
+        constraint = self.structured_outputs(request, tools)
         inputs = []
         for prompt in prompts:
             ids = self._token_ids(prompt)
             ids, max_tokens = self._fit(request, ids)
-            params = self.sampling_params(request, max_tokens)
+            params = self.sampling_params(request, max_tokens, constraint, tools)
             for i in range(request.n):
                 # A fixed seed is shifted per choice so n > 1 gives n answers.
                 seed = None if request.seed is None else request.seed + i
                 inputs.append(EngineInput(ids, msgspec.structs.replace(params, seed=seed)))
         return PreparedGeneration(self.url, request, label, inputs,
-                                  new_id(self.id_prefix), now())
+                                  new_id(self.id_prefix), now(), tools)
 
     def _check_choices(self, total: int) -> None:
         if total > self.limits.max_choices:
             raise bad_request(f"at most {self.limits.max_choices} choices (prompts × n) per "
                               f"request; this one asks for {total}", "n")
 
-    def prompts(self, request: GenerationRequest) -> list[str | list[int]]:
+    def prompts(self, request: GenerationRequest, tools: Any = None) -> list[str | list[int]]:
         """The request's prompts: text (tokenized later) or token ids."""
         raise NotImplementedError
+
+    def tool_plan(self, request: GenerationRequest) -> Any:
+        """How the request uses tools (chat only); None: not at all."""
+        return None
+
+    def structured_outputs(self, request: GenerationRequest, tools: Any = None
+                           ) -> StructuredOutputsParams | None:
+        """The request's output constraint, compiled (and cached) here, on the
+        caller's thread, so the engine finds it ready; a 400 if it is invalid."""
+        field, constraint = requested_constraint(request)
+        if constraint is None and tools is not None:
+            field, constraint = "tool_choice", tools.constraint()
+        if constraint is None:
+            return None
+        try:
+            self.model.engine.compile_grammar(SamplingParams(structured_outputs=constraint))
+        except RequestError as exc:
+            raise bad_request(str(exc), field) from None
+        return constraint
 
     def encode(self, text: str) -> list[int]:
         return self.model.tokenizer.encode(text)
@@ -121,7 +148,9 @@ class GenerationServing:
                               ) from None
         return ids, max_tokens
 
-    def sampling_params(self, request: GenerationRequest, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, request: GenerationRequest, max_tokens: int,
+                        constraint: StructuredOutputsParams | None = None,
+                        tools: Any = None) -> SamplingParams:
         """The SamplingParams of one choice (seed unshifted)."""
         fields: dict[str, Any] = {
             "max_tokens": max_tokens,
@@ -139,12 +168,16 @@ class GenerationServing:
             "logprobs": self.num_logprobs(request),
             "skip_special_tokens": request.skip_special_tokens,
         }
+        if tools is not None and tools.parser.needs_special_tokens and not tools.forced:
+            fields["skip_special_tokens"] = False  # the call marker is a special token
         try:
-            return msgspec.convert({k: v for k, v in fields.items() if v is not None},
-                                   SamplingParams)
+            params = msgspec.convert({k: v for k, v in fields.items() if v is not None},
+                                     SamplingParams)
         except (msgspec.ValidationError, RequestError) as exc:
             message = f"invalid sampling parameter: {exc}"
             raise bad_request(message, field_named(str(exc), REQUEST_FIELDS)) from None
+        params.structured_outputs = constraint
+        return params
 
     @staticmethod
     def num_logprobs(request: GenerationRequest) -> int | None:
@@ -170,6 +203,38 @@ class GenerationServing:
 
     def token_text(self, token_id: int) -> str:
         return self.model.tokenizer.decode([token_id])
+
+
+def requested_constraint(request: GenerationRequest
+                         ) -> tuple[str | None, StructuredOutputsParams | None]:
+    """(request field, constraint) from response_format, structured_outputs or
+    a guided_* field (protocol.check_supported allows one at most)."""
+    fmt = request.response_format or {}
+    kind = fmt.get("type", "text")
+    try:
+        if kind == "json_object":
+            return "response_format", StructuredOutputsParams(json_object=True)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if schema is None:
+                raise bad_request("response_format json_schema needs json_schema.schema",
+                                  "response_format")
+            return "response_format", StructuredOutputsParams(json=schema)
+        if request.structured_outputs is not None:
+            return "structured_outputs", StructuredOutputsParams(
+                **msgspec.structs.asdict(request.structured_outputs))
+        guided = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+        for name, key in guided.items():
+            value = getattr(request, name)
+            if value is not None:
+                return name, StructuredOutputsParams(**{key: value})
+    except RequestError as exc:
+        if isinstance(exc, ServingError):
+            raise
+        raise bad_request(str(exc), "structured_outputs") from None
+    return None, None
 
 
 def check_outputs(outputs: Sequence[RequestOutput | None]) -> None:

@@ -4,7 +4,10 @@ decodes into, with the same checks.
 
 Field names and defaults follow OpenAI's API plus the extensions vLLM accepts
 (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
-skip_special_tokens, truncate_prompt_tokens). An unknown field is a 400, as
+skip_special_tokens, truncate_prompt_tokens, structured_outputs and the older
+guided_json / guided_regex / guided_choice / guided_grammar). OpenAI fields
+that do not change what is generated here (store, metadata, service_tier,
+user) are accepted and ignored. An unknown field is a 400, as
 OpenAI answers it: a typo must not silently change the answer. Ranges are
 schema constraints, so /openapi.json tells clients (and fuzzers) what a
 valid body is; SamplingParams still checks them again.
@@ -33,6 +36,17 @@ _Stop = Annotated[str, Meta(min_length=1)] | list[Annotated[str, Meta(min_length
 _Truncate = Annotated[int, Meta(ge=-1)]
 
 
+class StructuredOutputsField(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's `structured_outputs` request field (SamplingParams' shape)."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
 class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Sampling fields common to completions and chat (OpenAI + vLLM extras)."""
 
@@ -47,7 +61,12 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    # OpenAI fields with no effect on generation here: accepted, ignored.
     user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
     # vLLM's extensions
     top_k: Annotated[int, Meta(ge=-1)] | None = None
     min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
@@ -56,6 +75,13 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop_token_ids: list[Annotated[int, Meta(ge=0)]] | None = None
     skip_special_tokens: bool = True
     truncate_prompt_tokens: _Truncate | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None   # accepted; one backend serves here
+    guided_whitespace_pattern: str | None = None  # accepted; separators are fixed here
 
 
 class CompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
@@ -75,10 +101,45 @@ class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     text: str | None = None
 
 
+class FunctionDefinition(msgspec.Struct, kw_only=True, omit_defaults=True,
+                         forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None   # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class ChatTool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str   # JSON text, as OpenAI sends it
+
+
+class ToolCall(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None   # an assistant's earlier calls
+    tool_call_id: str | None = None            # a tool message's answer to one
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
@@ -89,9 +150,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields
     max_completion_tokens: _Positive | None = None
     logprobs: bool = False
     top_logprobs: _Logprobs | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True   # vLLM's extension
 
 
@@ -141,19 +202,48 @@ def check_supported(request: OpenAIRequest) -> None:
         return
     if request.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
+    fmt = (request.response_format or {}).get("type", "text")
+    if fmt not in RESPONSE_FORMATS:
+        raise bad_request(f"response_format type {fmt!r} is not supported; use one of "
+                          f"{', '.join(RESPONSE_FORMATS)}", "response_format")
+    constraints = [f for f in CONSTRAINT_FIELDS if getattr(request, f) is not None]
+    if fmt == "text" and "response_format" in constraints:
+        constraints.remove("response_format")
+    if len(constraints) > 1:
+        raise bad_request(f"give one output constraint, not {' and '.join(constraints)}",
+                          constraints[1])
     if isinstance(request, CompletionRequest):
         if request.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise bad_request("best_of is not supported (it must equal n)", "best_of")
     else:
-        if request.tools:
-            raise bad_request("tools are not supported", "tools")
-        fmt = (request.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise bad_request(f"response_format {fmt!r} is not supported", "response_format")
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        _check_tools(request, constraints)
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# Request fields that each constrain the output (at most one per request).
+CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar")
+
+
+def _check_tools(request: ChatCompletionRequest, constraints: list[str]) -> None:
+    choice = request.tool_choice
+    names = [t.function.name for t in request.tools or ()]
+    if len(set(names)) != len(names):
+        raise bad_request("tool function names must be unique", "tools")
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if forced and not names:
+        raise bad_request("tool_choice 'required' or a named function needs tools", "tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise bad_request(f"tool_choice names {choice.function.name!r}, which is not among "
+                          "the tools", "tool_choice")
+    if forced and constraints:
+        raise bad_request(f"tool_choice {'required' if choice == 'required' else 'function'} "
+                          f"constrains the output already; drop {constraints[0]}",
+                          constraints[0])
 
 
 def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
@@ -175,8 +265,10 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Messages as the chat template wants them: role and plain-text content."""
+def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages as chat templates want them: role, plain-text content, and
+    the tool fields (an assistant's `tool_calls`, with arguments as objects
+    as Hugging Face templates expect; a tool message's `tool_call_id`)."""
     out = []
     for m in request.messages:
         content = m.content
@@ -188,11 +280,25 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
                                       "supported (text only)", "messages")
                 texts.append(part.text)
             content = "".join(texts)
-        message = {"role": m.role, "content": content or ""}
+        message: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.name is not None:
             message["name"] = m.name
+        if m.tool_calls:
+            message["tool_calls"] = [_template_call(c) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
         out.append(message)
     return out
+
+
+def _template_call(call: ToolCall) -> dict[str, Any]:
+    try:
+        arguments = msgspec.json.decode(call.function.arguments)
+    except msgspec.DecodeError:
+        raise bad_request(f"tool call {call.id!r}: arguments must be JSON text",
+                          "messages") from None
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.function.name, "arguments": arguments}}
 
 
 def embedding_texts(request: EmbeddingRequest) -> list[str]:

@@ -8,8 +8,11 @@ from typing import Literal
 
 import msgspec
 
-# Engine finish reasons are already OpenAI's ("stop", "length"); "abort" is vLLM's.
-FinishReason = Literal["stop", "length", "abort"] | None
+from engine.entrypoints.serving.protocol import ToolCall
+
+# Engine finish reasons are already OpenAI's ("stop", "length"); "abort" is vLLM's;
+# "tool_calls" when an answer was read as tool calls.
+FinishReason = Literal["stop", "length", "abort", "tool_calls"] | None
 
 
 def new_id(prefix: str) -> str:
@@ -86,6 +89,7 @@ class ChatLogprobs(msgspec.Struct, kw_only=True):
 class AssistantMessage(msgspec.Struct, kw_only=True):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -105,9 +109,25 @@ class ChatCompletionResponse(msgspec.Struct, kw_only=True):
     usage: Usage | None = None
 
 
+class DeltaFunctionCall(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One tool call in a stream chunk (OpenAI's shape: `index` says which
+    call a piece belongs to; here each call comes whole in one piece)."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(msgspec.Struct, kw_only=True):

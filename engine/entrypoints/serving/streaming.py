@@ -5,6 +5,8 @@ then the usage chunk when `stream_options.include_usage` asks for it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 
 from engine.core.outputs import RequestOutput
@@ -16,8 +18,11 @@ from engine.entrypoints.serving.responses import (
     ChatDelta,
     ChatStreamChoice,
     CompletionChunk,
+    DeltaFunctionCall,
+    DeltaToolCall,
     Usage,
 )
+from engine.entrypoints.serving.tools import ToolCallStream
 
 
 class StreamRenderer:
@@ -29,6 +34,11 @@ class StreamRenderer:
         options = prepared.request.stream_options or {}
         self.include_usage = bool(options.get("include_usage"))
         num_choices = len(prepared.inputs)
+        # With tools, each choice's text goes through a ToolCallStream, and
+        # the serving layer sees the deltas as plain text.
+        self._tools = ([ToolCallStream(prepared.tools) for _ in range(num_choices)]
+                       if prepared.tools is not None else None)
+        self._plain = dataclasses.replace(prepared, tools=None)
         self._first = [True] * num_choices
         self._prompt_tokens = [0] * num_choices
         self._completion_tokens = 0
@@ -55,16 +65,25 @@ class StreamRenderer:
             raise engine_failed(delta.error)
         self._prompt_tokens[index] = len(delta.prompt_token_ids)
         self._completion_tokens += len(delta.outputs[0].token_ids)
-        choice = self.serving.choice(self.prepared, index, delta, first=self._first[index])
+        choice = self.serving.choice(self._plain, index, delta, first=self._first[index])
+        calls = None
         if self.chat:
-            text = choice.message.content
-            shown = ChatStreamChoice(index=index, delta=ChatDelta(content=text or None),
-                                     logprobs=choice.logprobs,
-                                     finish_reason=choice.finish_reason,
+            text, finish_reason = choice.message.content, choice.finish_reason
+            if self._tools is not None:
+                text, found = self._tools[index].feed(text or "", delta.finished)
+                calls = [DeltaToolCall(index=i, id=c.id, type="function",
+                                       function=DeltaFunctionCall(name=c.function.name,
+                                                                  arguments=c.function.arguments))
+                         for i, c in enumerate(found)] or None
+                if calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+            shown = ChatStreamChoice(index=index,
+                                     delta=ChatDelta(content=text or None, tool_calls=calls),
+                                     logprobs=choice.logprobs, finish_reason=finish_reason,
                                      stop_reason=choice.stop_reason)
         else:
             text, shown = choice.text, choice
-        if not (text or choice.finish_reason or choice.logprobs):
+        if not (text or calls or choice.finish_reason or choice.logprobs):
             return None
         self._first[index] = False
         return self._chunk([shown])

@@ -1,5 +1,7 @@
-"""The CPU forward in C (models/cpu_llama.py) against the MLX forward, and the
-integer matmul kernel (models/cpu_int8_matmul.py) against numpy."""
+"""The CPU forward in C (engine/platform/cpu_llama.py) against the MLX forward,
+and the integer matmul kernel (engine/platform/int8_matmul.py) against numpy."""
+
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -11,6 +13,7 @@ from engine.core.llm_engine import EngineArgs, LLMEngine
 from engine.errors import ConveyorError, ModelLoadError
 from engine.loading.loader import load_model
 from engine.platform import int8_matmul as q8
+from engine.platform import kernel_variants, native
 from engine.platform.cpu_llama import HostLlama
 from engine.platform.int8_linear import Int8Embedding, Int8Linear
 
@@ -31,18 +34,21 @@ class CausalView:
 
 
 def host_logits(model, ids):
+    if sys.platform != "linux":
+        pytest.skip("the native kernels are built on Linux only")
     host = HostLlama.build(model)
-    if host is None:
-        pytest.skip("no C compiler or BLAS for the CPU forward")
+    assert host is not None, f"no CPU forward: {native.load().reason}"
     n = len(ids)
     return np.array(host(ids, np.arange(n, dtype=np.int32), [CausalView()] * len(model.layers),
                          np.arange(n, dtype=np.int32)))
 
 
 def integer_kernel():
+    """The kernel; it must be there wherever the CPU has AVX-512 VNNI."""
+    if sys.platform != "linux" or "avx512_vnni" not in kernel_variants.cpu_flags():
+        pytest.skip("the integer kernel needs Linux and a CPU with AVX-512 VNNI")
     kernel = q8.load()
-    if kernel is None:
-        pytest.skip("no AVX-512 VNNI or no C compiler")
+    assert kernel is not None, native.load().reason
     return kernel
 
 

@@ -61,7 +61,7 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # llama.cpp's scheme (faster, logits move by up to ~5), "float32" dequantizes
     # for the BLAS. None: int16 where it builds.
     cpu_matmul: str | None = None
-    # CPU: run llama-family forwards in C on host memory (models/cpu_llama.py)
+    # CPU: run llama-family forwards in C on host memory (engine/platform/cpu_llama.py)
     # around the attention kernel; False keeps MLX's graph. None: where it builds.
     host_forward: bool | None = None
 
@@ -99,28 +99,29 @@ def _host_forward(model, args: EngineArgs):
     forward = cpu_llama.HostLlama.build(model) if hasattr(model, "layers") else None
     if forward is None and args.host_forward:
         raise RequestError("host_forward needs a llama-family float32 model on the CPU, "
-                           "a C compiler and the preloaded BLAS")
+                           "the native kernels and the preloaded BLAS")
     return forward
 
 
 def _cpu_attention(args: EngineArgs, head_dim: int, dtype: mx.Dtype):
-    """The CPU paged-attention kernel, when it applies and builds here."""
+    """The CPU paged-attention kernel, when it applies and the native kernels
+    are here."""
     kv_dtype = host_dtype(dtype)
     if args.paged_kernel is False or not on_cpu() or kv_dtype is None:
         return None
-    from engine.loading.model_store import cache_dir
     from engine.platform import native
     from kvcache import cpu_paged_attention as cpa
 
-    library = native.build_library(
-        "cpu_paged_attention", cpa.SOURCE, cpa.compile_args(head_dim, args.block_size, kv_dtype),
-        native.openmp_link_args() + ["-lm"], cache_dir() / "kernels")
-    if library is None:
-        log_once("no C compiler, or the CPU attention kernel did not build: "
-                 "attention runs on the portable MLX path (slower)")
+    kernels = native.load()
+    if kernels.library is None:
+        log_once(f"{kernels.reason}: attention runs on the portable MLX path (slower)")
         return None
-    return cpa.CpuPagedAttention(library, head_dim, args.block_size, os.cpu_count() or 1,
-                                 kv_dtype)
+    try:
+        return cpa.CpuPagedAttention(kernels.library, head_dim, args.block_size,
+                                     os.cpu_count() or 1, kv_dtype)
+    except ValueError as e:
+        log_once(f"{e}: attention runs on the portable MLX path (slower)")
+        return None
 
 
 class LLMEngine:

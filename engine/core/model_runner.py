@@ -36,7 +36,7 @@ class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, token_bucket: int = 8, width_bucket: int = 4,
                  chunk_bucket: int = 16, compile_decode: bool = False, host_forward=None):
         self.model = model
-        # The CPU forward in host memory (models/cpu_llama.py); it needs the
+        # The CPU forward in host memory (engine/platform/cpu_llama.py); it needs the
         # CPU attention kernel's host views.
         self.host_forward = host_forward if cache.cpu_attention is not None else None
         self.cache = cache

@@ -195,8 +195,8 @@ def _integer_matmul(fmt: WeightFormat, choice: str | None) -> tuple[Int8Matmul, 
     """(kernel, wide) when a quantized checkpoint's codes should be multiplied
     as integers on the CPU, else None (dequantize to float32).
 
-    "int16" (the default where the kernel builds: AVX-512 VNNI and a C
-    compiler) quantizes activations to 16 bits per group: the default model's
+    "int16" (the default where the kernel runs: AVX-512 VNNI and the native
+    kernels) quantizes activations to 16 bits per group: the default model's
     logits stay within ~0.14 (of ~33) of float32's. "int8" is llama.cpp's
     scheme, ~1.5x faster again, but it moves them by up to ~5
     (bench/cpu_matmul_quality.py)."""
@@ -210,8 +210,10 @@ def _integer_matmul(fmt: WeightFormat, choice: str | None) -> tuple[Int8Matmul, 
     kernel = int8_matmul.load()
     if kernel is None:
         if choice is not None:
-            raise ModelLoadError(f"cpu_matmul={choice} needs a CPU with AVX-512 VNNI and a C "
-                                 "compiler (cc/gcc/clang on PATH)")
+            from engine.platform import native
+
+            raise ModelLoadError(f"cpu_matmul={choice} needs a CPU with AVX-512 VNNI and the "
+                                 f"native kernels ({native.load().reason})")
         return None
     return kernel, choice != "int8"
 

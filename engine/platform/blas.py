@@ -50,3 +50,14 @@ def preload() -> str | None:
 def loaded() -> str | None:
     """The BLAS library preloaded into this process, if any."""
     return _loaded
+
+
+def sgemm_address() -> int | None:
+    """The address of the preloaded BLAS's cblas_sgemm (what the native
+    kernels multiply float32 matrices with), or None."""
+    if _loaded is None:
+        return None
+    try:
+        return ctypes.cast(ctypes.CDLL(_loaded).cblas_sgemm, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None

@@ -8,9 +8,9 @@ evaluation until the LM head: MLX's CPU backend spent ~1.7 ms a layer of a
 
 Weights stay where the loaded model has them: float32 MLX arrays are read
 through numpy views (cblas_sgemm from the preloaded BLAS), int8-packed layers
-(models/int8_linear.py) through their packed codes. `HostLlama.build` returns
-None where this path can't run (no compiler or BLAS, other dtypes or layer
-kinds), and the engine keeps the MLX forward.
+(engine/platform/int8_linear.py) through their packed codes. `HostLlama.build`
+returns None where this path can't run (no native kernels or BLAS, other
+dtypes or layer kinds), and the engine keeps the MLX forward.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,7 +27,6 @@ from engine.platform.int8_linear import Int8Embedding, Int8Linear
 from engine.platform.int8_matmul import concat
 from models.layers.linear import Linear
 
-SOURCE = Path(__file__).parent / "kernels" / "cpu_llama.c"
 _F32 = ctypes.POINTER(ctypes.c_float)
 
 
@@ -119,20 +117,13 @@ def _host_layer(layer) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _library():
-    from engine.loading.model_store import cache_dir
-    from engine.platform import blas
-    from engine.platform.native import build_library, openmp_link_args
+    """The native kernels with the C forward's functions typed, or None
+    (no native kernels, or no BLAS for its float32 matmuls)."""
+    from engine.platform import blas, native
 
-    if blas.loaded() is None:
+    lib = native.library()
+    if lib is None or blas.sgemm_address() is None:
         return None
-    path = Path(blas.loaded())
-    library = build_library(
-        "cpu_llama", SOURCE, ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-        [str(path), f"-Wl,-rpath,{path.parent}", *openmp_link_args(), "-lm"],
-        cache_dir() / "kernels")
-    if library is None:
-        return None
-    lib = ctypes.CDLL(str(library))
     m = ctypes.POINTER(_Matmul)
     i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     lib.layer_in.argtypes = [p, i, i, p, f, m, m, m, m, p, p, i, i, i, i, p, p, p, p, i]
@@ -214,5 +205,7 @@ def _ptr(a: np.ndarray) -> int:
 
 
 def _check(rc: int) -> None:
+    if rc == -3:
+        raise RuntimeError("CPU forward: the native kernels were given no cblas_sgemm")
     if rc != 0:
         raise MemoryError("CPU forward: no scratch memory")

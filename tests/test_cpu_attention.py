@@ -6,20 +6,19 @@ import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.loading.model_store import cache_dir
 from engine.platform import current_platform, native
 from kvcache.attention import cpu as cpa
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-def build_kernel(head_dim, block_size, kv_dtype=np.float32):
-    library = native.build_library(
-        "cpu_paged_attention", cpa.SOURCE, cpa.compile_args(head_dim, block_size, kv_dtype),
-        native.openmp_link_args() + ["-lm"], cache_dir() / "kernels")
-    if library is None:
-        pytest.skip("no C compiler on this machine")
-    return cpa.CpuPagedAttention(library, head_dim, block_size, threads=2, kv_dtype=kv_dtype)
+def build_kernel(head_dim, block_size, kv_dtype=np.float32, variant=None):
+    """The kernel from this CPU's native library (or `variant`'s). A missing
+    library fails: CI must not pass without the fast path."""
+    kernels = native.load(variant)
+    assert kernels.library is not None, kernels.reason
+    return cpa.CpuPagedAttention(kernels.library, head_dim, block_size, threads=2,
+                                 kv_dtype=kv_dtype)
 
 
 def reference(q, keys, values, tables, qrow, ctx, block_size, scale):
@@ -41,9 +40,12 @@ def reference(q, keys, values, tables, qrow, ctx, block_size, scale):
 
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads,block_size",
-                         [(64, 9, 3, 16), (16, 4, 2, 16), (32, 8, 8, 8), (64, 8, 2, 16)])
+                         [(64, 9, 3, 16), (16, 4, 2, 16), (32, 8, 8, 8), (64, 8, 2, 16),
+                          (128, 4, 1, 16), (128, 10, 2, 32), (80, 20, 2, 16)])
 def test_kernel_matches_reference(head_dim, heads, kv_heads, block_size):
+    """Specialised shapes (head_dim 64 / 128, blocks of 16) and generic ones."""
     kernel = build_kernel(head_dim, block_size)
+    assert kernel.specialised == (head_dim in (64, 128) and block_size == 16)
     rng = np.random.default_rng(0)
     num_blocks, width = 128, 160 // block_size + 1
     k_flat = np.zeros(num_blocks * block_size * kv_heads * head_dim, np.float32)
@@ -86,18 +88,18 @@ def test_engine_kernel_and_portable_paths_agree(tiny_llama_dir):
     kernel = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, max_num_batched_tokens=64)
     portable = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, max_num_batched_tokens=64,
                    paged_kernel=False)
-    if kernel.engine.cache.backend.name != "cpu":
-        pytest.skip("no C compiler on this machine")
+    assert kernel.engine.cache.backend.name == "cpu", native.load().reason
     assert portable.engine.cache.backend.name == "portable"
     got = kernel.generate(prompts, params, use_tqdm=False)
     want = portable.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
-def test_engine_runs_without_a_compiler(tiny_llama_dir, monkeypatch, capsys):
-    monkeypatch.setattr(native, "compiler", lambda: None)
+def test_engine_runs_without_native_kernels(tiny_llama_dir, monkeypatch, capsys):
+    monkeypatch.setattr(native, "load", lambda variant=None: native.Kernels(None, None, "gone"))
     llm = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20)
     assert llm.engine.cache.backend.name == "portable"
+    assert "gone: attention runs on the portable MLX path" in capsys.readouterr().err
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
 
@@ -129,19 +131,21 @@ def test_fast_logsumexp_matches_mlx(kernels):
                                np.array(mx.logsumexp(x, axis=-1, keepdims=True)), rtol=1e-5)
 
 
-def test_half_precision_kernel_matches_reference():
-    kernel = build_kernel(64, 16, np.float16)
+@pytest.mark.parametrize("head_dim", [64, 128, 48])
+def test_half_precision_kernel_matches_reference(head_dim):
+    kernel = build_kernel(head_dim, 16, np.float16)
+    assert kernel.specialised == (head_dim != 48)
     rng = np.random.default_rng(1)
-    blocks, kv_heads, heads = 32, 2, 8
-    k_pool, v_pool = kernel.pool_views(np.zeros(blocks * 16 * kv_heads * 64, np.float16),
-                                       np.zeros(blocks * 16 * kv_heads * 64, np.float16),
+    blocks, kv_heads, heads, d = 32, 2, 8, head_dim
+    k_pool, v_pool = kernel.pool_views(np.zeros(blocks * 16 * kv_heads * d, np.float16),
+                                       np.zeros(blocks * 16 * kv_heads * d, np.float16),
                                        kv_heads)
-    keys = rng.standard_normal((blocks * 16, kv_heads, 64)).astype(np.float32)
-    values = rng.standard_normal((blocks * 16, kv_heads, 64)).astype(np.float32)
+    keys = rng.standard_normal((blocks * 16, kv_heads, d)).astype(np.float32)
+    values = rng.standard_normal((blocks * 16, kv_heads, d)).astype(np.float32)
     kernel.write(k_pool, v_pool, np.arange(blocks * 16), keys, values)
     tables = rng.permutation(blocks)[:12].reshape(2, 6).astype(np.int32)
     qrow, ctx = np.array([0, 1, 1], np.int32), np.array([96, 50, 1], np.int32)
-    q = rng.standard_normal((3, heads, 64)).astype(np.float32)
+    q = rng.standard_normal((3, heads, d)).astype(np.float32)
     got = kernel(q, k_pool, v_pool, tables, qrow, ctx, 0.125)
     # The reference sees the same float16-rounded keys and values.
     want = reference(q, keys.astype(np.float16).astype(np.float32),
@@ -156,8 +160,7 @@ def test_engine_float16_kv_kernel_and_portable_paths_agree(tiny_llama_dir):
     args = dict(kv_cache_bytes=16 << 20, max_num_batched_tokens=64, kv_cache_dtype="float16")
     kernel = LLM(str(tiny_llama_dir), **args)
     portable = LLM(str(tiny_llama_dir), paged_kernel=False, **args)
-    if kernel.engine.cache.backend.name != "cpu":
-        pytest.skip("no C compiler on this machine")
+    assert kernel.engine.cache.backend.name == "cpu", native.load().reason
     assert kernel.engine.cache.dtype == mx.float16
     got = kernel.generate(prompts, params, use_tqdm=False)
     want = portable.generate(prompts, params, use_tqdm=False)
@@ -171,19 +174,3 @@ def test_kernel_serves_a_half_precision_model(tiny_llama_dir):
               kv_cache_dtype="float16")
     out = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 5
-
-
-def test_library_is_rebuilt_when_an_included_file_changes(tmp_path):
-    """A build's cache key covers the local files its source includes."""
-    if native.compiler() is None:
-        pytest.skip("no C compiler on this machine")
-    (tmp_path / "part.c").write_text("int part(void) { return 1; }\n")
-    (tmp_path / "main.c").write_text('#include "part.c"\nint whole(void) { return part(); }\n')
-    first = native.build_library("t", tmp_path / "main.c", ["-O1"], [], tmp_path / "out")
-    again = native.build_library("t", tmp_path / "main.c", ["-O1"], [], tmp_path / "out")
-    (tmp_path / "part.c").write_text("int part(void) { return 2; }\n")
-    changed = native.build_library("t", tmp_path / "main.c", ["-O1"], [], tmp_path / "out")
-    assert first == again and changed != first
-    import ctypes
-
-    assert ctypes.CDLL(str(changed)).whole() == 2

@@ -3,6 +3,8 @@ host arrays, each shared layer on its C kernel) against the portable MLX
 forward, and the integer matmul kernel (engine/platform/int8_matmul.py)
 against numpy."""
 
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from engine import LLM, SamplingParams
 from engine.core.llm_engine import EngineArgs, LLMEngine
 from engine.errors import ConveyorError, ModelLoadError
 from engine.loading.loader import load_model
-from engine.platform import cpu_ops
+from engine.platform import cpu_ops, kernel_variants, native
 from engine.platform import int8_matmul as q8
 from engine.platform.host_forward import HostForward
 from engine.platform.int8_linear import Int8Embedding, Int8Linear
@@ -40,6 +42,8 @@ def host_forward(model):
 
 
 def host_logits(model, ids):
+    if sys.platform != "linux":
+        pytest.skip("the native kernels are built on Linux only")
     host = host_forward(model)
     n = len(ids)
     return np.array(host(ids, np.arange(n, dtype=np.int32), [CausalView()] * len(model.layers),
@@ -47,9 +51,11 @@ def host_logits(model, ids):
 
 
 def integer_kernel():
+    """The kernel; it must be there wherever the CPU has AVX-512 VNNI."""
+    if sys.platform != "linux" or "avx512_vnni" not in kernel_variants.cpu_flags():
+        pytest.skip("the integer kernel needs Linux and a CPU with AVX-512 VNNI")
     kernel = q8.load()
-    if kernel is None:
-        pytest.skip("no AVX-512 VNNI or no C compiler")
+    assert kernel is not None, native.load().reason
     return kernel
 
 

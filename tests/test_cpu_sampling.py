@@ -1,19 +1,22 @@
-"""The sampler's CPU helpers (engine/cpu_sampling.c) against numpy and the MLX path."""
+"""The sampler's CPU helpers (kernels/cpu_sampling.c) against numpy and the MLX path."""
+
+import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from engine.core import sampler
-from engine.platform import cpu_sampling
+from engine.platform import cpu_sampling, native
 from engine.platform.base import PORTABLE_SAMPLING, SamplerKernels
 
 
 @pytest.fixture(scope="module")
 def helper():
+    if sys.platform != "linux":
+        pytest.skip("the native kernels are built on Linux only")
     h = cpu_sampling.load()
-    if h is None:
-        pytest.skip("no C compiler on this machine")
+    assert h is not None, native.load().reason
     return h
 
 

@@ -62,3 +62,15 @@ def loaded() -> str | None:
 def serves_mlx() -> bool:
     """Whether MLX's own matmuls use that BLAS (it was loaded before MLX)."""
     return _serves_mlx
+
+
+def sgemm_address() -> int | None:
+    """The address of the loaded BLAS's cblas_sgemm (what the native kernels
+    multiply float32 matrices with), or None."""
+    path = loaded()
+    if path is None:
+        return None
+    try:
+        return ctypes.cast(ctypes.CDLL(path).cblas_sgemm, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None

@@ -105,24 +105,18 @@ class CpuPlatform(Platform):
         why_not = cpu_attention.unsupported(spec)
         if why_not is not None:
             return None, why_not
-        kernel = self._attention_kernel(spec)
-        if kernel is None:
-            return None, "no C compiler, or the CPU attention kernel did not build"
-        return cpu_attention.CpuAttention(spec, kernel), None
-
-    def _attention_kernel(self, spec: AttentionSpec) -> cpu_attention.CpuPagedAttention | None:
-        from engine.loading.model_store import cache_dir
         from engine.platform import native
 
-        kv_dtype = cpu_attention.host_dtype(spec.kv_dtype)
-        library = native.build_library(
-            "cpu_paged_attention", cpu_attention.SOURCE,
-            cpu_attention.compile_args(spec.head_dim, spec.block_size, kv_dtype),
-            native.openmp_link_args() + ["-lm"], cache_dir() / "kernels")
-        if library is None:
-            return None
-        return cpu_attention.CpuPagedAttention(library, spec.head_dim, spec.block_size,
-                                               self.threads, kv_dtype)
+        kernels = native.load()
+        if kernels.library is None:
+            return None, kernels.reason
+        try:
+            kernel = cpu_attention.CpuPagedAttention(
+                kernels.library, spec.head_dim, spec.block_size, self.threads,
+                cpu_attention.host_dtype(spec.kv_dtype))
+        except ValueError as exc:  # a shape the kernel does not take
+            return None, str(exc)
+        return cpu_attention.CpuAttention(spec, kernel), None
 
     def host_forward(self, model, backend: AttentionBackend, wanted: bool | None = None):
         """The CPU fast path (engine/platform/host_forward.py): the model's own

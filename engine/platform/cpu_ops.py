@@ -10,13 +10,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 
 from engine.platform.int8_matmul import PackedWeight
 
-SOURCE = Path(__file__).parent / "kernels" / "cpu_ops.c"
 ACTIVATION_KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
@@ -130,24 +128,19 @@ class CpuOps:
 
 
 def _check(rc: int) -> None:
+    if rc == -3:
+        raise RuntimeError("CPU kernel: no BLAS was handed to the native library")
     if rc != 0:
         raise MemoryError("CPU kernel: no scratch memory")
 
 
 @functools.lru_cache(maxsize=1)
 def load() -> CpuOps | None:
-    """The CPU operations, or None where they can't run here (no BLAS)."""
-    from engine.loading.model_store import cache_dir
-    from engine.platform import blas
-    from engine.platform.native import build_library, openmp_link_args
+    """The CPU operations of the native library (engine/platform/native.py),
+    or None where it is missing or has no BLAS for float32 matmuls."""
+    from engine.platform import blas, native
 
-    if blas.loaded() is None:
+    lib = native.library()
+    if lib is None or blas.sgemm_address() is None:
         return None
-    path = Path(blas.loaded())
-    library = build_library(
-        "cpu_ops", SOURCE, ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-        [str(path), f"-Wl,-rpath,{path.parent}", *openmp_link_args(), "-lm"],
-        cache_dir() / "kernels")
-    if library is None:
-        return None
-    return CpuOps(ctypes.CDLL(str(library)), os.cpu_count() or 1)
+    return CpuOps(lib, os.cpu_count() or 1)

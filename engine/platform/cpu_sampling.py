@@ -2,8 +2,8 @@
 
 Over [64, 49152] logits MLX's CPU argpartition took ~32 ms and the
 inverse-CDF draw ~18 ms of a sampled decode step; the helpers take a few.
-Built at first use like the other CPU kernels (engine/native.py); `load()`
-is None where they can't be built.
+They are part of the native library built at install (engine/platform/
+native.py); `load()` is None where there is none.
 """
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).parent / "kernels" / "cpu_sampling.c"
-
 
 class CpuSampling:
-    def __init__(self, library: Path, threads: int):
-        lib = ctypes.CDLL(str(library))
+    def __init__(self, library: ctypes.CDLL, threads: int):
+        """`library`: the native kernels (engine.platform.native.library())."""
+        lib = library
         p, i = ctypes.c_void_p, ctypes.c_int
         self._top_k, self._softmax = lib.top_k_ids, lib.softmax_rows
         self._top_k.argtypes = [p, i, i, i, p, i]
@@ -60,9 +58,8 @@ class CpuSampling:
 
 @functools.lru_cache(maxsize=1)
 def load() -> CpuSampling | None:
-    from engine.loading.model_store import cache_dir
-    from engine.platform.native import build_library, openmp_link_args
+    """The helpers, or None where there are no native kernels."""
+    from engine.platform import native
 
-    library = build_library("cpu_sampling", SOURCE, ["-O3", "-march=native", "-fopenmp"],
-                            [*openmp_link_args(), "-lm"], cache_dir() / "kernels")
+    library = native.library()
     return None if library is None else CpuSampling(library, os.cpu_count() or 1)

@@ -10,8 +10,9 @@ exact as fp16 activations) or to int8 (llama.cpp's scheme for its Q4/Q8
 weights: ~1.5x faster, visibly less exact).
 
 `pack` turns an MLX quantized weight into the kernel's layout once, at load.
-The library is built at first use by engine/native.py; `load()` returns None
-where it can't be built or the CPU has no VNNI, and callers keep fp32.
+The kernel is part of the native library built at install (engine/platform/
+native.py); `load()` returns None where there is none or the CPU has no
+AVX-512 VNNI, and callers keep fp32.
 """
 
 from __future__ import annotations
@@ -19,13 +20,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-SOURCE = Path(__file__).parent / "kernels" / "cpu_int8_matmul.c"
-COMPILE_ARGS = ["-O3", "-march=native", "-fopenmp"]
 _F32 = ctypes.POINTER(ctypes.c_float)
 
 
@@ -120,8 +118,9 @@ def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
 class Int8Matmul:
     """Callable: x [M, K] float32 -> x @ W.T [M, N] float32 for a PackedWeight."""
 
-    def __init__(self, library: Path, threads: int):
-        lib = ctypes.CDLL(str(library))
+    def __init__(self, library: ctypes.CDLL, threads: int):
+        """`library`: the native kernels (engine.platform.native.library())."""
+        lib = library
         self.supported = bool(lib.int8_matmul_supported())
         self.threads = threads
         self._fn = lib.int8_matmul
@@ -166,12 +165,10 @@ def reference(x: np.ndarray, w: PackedWeight, codes: np.ndarray, scales: np.ndar
 
 @functools.lru_cache(maxsize=1)
 def load() -> Int8Matmul | None:
-    """The kernel for this CPU, or None (no compiler or no AVX-512 VNNI)."""
-    from engine.loading.model_store import cache_dir
-    from engine.platform.native import build_library, openmp_link_args
+    """The kernel for this CPU, or None (no native kernels, or no AVX-512 VNNI)."""
+    from engine.platform import native
 
-    library = build_library("cpu_int8_matmul", SOURCE, COMPILE_ARGS, openmp_link_args(),
-                            cache_dir() / "kernels")
+    library = native.library()
     if library is None:
         return None
     matmul = Int8Matmul(library, threads=os.cpu_count() or 1)

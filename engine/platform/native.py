@@ -1,89 +1,92 @@
-"""Small C libraries built at first use with the system C compiler.
+"""The native CPU kernels: the library built at install for this CPU.
 
-MLX gives no way to add a CPU kernel, so the few the engine needs (the paged
-attention in kvcache/cpu_paged_attention.c) are compiled here into Conveyor's
-cache, once per source, flags and CPU, and loaded with ctypes. Without a
-compiler `build_library` returns None and callers keep their portable path.
+MLX gives no way to add a CPU kernel, so the few the engine needs (paged
+attention, the integer matmul, the sampler's passes, the C forward) are C
+files in kernels/, compiled by the build backend when the package is
+installed (setup.py), once per CPU variant (engine/platform/kernel_variants.py),
+into engine/platform/_kernels_<variant>.so. Nothing is compiled at run time:
+`load()` picks the best variant this CPU runs and opens it with ctypes, or says
+in one line why there is none; callers then keep their portable path.
+
+CONVEYOR_KERNELS=off turns the kernels off; =baseline, =avx2 or =avx512 asks for
+that variant (tests use it to check every variant this CPU can run).
 """
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
+import functools
 import os
-import platform
-import re
-import shutil
-import subprocess
-import tempfile
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
-from engine.platform import blas
+from engine.platform import blas, kernel_variants
 
-
-def compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
+LIBRARY_DIR = Path(__file__).parent
+REBUILD = 'pip install -e . (or python setup.py build_ext --inplace)'
 
 
-def _cpu_signature() -> str:
-    # -march=native code must not run on another CPU sharing the cache folder.
+class Kernels(NamedTuple):
+    """The outcome of loading: a library, or None and why."""
+
+    library: ctypes.CDLL | None
+    variant: str | None
+    reason: str   # one line: what was loaded, or why nothing was
+
+
+def library_path(variant: str) -> Path:
+    return LIBRARY_DIR / f"{kernel_variants.library_name(variant)}.so"
+
+
+@functools.lru_cache(maxsize=None)
+def load(variant: str | None = None) -> Kernels:
+    """The kernels' library for this CPU, or for `variant` if given (None
+    where this CPU can't run it). Loaded once per variant; the BLAS that
+    engine.platform.blas preloaded is handed to it for its float32 matmuls."""
+    machine, flags = kernel_variants.machine(), kernel_variants.cpu_flags()
+    if variant is None:
+        choice = os.environ.get("CONVEYOR_KERNELS", "").strip().lower()
+        if choice in ("off", "0", "none"):
+            return Kernels(None, None, "native kernels turned off (CONVEYOR_KERNELS=off)")
+        if choice:
+            variant = choice
+    if sys.platform != "linux":
+        return Kernels(None, None, f"no native kernels on {sys.platform} (built on Linux only)")
+    known = {v.name: v for v in kernel_variants.variants_for(machine)}
+    if variant is None:
+        variant = kernel_variants.choose_variant(machine, flags).name
+    elif variant not in known:
+        return Kernels(None, None, f"no native kernel variant {variant!r} on {machine} "
+                                   f"(choose from {', '.join(known)})")
+    elif not known[variant].cpu_flags <= flags:
+        missing = " ".join(sorted(known[variant].cpu_flags - flags))
+        return Kernels(None, None, f"this CPU can't run the {variant} kernels (no {missing})")
+    return _open(variant)
+
+
+def _open(variant: str) -> Kernels:
+    path = library_path(variant)
+    if not path.is_file():
+        return Kernels(None, None, f"native kernels not built ({path.name} is missing: "
+                                   f"install with {REBUILD})")
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return Kernels(None, None, f"native kernels failed to load: {e}")
+    lib.conveyor_kernels_digest.restype = ctypes.c_char_p
+    if kernel_variants.KERNELS_DIR.is_dir():  # sources beside the build: check it is current
+        built, current = lib.conveyor_kernels_digest().decode(), kernel_variants.sources_digest()
+        if built != current:
+            return Kernels(None, None, f"native kernels are older than their sources in "
+                                       f"{kernel_variants.KERNELS_DIR}: rebuild with {REBUILD}")
+    sgemm = blas.sgemm_address()
+    lib.conveyor_set_sgemm.argtypes = [ctypes.c_void_p]
+    lib.conveyor_set_sgemm(sgemm)
+    return Kernels(lib, variant, f"native kernels: {variant} ({path.name})")
 
 
-def openmp_link_args() -> list[str]:
-    """Link OpenMP code against the runtime the BLAS already runs (MKL's
-    libiomp5, which also serves gcc's GOMP calls): one pool of threads for
-    matmuls and kernels. Two runtimes would each keep threads spinning after
-    their work, fighting for the same cores."""
-    loaded = blas.loaded()
-    if loaded:
-        folder = Path(loaded).parent
-        if (folder / "libiomp5.so").exists():
-            return [f"-L{folder}", "-liomp5", f"-Wl,-rpath,{folder}"]
-    return ["-fopenmp"]
+def library() -> ctypes.CDLL | None:
+    """The library for this CPU, or None (`load().reason` says why)."""
+    return load().library
 
-
-def _source_text(source: Path) -> bytes:
-    """The source with the local files it includes (`#include "x"` beside it):
-    all of it decides whether a cached build is still current."""
-    text = source.read_bytes()
-    for name in re.findall(rb'^\s*#\s*include\s+"([^"]+)"', text, flags=re.M):
-        included = source.parent / name.decode()
-        if included.is_file():
-            text += _source_text(included)
-    return text
-
-
-def build_library(name: str, source: Path, compile_args: list[str], link_args: list[str],
-                  build_dir: Path) -> Path | None:
-    """Compile `source` into a shared library under `build_dir` (reused when
-    source, the files it includes, flags and CPU are unchanged); its path, or
-    None if it can't be built."""
-    cc = compiler()
-    if cc is None:
-        return None
-    key = hashlib.sha256(_source_text(source) + repr(
-        (cc, compile_args, link_args, _cpu_signature())).encode()).hexdigest()[:16]
-    target = build_dir / f"{name}-{key}.so"
-    if target.exists():
-        return target
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        # Build in a private folder and rename: a concurrent process never
-        # loads a half-written library.
-        with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
-            obj, lib = Path(tmp) / "obj.o", Path(tmp) / "lib.so"
-            for cmd in ([cc, *compile_args, "-fPIC", "-c", str(source), "-o", str(obj)],
-                        [cc, "-shared", str(obj), "-o", str(lib), *link_args]):
-                subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-            os.replace(lib, target)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return target

@@ -12,16 +12,18 @@ block, [blocks, kv_heads, head_dim, block_size], so one query's scores over a
 block are head_dim vector FMAs; values [blocks, kv_heads, block_size, head_dim].
 Once bound, the MLX pool arrays are never written by MLX.
 
-The platform (engine/platform/cpu.py) builds the kernel once per (head_dim,
-block_size, K/V dtype, CPU) and picks this backend only for models within
-its limits (`unsupported`); otherwise the portable backend runs.
+It is part of the native library built at install (engine/platform/native.py),
+with head_dim, block size and K/V dtype as arguments (the common shapes run
+copies of the loops specialised for them); where there is no library, the
+portable MLX path runs.
+The platform (engine/platform/cpu.py) picks this backend only for models
+within its limits (`unsupported`); otherwise the portable backend runs.
 """
 
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -29,34 +31,34 @@ import numpy as np
 from kvcache.attention.backend import AttentionBackend
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
 
-SOURCE = Path(__file__).parents[2] / "engine" / "platform" / "kernels" / "cpu_paged_attention.c"
 _I32 = ctypes.POINTER(ctypes.c_int32)
 _I64 = ctypes.POINTER(ctypes.c_int64)
 _F32 = ctypes.POINTER(ctypes.c_float)
+KV_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 MAX_GROUP = 16  # query heads per KV head the kernel serves (MAX_GROUP in the C source)
-
-
-def compile_args(head_dim: int, block_size: int, kv_dtype=np.float32) -> list[str]:
-    """Compiler flags for a build of SOURCE (link it with an OpenMP runtime)."""
-    half = ["-DKV_HALF"] if np.dtype(kv_dtype) == np.float16 else []
-    return ["-O3", "-march=native", "-ffast-math", "-fopenmp",
-            f"-DHEAD_DIM={head_dim}", f"-DBLOCK_SIZE={block_size}", *half]
 
 
 class CpuPagedAttention:
     """Callable over numpy arrays; see cpu_paged_attention.c for layouts."""
 
-    def __init__(self, library: Path, head_dim: int, block_size: int, threads: int,
+    def __init__(self, library: ctypes.CDLL, head_dim: int, block_size: int, threads: int,
                  kv_dtype=np.float32):
-        """`library` is a build of SOURCE with compile_args(head_dim,
-        block_size, kv_dtype)."""
+        """`library`: the native kernels (engine.platform.native.library()).
+        ValueError if the kernel doesn't take this shape or K/V dtype."""
         self.head_dim, self.block_size, self.threads = head_dim, block_size, threads
         self.kv_dtype = np.dtype(kv_dtype)
-        self._fn = ctypes.CDLL(str(library)).paged_attention
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"K/V must be float32 or float16, not {self.kv_dtype}")
+        if not library.paged_attention_supports(head_dim, block_size):
+            raise ValueError(f"no CPU attention kernel for head_dim {head_dim}, "
+                             f"block size {block_size}")
+        self.specialised = bool(library.paged_attention_specialised(
+            head_dim, block_size, int(self.kv_dtype == np.float16)))
+        self._fn = library.paged_attention
         self._fn.restype = ctypes.c_int
         pool = ctypes.c_void_p
         self._fn.argtypes = [pool, pool, _F32, _F32, _I64, ctypes.c_int, _F32, _I32, _I32, _I32,
-                             _F32] + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int]
+                             _F32] + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int]
 
     def pool_views(self, k_pool: np.ndarray, v_pool: np.ndarray, kv_heads: int):
         """The kernel's [blocks, kv_heads, ...] views of two flat pools."""
@@ -88,7 +90,7 @@ class CpuPagedAttention:
         q = np.ascontiguousarray(q, dtype=np.float32)
         n, heads, qd = q.shape
         if qd != d:
-            raise ValueError(f"kernel built for head_dim {d}, got {qd}")
+            raise ValueError(f"kernel set up for head_dim {d}, got {qd}")
         if k_new is None:
             k_new = v_new = np.zeros((0, kv_heads, d), np.float32)
             slots = np.zeros(0, np.int64)
@@ -109,7 +111,8 @@ class CpuPagedAttention:
         rc = self._fn(k_view.ctypes.data, v_view.ctypes.data, _ptr(k_new, _F32),
                       _ptr(v_new, _F32), _ptr(slots, _I64), m, _ptr(q, _F32),
                       _ptr(tables, _I32), _ptr(qrow, _I32), _ptr(ctx, _I32), _ptr(out, _F32),
-                      n, tables.shape[1], heads, kv_heads, scale, self.threads)
+                      n, tables.shape[1], heads, kv_heads, d, self.block_size,
+                      int(self.kv_dtype == np.float16), scale, self.threads)
         if rc != 0:
             raise RuntimeError("cpu paged attention: bad arguments or out of memory")
         return out

@@ -15,7 +15,7 @@
  * within ~0.14 of the float32 path's, against ~5 for int8) and multiplies
  * pairs with vpdpwssd, half the rate of int8.
  *
- * Packed layouts (made by models/cpu_int8_matmul.py):
+ * Packed layouts (made by engine/platform/int8_matmul.py):
  *   codes  [Np/16][K/L][16][L] uint8  (16 outputs, L consecutive inputs each;
  *          L = 4 for int8 activations, 2 for wide)
  *   scales [Np/16][K/G][16] float32, biases the same
@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "int8_matmul.h"
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>

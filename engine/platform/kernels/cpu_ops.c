@@ -9,7 +9,7 @@
  * matmuls that cost a third of a 64-row decode step).
  *
  * A matmul is either float32 weights [out, in] through cblas_sgemm (from the
- * BLAS the engine preloaded) or a packed group-quantized weight through the
+ * BLAS the engine loaded, handed over at run time: blas.h) or a packed group-quantized weight through the
  * integer kernel (cpu_int8_matmul.c).
  */
 #include <math.h>
@@ -17,11 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu_int8_matmul.c"
-
-enum { CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112 };
-void cblas_sgemm(int order, int transa, int transb, int m, int n, int k, float alpha,
-                 const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);
+#include "blas.h"
+#include "int8_matmul.h"
 
 typedef struct {
     const float *weight;   /* float32 [out, in], or NULL for a packed weight */
@@ -71,14 +68,15 @@ static void transpose_into(const float *t, int rows, int n, float *y, int accumu
 int ops_linear(const Matmul *m, const float *x, int rows, float *y, int accumulate,
                int threads) {
     if (rows == 0) return 0;
+    if (m->weight && !conveyor_sgemm_ready()) return -3;
     if (m->weight && rows <= FEW_ROWS) {
         float *t = scratch_slot(SLOT_TRANSPOSE, (size_t)rows * m->out_dim);
         if (!t) return -1;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m->out_dim, rows, m->in_dim, 1.f,
+        conveyor_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m->out_dim, rows, m->in_dim, 1.f,
                     m->weight, m->in_dim, x, m->in_dim, 0.f, t, rows);
         transpose_into(t, rows, m->out_dim, y, accumulate);
     } else if (m->weight) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, m->out_dim, m->in_dim, 1.f,
+        conveyor_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, m->out_dim, m->in_dim, 1.f,
                     x, m->in_dim, m->weight, m->in_dim, accumulate ? 1.f : 0.f, y, m->out_dim);
     } else {
         int rc = int8_matmul(x, m->in_dim, rows, m->in_dim, m->codes, m->scales, m->biases,

@@ -14,7 +14,7 @@
 # sdist carries the submodule's git data, so `--version` reports "0.5.0-dev (build 1, commit
 # 0c1e570)"; the script prints that line before each run). Only the llama-batched-bench target
 # is built: Release, GGML_NATIVE (-march=native), OpenMP, no OpenSSL/CURL, no server, -j2.
-# The sdist and build live under ${CONVEYOR_CACHE:-<repo>/.cache}/llama.cpp/ and are reused when present.
+# The sdist and build live under ${CONVEYOR_CACHE:-<repo>/.cache}/llama.cpp/, reused when present.
 # Build time on the 2-core dev machine: 450 s (7.5 min; load average 3-5 from other jobs), for a
 # 11 MB static binary at <cache>/llama.cpp/build-0.3.36/bin/llama-batched-bench. The sdist and
 # its unpacked source take about 290 MB of the cache, the build folder about 70 MB.

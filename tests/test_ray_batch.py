@@ -153,6 +153,7 @@ def test_kill_9_of_an_actor_then_of_the_driver_answers_every_id_once(
             pids.append(int(line.split("pid ")[1].split()[0]))
     _wait_for_records(proc, out, 1)
     os.kill(pids[0], signal.SIGKILL)
+    assert _lines(out) < n  # killed with chunks still to answer
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert {k: _answer(v) for k, v in _by_id(out).items()} == reference

@@ -193,3 +193,26 @@ def test_build_processor_maps_a_dataset_of_prompts(tmp_path, tiny_llama_dir, clu
     assert got == {k: (v[0][0], v[1][0], v[2]["completion_tokens"])
                    for k, v in reference.items()}
     assert all(r["error"] is None for r in rows)
+
+
+def test_parquet_prompt_column_is_answered_like_completions_lines(tmp_path, tiny_llama_dir,
+                                                                   cluster):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = [f"text {i} " * (1 + i % 3) for i in range(10)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(_line(f"row-{i + 1}", "/v1/completions",
+                                 {"prompt": p, "max_tokens": 4, "temperature": 0}) + "\n"
+                           for i, p in enumerate(prompts)))
+    reference = _single_process(tmp_path, tiny_llama_dir, inp)
+    table = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"text": prompts + [None]}), table)  # the last row: no prompt
+    out = tmp_path / "out.jsonl"
+    summary = run_ray_batch(table, out, _config(tiny_llama_dir), address=cluster, workers=2,
+                            input_format="parquet", prompt_column="text",
+                            sampling={"max_tokens": 4, "temperature": 0}, progress=False)
+    results = {k: _answer(v) for k, v in _by_id(out).items()}
+    assert results.pop("row-11") == ("error", "invalid_batch_line", None)
+    assert results == reference
+    assert (summary.done, summary.failed) == (10, 1)

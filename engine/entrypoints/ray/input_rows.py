@@ -15,6 +15,7 @@ from engine.entrypoints.batch.batch_file import (
     INVALID_LINE,
     BatchRequestLine,
     InputLine,
+    count_lines,
     read_input,
 )
 from engine.entrypoints.input_file import open_input
@@ -85,3 +86,15 @@ def read_lines(path: Path, input_format: str, prompt_column: str, sampling: dict
     rows = _jsonl_rows(path) if input_format == "jsonl" else _parquet_rows(path, prompt_column)
     return (prompt_line(n, row, prompt_column, sampling) if row is not None
             else InputLine(n, code=INVALID_JSON, error=error) for n, row, error in rows)
+
+
+def count_rows(path: Path, input_format: str) -> int:
+    """About how many lines (rows) the input has: blank lines count too."""
+    if input_format != "parquet":
+        return count_lines(path)
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # not Parquet: read_lines says so
+        return 0

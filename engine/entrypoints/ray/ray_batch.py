@@ -37,7 +37,7 @@ from engine.entrypoints.batch.batch_file import (
 from engine.entrypoints.batch.batch_job import BatchSummary
 from engine.entrypoints.ray.cluster import actor_resources, connect
 from engine.entrypoints.ray.engine_worker import EngineWorker, WorkerConfig
-from engine.entrypoints.ray.input_rows import read_lines
+from engine.entrypoints.ray.input_rows import count_rows, read_lines
 from engine.errors import ConveyorError
 
 # An actor restarted more often than this is failing on its input, not being
@@ -123,15 +123,15 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
         raise ConveyorError("the output file must not be the input file")
     if workers < 1:
         raise ConveyorError("--ray-workers must be at least 1")
-    # Large chunks keep each engine's batch full (a chunk's tail runs at a
-    # falling batch size); two per actor hide the round trip.
-    chunk_lines = chunk_lines or 4 * config.max_num_seqs
     lines = read_lines(input_path, input_format, prompt_column, sampling or {},
                        config.limits.max_body_bytes)
     summary = BatchSummary()
     start = time.monotonic()
     with OutputFile.open(output_path) as out:
         summary.repaired_bytes = out.repaired_bytes
+        if chunk_lines is None:
+            todo = count_rows(input_path, input_format) - out.index.records
+            chunk_lines = _chunk_lines(todo, workers, config.max_num_seqs)
         ray = connect(address)
         pool = _ActorPool(ray, config, workers, cpus_per_worker, depth=2)
         if progress:
@@ -145,6 +145,13 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
                 ray.kill(actor)
             summary.elapsed = time.monotonic() - start
     return summary
+
+
+def _chunk_lines(todo: int, workers: int, max_num_seqs: int) -> int:
+    """Lines a chunk: large chunks keep each engine's batch full (a chunk's
+    tail runs at a falling batch size), but a small job is split evenly so
+    that every actor gets a share."""
+    return max(1, min(4 * max_num_seqs, -(-todo // workers)))
 
 
 def _drive(lines: Iterator[InputLine], out: OutputFile, pool: _ActorPool, chunk_lines: int,

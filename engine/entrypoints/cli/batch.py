@@ -36,6 +36,10 @@ Lines whose custom_id the output file already answers are skipped, and a
 torn last line is cut off first, so every custom_id ends up answered once.
 One run per output file at a time: a second run on the same output exits 2.
 
+On Ray (--ray): the driver reads the input and alone writes the output, as
+above; engine actors answer chunks of lines. A killed actor is restarted and
+its chunk answered again; a killed driver is resumed by running it again.
+
 Exit status: 0 when the job ran (bad lines included); 2 when it could not
 (missing input file, unusable output file, model not found).
 """

@@ -34,6 +34,9 @@ class WorkerConfig(msgspec.Struct, kw_only=True, frozen=True):
     max_num_seqs: int = 256
     engine_args: dict[str, Any] = {}
     limits: ServingLimits = ServingLimits()
+    # CPU actors: threads of the engine's own kernels (default: every core
+    # of the machine, which actors sharing it would oversubscribe).
+    cpu_threads: int | None = None
 
 
 class _Records:
@@ -56,6 +59,8 @@ class EngineWorker:
                  load_llm: Callable[[], Any] | None = None,
                  load_embedder: Callable[[], Any] | None = None):
         engine_args = {k: v for k, v in config.engine_args.items() if v is not None}
+        if config.cpu_threads:
+            _limit_cpu_threads(config.cpu_threads)
 
         def default_llm():
             from engine.entrypoints.llm import LLM
@@ -84,3 +89,13 @@ class EngineWorker:
         """Token counts so far (for the driver's summary)."""
         s = self.job.summary
         return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
+
+
+def _limit_cpu_threads(threads: int) -> None:
+    """Give the CPU platform's kernels `threads` threads (before an engine is
+    built on it: the platform is made once per device and shared)."""
+    from engine.platform import current_platform
+
+    platform = current_platform()
+    if platform.name == "cpu":
+        platform.threads = threads

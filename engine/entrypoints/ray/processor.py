@@ -105,7 +105,8 @@ def build_processor(model: str | None = None, sampling_params: dict[str, Any] | 
     """
     import_ray()
     config = WorkerConfig(model=model, served_model_name=served_model_name,
-                          max_num_seqs=max_num_seqs, engine_args=engine_args or {})
+                          max_num_seqs=max_num_seqs, engine_args=engine_args or {},
+                          cpu_threads=cpus_per_worker)
     resources = actor_resources(cpus_per_worker)
 
     def process(dataset):

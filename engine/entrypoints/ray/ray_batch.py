@@ -123,6 +123,7 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
         raise ConveyorError("the output file must not be the input file")
     if workers < 1:
         raise ConveyorError("--ray-workers must be at least 1")
+    config = msgspec.structs.replace(config, cpu_threads=cpus_per_worker)
     lines = read_lines(input_path, input_format, prompt_column, sampling or {},
                        config.limits.max_body_bytes)
     summary = BatchSummary()

@@ -39,6 +39,9 @@ One run per output file at a time: a second run on the same output exits 2.
 On Ray (--ray): the driver reads the input and alone writes the output, as
 above; engine actors answer chunks of lines. A killed actor is restarted and
 its chunk answered again; a killed driver is resumed by running it again.
+"--ray auto" with no Ray running starts a local one that lives as long as
+the driver; for long jobs start one first (ray start --head) so that a
+killed driver leaves no Ray processes behind.
 
 Exit status: 0 when the job ran (bad lines included); 2 when it could not
 (missing input file, unusable output file, model not found).

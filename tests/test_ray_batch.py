@@ -216,3 +216,14 @@ def test_parquet_prompt_column_is_answered_like_completions_lines(tmp_path, tiny
     assert results.pop("row-11") == ("error", "invalid_batch_line", None)
     assert results == reference
     assert (summary.done, summary.failed) == (10, 1)
+
+
+def test_a_model_the_actors_cannot_load_is_one_job_error(tmp_path, cluster):
+    from engine.errors import ConveyorError
+
+    inp = _input(tmp_path / "in.jsonl", 3)
+    config = WorkerConfig(model=str(tmp_path / "no-such-model"), max_num_seqs=SEQS)
+    with pytest.raises(ConveyorError, match="engine actor failed: .*no-such-model"):
+        run_ray_batch(inp, tmp_path / "out.jsonl", config, address=cluster, workers=1,
+                      progress=False)
+    assert (tmp_path / "out.jsonl").read_text() == ""

@@ -57,6 +57,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
 
 
 def _parquet_rows(path: Path, prompt_column: str) -> Iterator[tuple[int, dict, None]]:
+    """Checks the file at once (not at the first row), then streams its rows."""
     import pyarrow.parquet as pq
 
     try:
@@ -68,6 +69,10 @@ def _parquet_rows(path: Path, prompt_column: str) -> Iterator[tuple[int, dict, N
         raise ConveyorError(f"{path} has no column {prompt_column!r} (it has "
                             f"{', '.join(names)}); choose one with --prompt-column")
     columns = [prompt_column] + ([ID_COLUMN] if ID_COLUMN in names else [])
+    return _stream_parquet(table, columns)
+
+
+def _stream_parquet(table, columns: list[str]) -> Iterator[tuple[int, dict, None]]:
     n = 0
     for batch in table.iter_batches(batch_size=1024, columns=columns):  # streamed
         for row in batch.to_pylist():

@@ -141,6 +141,14 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
                       flush=True)
         try:
             _drive(lines, out, pool, chunk_lines, summary)
+        except ray.exceptions.RayTaskError as exc:
+            # An actor's error, e.g. a model that cannot load: the job's error.
+            cause = exc.cause if isinstance(exc.cause, ConveyorError) else exc
+            raise ConveyorError(f"an engine actor failed: {cause}; the records so far are "
+                                "kept, run again to resume") from None
+        except ray.exceptions.RayActorError as exc:
+            raise ConveyorError(f"an engine actor died more than {MAX_ACTOR_RESTARTS} times "
+                                f"({exc.__class__.__name__}); run again to resume") from None
         finally:
             for actor in pool.actors:
                 ray.kill(actor)

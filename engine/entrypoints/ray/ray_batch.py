@@ -135,10 +135,13 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
             chunk_lines = _chunk_lines(todo, workers, config.max_num_seqs)
         ray = connect(address)
         pool = _ActorPool(ray, config, workers, cpus_per_worker, depth=2)
+        where = pool.where()  # waits for every actor to start
         if progress:
-            for i, (host, pid) in enumerate(pool.where()):
+            for i, (host, pid) in enumerate(where):
                 print(f"conveyor: ray worker {i}: pid {pid} on {host}", file=sys.stderr,
                       flush=True)
+            print(f"conveyor: ray and {workers} actors started in "
+                  f"{time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
         try:
             _drive(lines, out, pool, chunk_lines, summary)
         except ray.exceptions.RayTaskError as exc:

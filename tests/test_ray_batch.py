@@ -29,10 +29,12 @@ SEQS = 4
 @pytest.fixture(scope="module")
 def cluster():
     """The GCS address of a local Ray cluster of 2 CPUs, this module's only."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield context.address_info["gcs_address"]
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        # No auth token to share with the drivers the tests start (they inherit this).
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield context.address_info["gcs_address"]
+        ray.shutdown()
 
 
 def _line(custom_id, url, body) -> str:

@@ -177,6 +177,23 @@ class ResumeIndex:
             self.custom_ids.add(record.custom_id)
 
 
+# triage's verdicts on an input line.
+SKIP = "skip"            # an earlier run answered it
+DUPLICATE = "duplicate"  # its custom_id appears earlier in the input
+ANSWER = "answer"        # to be answered now (a request, or an error record)
+
+
+def triage(line: InputLine, seen: set[str], index: ResumeIndex) -> str:
+    """What to do with `line` given the custom_ids seen earlier in this run
+    (updated) and what the output already answers."""
+    if line.custom_id is not None and line.custom_id in seen:
+        return SKIP if line.record_id in index.record_ids else DUPLICATE
+    if line.custom_id is None:
+        return SKIP if line.record_id in index.record_ids else ANSWER
+    seen.add(line.custom_id)
+    return SKIP if line.custom_id in index.custom_ids else ANSWER
+
+
 class _DoneRecord(msgspec.Struct):
     # Only what resuming needs: msgspec skips the (large) response body.
     id: str | None = None
@@ -225,7 +242,12 @@ class OutputFile:
     def write(self, record: BatchOutputLine) -> None:
         """Append one record as one write of a whole line (flushed to the OS
         at once, so a killed process loses nothing it reported written)."""
-        data = self._encoder.encode(record) + b"\n"
+        self.write_encoded(self._encoder.encode(record))
+
+    def write_encoded(self, record: bytes) -> None:
+        """`write` for a record already encoded (one JSON object, no newline),
+        e.g. by an engine actor on another machine."""
+        data = record + b"\n"
         view = memoryview(data)
         while view:  # a regular file takes it in one go; loop for the odd short write
             view = view[os.write(self._fd, view):]

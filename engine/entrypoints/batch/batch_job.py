@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +26,18 @@ from typing import Any
 import msgspec
 
 from engine.entrypoints.batch.batch_file import (
+    DUPLICATE,
     DUPLICATE_CUSTOM_ID,
     INVALID_REQUEST,
     SERVER_ERROR,
+    SKIP,
     InputLine,
     OutputFile,
     count_lines,
     error_record,
     read_input,
     success_record,
+    triage,
 )
 from engine.entrypoints.serving.embedding import EmbeddedTexts, PreparedEmbedding
 from engine.entrypoints.serving.errors import ServingError
@@ -147,6 +150,19 @@ class BatchJob:
                 self._count_prefix_cache()
         return self.summary
 
+    def answer(self, lines: Iterable[InputLine], out: Any) -> None:
+        """Answer `lines` into `out` (anything with OutputFile's `write` and
+        `index`): `run`'s loop without its files, for an engine actor whose
+        driver owns the output. Duplicates are judged within `lines` only."""
+        self._out, self._seen = out, set()
+        try:
+            self._drive(iter(lines))
+        finally:
+            if self._runs is not None:
+                self._runs.abort_all()
+            self._out = None
+            self._lines.clear()
+
     def _count_prefix_cache(self) -> None:
         generation = self.serving.generation
         if generation is not None and generation.loaded:
@@ -179,19 +195,12 @@ class BatchJob:
 
     # -- one input line -------------------------------------------------------------
     def _admit(self, line: InputLine) -> None:
-        index = self._out.index
-        if line.custom_id is not None and line.custom_id in self._seen:
-            if line.record_id in index.record_ids:
-                return self._skipped()
+        verdict = triage(line, self._seen, self._out.index)
+        if verdict is SKIP:
+            return self._skipped()
+        if verdict is DUPLICATE:
             return self._fail(line, f"line {line.line}: custom_id {line.custom_id!r} appears "
                               "earlier in the input", DUPLICATE_CUSTOM_ID)
-        if line.custom_id is None:
-            if line.record_id in index.record_ids:
-                return self._skipped()
-        else:
-            self._seen.add(line.custom_id)
-            if line.custom_id in index.custom_ids:
-                return self._skipped()
         if line.request is None:
             return self._fail(line, line.error, line.code)
         # A model that cannot load raises a ConveyorError that is not a

@@ -36,6 +36,13 @@ Lines whose custom_id the output file already answers are skipped, and a
 torn last line is cut off first, so every custom_id ends up answered once.
 One run per output file at a time: a second run on the same output exits 2.
 
+On Ray (--ray): the driver reads the input and alone writes the output, as
+above; engine actors answer chunks of lines. A killed actor is restarted and
+its chunk answered again; a killed driver is resumed by running it again.
+"--ray auto" with no Ray running starts a local one that lives as long as
+the driver; for long jobs start one first (ray start --head) so that a
+killed driver leaves no Ray processes behind.
+
 Exit status: 0 when the job ran (bad lines included); 2 when it could not
 (missing input file, unusable output file, model not found).
 """
@@ -57,6 +64,22 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     add_limit_args(p)
     p.add_argument("--embedding-model", help="model for /v1/embeddings lines "
                    "(default: all-MiniLM-L6-v2; loaded only if such a line appears)")
+    d = p.add_argument_group("datasets (a prompt column instead of OpenAI batch lines)")
+    d.add_argument("--input-format", choices=["openai", "jsonl", "parquet"], default="openai",
+                   help="openai: OpenAI Batch lines (default); jsonl/parquet: rows with a "
+                   "prompt column (and optionally custom_id), each a /v1/completions request")
+    d.add_argument("--prompt-column", default="prompt", help="(default: %(default)s)")
+    d.add_argument("--max-tokens", type=int, help="for dataset rows (default: the API's)")
+    d.add_argument("--temperature", type=float, help="for dataset rows (default: the API's)")
+    r = p.add_argument_group("Ray (pip install \"conveyor[ray]\")")
+    r.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="answer the lines on a pool of engine actors on the Ray cluster at "
+                   "ADDRESS (auto, the default: the running one, else a local Ray)")
+    r.add_argument("--ray-workers", type=int, default=2,
+                   help="engine actors, each one GPU or --ray-cpus-per-worker CPUs "
+                   "(default: %(default)s)")
+    r.add_argument("--ray-cpus-per-worker", type=int, default=1,
+                   help="CPUs of an actor on a CPU-only cluster (default: %(default)s)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar and no summary")
     p.set_defaults(run=run_batch)
@@ -69,11 +92,14 @@ def run_batch(args: argparse.Namespace) -> int:
 
     try:
         engine_args = engine_kwargs(args)
-        summary = run_batch_file(
-            args.input, args.output, model=args.model, embedding_model=args.embedding_model,
-            served_model_name=args.served_model_name,
-            max_num_seqs=engine_args.pop("max_num_seqs"), progress=not args.quiet,
-            engine_args=engine_args, limits=serving_limits(args))
+        if args.ray is not None or args.input_format != "openai":
+            summary = _run_on_ray(args, engine_args)
+        else:
+            summary = run_batch_file(
+                args.input, args.output, model=args.model,
+                embedding_model=args.embedding_model, served_model_name=args.served_model_name,
+                max_num_seqs=engine_args.pop("max_num_seqs"), progress=not args.quiet,
+                engine_args=engine_args, limits=serving_limits(args))
     except ConveyorError as exc:
         print(f"conveyor: error: {exc}", file=sys.stderr)
         return 2
@@ -83,6 +109,23 @@ def run_batch(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"conveyor: batch: {summary.describe()} -> {args.output}", file=sys.stderr)
     return 0
+
+
+def _run_on_ray(args: argparse.Namespace, engine_args: dict):
+    """The job on a Ray actor pool (a dataset input without --ray: a local Ray)."""
+    from engine.entrypoints.ray.engine_worker import WorkerConfig
+    from engine.entrypoints.ray.ray_batch import run_ray_batch
+
+    config = WorkerConfig(model=args.model, embedding_model=args.embedding_model,
+                          served_model_name=args.served_model_name,
+                          max_num_seqs=engine_args.pop("max_num_seqs"), engine_args=engine_args,
+                          limits=serving_limits(args))
+    sampling = {k: v for k, v in (("max_tokens", args.max_tokens),
+                                  ("temperature", args.temperature)) if v is not None}
+    return run_ray_batch(args.input, args.output, config, address=args.ray or "auto",
+                         workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                         input_format=args.input_format, prompt_column=args.prompt_column,
+                         sampling=sampling, progress=not args.quiet)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""Connecting to Ray and sizing an engine actor from the platform."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.errors import ConveyorError
+
+
+def import_ray():
+    """The `ray` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConveyorError('Ray is not installed: pip install "conveyor[ray]"') from None
+    return ray
+
+
+def connect(address: str | None) -> Any:
+    """Join the cluster at `address`; "auto" (or None) joins the running one
+    or, when none runs, starts a local Ray. A no-op when already connected."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    quiet = {"log_to_driver": False, "include_dashboard": False}
+    if address in (None, "auto"):
+        try:
+            ray.init(address="auto", log_to_driver=False)
+        except ConnectionError:
+            ray.init(**quiet)
+        return ray
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ConveyorError(f"no Ray cluster at {address}: {exc}") from None
+    return ray
+
+
+def actor_resources(cpus_per_worker: int = 1) -> dict[str, Any]:
+    """Ray resources of one engine actor: a GPU when the engine would run on
+    one here, else `cpus_per_worker` CPUs (with as many BLAS threads, so two
+    actors on one machine do not fight over its cores)."""
+    from engine.platform import current_platform
+
+    if current_platform().name in ("cuda", "metal"):
+        return {"num_gpus": 1, "num_cpus": 1}
+    threads = str(cpus_per_worker)
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           "OPENBLAS_NUM_THREADS": threads}
+    return {"num_cpus": cpus_per_worker, "runtime_env": {"env_vars": env}}

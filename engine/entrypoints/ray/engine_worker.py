@@ -1,0 +1,101 @@
+"""One engine behind the batch runner's own loop, answering batch lines that
+arrive in chunks: the body of a Ray actor (Ray Data UDF or batch-file actor).
+
+A chunk is a list of (line number, raw line bytes); the answer is the encoded
+output records, one per line, exactly what the single-process runner would
+append for those lines. The worker never touches the output file: whoever
+drove it decides what is written, so a killed worker loses only its chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from engine.entrypoints.batch.batch_file import (
+    BatchOutputLine,
+    ResumeIndex,
+    parse_input_line,
+)
+from engine.entrypoints.batch.batch_job import BatchJob
+from engine.entrypoints.serving.limits import ServingLimits
+from engine.entrypoints.serving.models import DEFAULT_EMBEDDING_NAME, ModelNames
+
+
+class WorkerConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """What an actor needs to build its engine (sent once, at start-up)."""
+
+    model: str | None = None
+    embedding_model: str | None = None
+    served_model_name: str | None = None
+    max_num_seqs: int = 256
+    engine_args: dict[str, Any] = {}
+    limits: ServingLimits = ServingLimits()
+    # CPU actors: threads of the engine's own kernels (default: every core
+    # of the machine, which actors sharing it would oversubscribe).
+    cpu_threads: int | None = None
+
+
+class _Records:
+    """OutputFile's stand-in: keeps the encoded records of one chunk."""
+
+    def __init__(self):
+        self.index = ResumeIndex()   # resuming is the driver's business
+        self.lines: list[bytes] = []
+        self._encoder = msgspec.json.Encoder()
+
+    def write(self, record: BatchOutputLine) -> None:
+        self.lines.append(self._encoder.encode(record))
+
+
+class EngineWorker:
+    """A BatchJob kept across chunks (the model loads at the first line that
+    needs it, once)."""
+
+    def __init__(self, config: WorkerConfig,
+                 load_llm: Callable[[], Any] | None = None,
+                 load_embedder: Callable[[], Any] | None = None):
+        engine_args = {k: v for k, v in config.engine_args.items() if v is not None}
+        if config.cpu_threads:
+            _limit_cpu_threads(config.cpu_threads)
+
+        def default_llm():
+            from engine.entrypoints.llm import LLM
+
+            return LLM(config.model, max_num_seqs=config.max_num_seqs, **engine_args)
+
+        def default_embedder():
+            from engine.embedding.embedder import Embedder
+
+            return Embedder.load(config.embedding_model)
+
+        self.job = BatchJob(
+            Path(), Path(), load_llm or default_llm, load_embedder or default_embedder,
+            model_name=ModelNames.of(config.model, served=config.served_model_name),
+            embedding_model_name=ModelNames.of(config.embedding_model,
+                                               default=DEFAULT_EMBEDDING_NAME),
+            max_in_flight=2 * config.max_num_seqs, progress=False, limits=config.limits)
+
+    def answer(self, chunk: Sequence[tuple[int, bytes]]) -> list[bytes]:
+        """The encoded output record of each line of `chunk` (any order)."""
+        records = _Records()
+        self.job.answer((parse_input_line(n, raw) for n, raw in chunk), records)
+        return records.lines
+
+    def summary(self) -> dict:
+        """Token counts so far (for the driver's summary)."""
+        s = self.job.summary
+        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
+
+
+def _limit_cpu_threads(threads: int) -> None:
+    """Give the CPU platform's kernels `threads` threads (before an engine is
+    built on it: the platform is made once per device and shared)."""
+    from engine.platform import current_platform
+
+    platform = current_platform()
+    if platform.name == "cpu":
+        platform.threads = threads

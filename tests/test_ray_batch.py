@@ -1,0 +1,231 @@
+"""Batch jobs on Ray: the actor pool answers a batch file exactly as the
+single-process runner does, every custom_id once even when an actor or the
+driver is killed with SIGKILL, and Ray Data datasets through build_processor.
+A local two-CPU Ray cluster is started once for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from engine.entrypoints.batch.batch_job import BatchJob  # noqa: E402
+from engine.entrypoints.ray.engine_worker import WorkerConfig  # noqa: E402
+from engine.entrypoints.ray.ray_batch import run_ray_batch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+KV_BYTES = 16 << 20
+SEQS = 4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The GCS address of a local Ray cluster of 2 CPUs, this module's only."""
+    with pytest.MonkeyPatch.context() as env:
+        # No auth token to share with the drivers the tests start (they inherit this).
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield context.address_info["gcs_address"]
+        ray.shutdown()
+
+
+def _line(custom_id, url, body) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def _input(path: Path, n: int, max_tokens: int = 6) -> Path:
+    lines = []
+    for i in range(n):
+        if i % 2:
+            body = {"messages": [{"role": "user", "content": f"question {i} " * (1 + i % 4)}],
+                    "max_tokens": max_tokens, "temperature": 0}
+            lines.append(_line(f"req-{i}", "/v1/chat/completions", body))
+        else:
+            body = {"prompt": f"prompt {i} " * (1 + i % 6), "max_tokens": max_tokens,
+                    "temperature": 0}
+            lines.append(_line(f"req-{i}", "/v1/completions", body))
+    path.write_text("".join(x + "\n" for x in lines))
+    return path
+
+
+def _by_id(path: Path) -> dict[str, dict]:
+    out = {}
+    for raw in path.read_text().splitlines():
+        record = json.loads(raw)
+        duplicate = (record["error"] or {}).get("code") == "duplicate_custom_id"
+        key = record["id"] if duplicate or not record["custom_id"] else record["custom_id"]
+        assert key not in out, f"{key} answered twice"
+        out[key] = record
+    return out
+
+
+def _answer(record: dict) -> tuple:
+    """What must not differ between runners: texts, finish reasons, usage, error."""
+    if record["error"] is not None:
+        return ("error", record["error"]["code"],
+                record["response"] and record["response"]["status_code"])
+    body = record["response"]["body"]
+    texts = tuple(c.get("text", c.get("message", {}).get("content")) for c in body["choices"])
+    return texts, tuple(c["finish_reason"] for c in body["choices"]), body["usage"]
+
+
+def _single_process(tmp_path, tiny_llama_dir, inp: Path) -> dict[str, tuple]:
+    from engine import LLM
+
+    out = tmp_path / "reference.jsonl"
+    BatchJob(inp, out, lambda: LLM(str(tiny_llama_dir), kv_cache_bytes=KV_BYTES,
+                                   max_num_seqs=SEQS),
+             lambda: None, model_name="tiny", max_in_flight=2 * SEQS, progress=False).run()
+    return {k: _answer(v) for k, v in _by_id(out).items()}
+
+
+def _config(tiny_llama_dir) -> WorkerConfig:
+    return WorkerConfig(model=str(tiny_llama_dir), served_model_name="tiny", max_num_seqs=SEQS,
+                        engine_args={"kv_cache_bytes": KV_BYTES})
+
+
+def test_actor_pool_answers_like_the_single_process_runner(tmp_path, tiny_llama_dir, cluster):
+    inp = _input(tmp_path / "in.jsonl", 40)
+    with inp.open("a") as f:  # bad lines: not JSON, a repeated id, a refused body
+        f.write("not json\n")
+        f.write(_line("req-3", "/v1/completions", {"prompt": "again"}) + "\n")
+        f.write(_line("bad-model", "/v1/completions", {"prompt": "x", "model": "nope"}) + "\n")
+    reference = _single_process(tmp_path, tiny_llama_dir, inp)
+    out = tmp_path / "out.jsonl"
+    summary = run_ray_batch(inp, out, _config(tiny_llama_dir), address=cluster, workers=2,
+                            progress=False)
+    results = {k: _answer(v) for k, v in _by_id(out).items()}
+    assert results == reference
+    assert (summary.done, summary.failed) == (40, 3)
+    assert results["bad-model"] == ("error", "model_not_found", 404)
+    # A re-run finds everything answered and adds nothing.
+    again = run_ray_batch(inp, out, _config(tiny_llama_dir), address=cluster, workers=1,
+                          progress=False)
+    assert (again.done, again.failed, again.skipped) == (0, 0, 43)
+    assert len(out.read_text().splitlines()) == 43
+
+
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _start_driver(inp: Path, out: Path, tiny_llama_dir, cluster) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "engine.entrypoints.cli.batch", "batch", "-i", str(inp),
+           "-o", str(out), "--model", str(tiny_llama_dir), "--served-model-name", "tiny",
+           "--kv-cache-bytes", str(KV_BYTES), "--max-num-seqs", str(SEQS),
+           "--ray", cluster, "--ray-workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_records(proc: subprocess.Popen, out: Path, at_least: int) -> None:
+    deadline = time.monotonic() + 120  # a hang guard, not a timing assert
+    while _lines(out) < at_least and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the job ended before the kill: {proc.stderr.read()}"
+
+
+def test_kill_9_of_an_actor_then_of_the_driver_answers_every_id_once(
+        tmp_path, tiny_llama_dir, cluster):
+    n = 200
+    inp = _input(tmp_path / "in.jsonl", n, max_tokens=16)
+    reference = _single_process(tmp_path, tiny_llama_dir, inp)
+
+    # An actor killed mid-job: Ray restarts it and reruns its chunk, whose
+    # records the driver never wrote.
+    out = tmp_path / "actor-killed.jsonl"
+    proc = _start_driver(inp, out, tiny_llama_dir, cluster)
+    pids = []
+    while len(pids) < 2:
+        line = proc.stderr.readline()
+        assert line, "the driver exited before naming its workers"
+        if line.startswith("conveyor: ray worker"):
+            pids.append(int(line.split("pid ")[1].split()[0]))
+    _wait_for_records(proc, out, 1)
+    os.kill(pids[0], signal.SIGKILL)
+    assert _lines(out) < n  # killed with chunks still to answer
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert {k: _answer(v) for k, v in _by_id(out).items()} == reference
+
+    # The driver killed mid-job (after some records): the re-run adds the rest.
+    out = tmp_path / "driver-killed.jsonl"
+    proc = _start_driver(inp, out, tiny_llama_dir, cluster)
+    _wait_for_records(proc, out, 1)
+    proc.kill()
+    proc.wait()
+    written = _lines(out)
+    assert 0 < written < n
+    proc = _start_driver(inp, out, tiny_llama_dir, cluster)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"{written} skipped" in err
+    assert {k: _answer(v) for k, v in _by_id(out).items()} == reference
+
+
+def test_build_processor_maps_a_dataset_of_prompts(tmp_path, tiny_llama_dir, cluster):
+    from engine.entrypoints.ray.processor import build_processor
+
+    prompts = [f"prompt {i} " * (1 + i % 5) for i in range(12)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(_line(f"row-{i + 1}", "/v1/completions",
+                                 {"prompt": p, "max_tokens": 5, "temperature": 0}) + "\n"
+                           for i, p in enumerate(prompts)))
+    reference = _single_process(tmp_path, tiny_llama_dir, inp)
+    processor = build_processor(str(tiny_llama_dir), {"max_tokens": 5, "temperature": 0},
+                                concurrency=2, batch_size=4, max_num_seqs=SEQS,
+                                engine_args={"kv_cache_bytes": KV_BYTES})
+    dataset = ray.data.from_items([{"prompt": p, "custom_id": f"row-{i + 1}"}
+                                   for i, p in enumerate(prompts)])
+    rows = processor(dataset).take_all()
+    got = {r["custom_id"]: (r["generated_text"], r["finish_reason"], r["num_generated_tokens"])
+           for r in rows}
+    assert got == {k: (v[0][0], v[1][0], v[2]["completion_tokens"])
+                   for k, v in reference.items()}
+    assert all(r["error"] is None for r in rows)
+
+
+def test_parquet_prompt_column_is_answered_like_completions_lines(tmp_path, tiny_llama_dir,
+                                                                   cluster):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = [f"text {i} " * (1 + i % 3) for i in range(10)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(_line(f"row-{i + 1}", "/v1/completions",
+                                 {"prompt": p, "max_tokens": 4, "temperature": 0}) + "\n"
+                           for i, p in enumerate(prompts)))
+    reference = _single_process(tmp_path, tiny_llama_dir, inp)
+    table = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"text": prompts + [None]}), table)  # the last row: no prompt
+    out = tmp_path / "out.jsonl"
+    summary = run_ray_batch(table, out, _config(tiny_llama_dir), address=cluster, workers=2,
+                            input_format="parquet", prompt_column="text",
+                            sampling={"max_tokens": 4, "temperature": 0}, progress=False)
+    results = {k: _answer(v) for k, v in _by_id(out).items()}
+    assert results.pop("row-11") == ("error", "invalid_batch_line", None)
+    assert results == reference
+    assert (summary.done, summary.failed) == (10, 1)
+
+
+def test_a_model_the_actors_cannot_load_is_one_job_error(tmp_path, cluster):
+    from engine.errors import ConveyorError
+
+    inp = _input(tmp_path / "in.jsonl", 3)
+    config = WorkerConfig(model=str(tmp_path / "no-such-model"), max_num_seqs=SEQS)
+    with pytest.raises(ConveyorError, match="engine actor failed: .*no-such-model"):
+        run_ray_batch(inp, tmp_path / "out.jsonl", config, address=cluster, workers=1,
+                      progress=False)
+    assert (tmp_path / "out.jsonl").read_text() == ""

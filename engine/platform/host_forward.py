@@ -7,6 +7,11 @@ arrays; here each layer instance gets a `host` function that does its math
 in C, with its weights described once at bind time. Nothing here knows an
 architecture: a model runs on this path if every module that holds weights
 is a layer with a binder below, and otherwise on the portable path, said once.
+
+`bind(..., weight_codes=G)` multiplies float Linear weights as 16-bit integer
+codes (groups of G inputs, quantized once here) with int16 activations
+(engine/platform/weight_codes.py); the MLX module keeps its float weights, so
+its portable forward stays the float32 reference.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from engine.platform import weight_codes
 from engine.platform.cpu_ops import CpuOps, HostMatmul
 from engine.platform.int8_linear import Int8Embedding, Int8Linear
 from models.layers import (
+    MLP,
     Activation,
     Attention,
     Embedding,
@@ -42,15 +49,22 @@ def _host(a: mx.array) -> np.ndarray:
     return np.array(a, copy=False)
 
 
-def _matmul(layer) -> HostMatmul:
+def _matmul(layer, codes: int | None = None) -> HostMatmul:
+    """The layer's weight as the C code multiplies it; `codes` (a group size)
+    turns a float weight into 16-bit codes for int16 activations."""
     bias = _host(layer.bias) if "bias" in layer else None
     if isinstance(layer, Int8Linear):
         return HostMatmul(layer.packed, bias)
-    return HostMatmul(_host(layer.weight), bias)
+    weight = _host(layer.weight)
+    if codes is None:
+        return HostMatmul(weight, bias)
+    if not weight_codes.supports(codes, weight.shape[1], weight.shape[0]):
+        raise Unsupported(f"16-bit codes for a {list(weight.shape)} weight in groups of {codes}")
+    return HostMatmul(weight_codes.pack(weight, codes), bias)
 
 
-def bind_linear(layer: Linear, ops: CpuOps):
-    m = _matmul(layer)
+def bind_linear(layer: Linear, ops: CpuOps, codes: int | None = None):
+    m = _matmul(layer, codes)
     return lambda x: ops.linear(m, x)
 
 
@@ -121,11 +135,11 @@ def bind_embedding(layer, ops: CpuOps):
     return lambda ids: np.array(layer.forward(mx.array(ids)).astype(mx.float32))
 
 
-def bind_attention(layer: Attention, ops: CpuOps):
+def bind_attention(layer: Attention, ops: CpuOps, codes: int | None = None):
     """Attention keeps its generic forward (projections, norms, RoPE, cache),
     each part on its own binding; only q/k/v are fused into one matmul where
     their weights line up."""
-    parts = [_matmul(layer.q_proj), _matmul(layer.k_proj), _matmul(layer.v_proj)]
+    parts = [_matmul(m, codes) for m in (layer.q_proj, layer.k_proj, layer.v_proj)]
     fused = HostMatmul.fused(parts)
     if fused is None:
         return None
@@ -139,14 +153,14 @@ def bind_attention(layer: Attention, ops: CpuOps):
     return None
 
 
-def bind_gated_mlp(layer: GatedMLP, ops: CpuOps):
+def bind_gated_mlp(layer: GatedMLP, ops: CpuOps, codes: int | None = None):
     """gate and up fused into one matmul where their weights line up."""
-    parts = [_matmul(layer.gate_proj), _matmul(layer.up_proj)]
+    parts = [_matmul(layer.gate_proj, codes), _matmul(layer.up_proj, codes)]
     fused = HostMatmul.fused(parts)
     if fused is None:
         return None
     widths = [p.out_dim for p in parts]
-    down, kind = _matmul(layer.down_proj), layer.act.name
+    down, kind = _matmul(layer.down_proj, codes), layer.act.name
 
     def mlp(x):
         gate, up = ops.linear_split(fused, x, widths)
@@ -154,9 +168,17 @@ def bind_gated_mlp(layer: GatedMLP, ops: CpuOps):
     return mlp
 
 
-def _binders(ops: CpuOps, tables: dict):
+def bind_mlp(layer: MLP, ops: CpuOps, codes: int | None = None):
+    """down(act(up(x))) with the activation in place on up's fresh output
+    (the Activation layer's own binding has to copy its input)."""
+    up, down, kind = _matmul(layer.up_proj, codes), _matmul(layer.down_proj, codes), \
+        layer.act.name
+    return lambda x: ops.linear(down, ops.act_mul(kind, ops.linear(up, x)))
+
+
+def _binders(ops: CpuOps, tables: dict, codes: int | None):
     return {
-        Linear: lambda m: bind_linear(m, ops),
+        Linear: lambda m: bind_linear(m, ops, codes),
         Int8Linear: lambda m: bind_linear(m, ops),
         RMSNorm: lambda m: bind_rms_norm(m, ops),
         LayerNorm: lambda m: bind_layer_norm(m, ops),
@@ -165,8 +187,9 @@ def _binders(ops: CpuOps, tables: dict):
         RoPE: lambda m: bind_rope(m, ops, tables),
         Embedding: lambda m: bind_embedding(m, ops),
         Int8Embedding: lambda m: bind_embedding(m, ops),
-        Attention: lambda m: bind_attention(m, ops),
-        GatedMLP: lambda m: bind_gated_mlp(m, ops),
+        Attention: lambda m: bind_attention(m, ops, codes),
+        GatedMLP: lambda m: bind_gated_mlp(m, ops, codes),
+        MLP: lambda m: bind_mlp(m, ops, codes),
     }
 
 
@@ -174,10 +197,14 @@ def _own_arrays(module: nn.Module) -> list[str]:
     return [k for k, v in module.items() if isinstance(v, mx.array)]
 
 
-def bind(model: nn.Module, ops: CpuOps) -> str | None:
+def bind(model: nn.Module, ops: CpuOps, *, weight_codes: int | None = None) -> str | None:
     """Bind every layer of `model` to its host operation. Returns None on
-    success, else why the model can't run here (and leaves it unbound)."""
-    binders, bound = _binders(ops, {}), []
+    success, else why the model can't run here (and leaves it unbound).
+    `weight_codes` (a group size, at most 64): float Linear weights run as
+    16-bit codes with int16 activations (where the integer kernel runs here)."""
+    if weight_codes is not None and not ops.integer_codes:
+        return "integer codes need the AVX-512 VNNI kernel, which this CPU lacks"
+    binders, bound = _binders(ops, {}, weight_codes), []
     try:
         for name, module in model.named_modules():
             binder = binders.get(type(module))

@@ -32,10 +32,12 @@
 #define C16_ROW_CHUNK 128 /* rows whose codes stay in L2 while all outputs pass */
 
 /* x [M, K] -> int16 codes qx [Mp, K] and per-group scales dx [Mp, K/G];
- * rows M..Mp-1 are zero. */
+ * rows M..Mp-1 are zero. Groups of a multiple of 16 go 16 values at a time
+ * (a scalar loop here cost a fifth of a 1536-input matmul). */
 static void quantize_rows16(const float *x, long ldx, int M, int Mp, int K, int G, int16_t *qx,
                             float *dx) {
     int groups = K / G;
+    const __m512 sign = _mm512_set1_ps(-0.f);
 #pragma omp for schedule(static)
     for (int r = 0; r < Mp; r++) {
         for (int g = 0; g < groups; g++) {
@@ -48,9 +50,25 @@ static void quantize_rows16(const float *x, long ldx, int M, int Mp, int K, int 
             }
             const float *v = x + (long)r * ldx + (long)g * G;
             float amax = 0.f;
-            for (int i = 0; i < G; i++) amax = fmaxf(amax, fabsf(v[i]));
+            if (G % 16 == 0) {
+                __m512 m = _mm512_setzero_ps();
+                for (int i = 0; i < G; i += 16)
+                    m = _mm512_max_ps(m, _mm512_andnot_ps(sign, _mm512_loadu_ps(v + i)));
+                amax = _mm512_reduce_max_ps(m);
+            } else {
+                for (int i = 0; i < G; i++) amax = fmaxf(amax, fabsf(v[i]));
+            }
             float inv = amax > 0.f ? CODES16_X_TOP / amax : 0.f;
-            for (int i = 0; i < G; i++) q[i] = (int16_t)lrintf(v[i] * inv);
+            if (G % 16 == 0) {
+                __m512 scale = _mm512_set1_ps(inv);
+                for (int i = 0; i < G; i += 16) {
+                    /* rounds to nearest even, as lrintf does */
+                    __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + i), scale));
+                    _mm256_storeu_si256((__m256i *)(q + i), _mm512_cvtepi32_epi16(codes));
+                }
+            } else {
+                for (int i = 0; i < G; i++) q[i] = (int16_t)lrintf(v[i] * inv);
+            }
             *d = amax / CODES16_X_TOP;
         }
     }

@@ -82,11 +82,10 @@ int ops_linear(const Matmul *m, const float *x, int rows, float *y, int accumula
     } else if (m->weight) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, m->out_dim, m->in_dim, 1.f,
                     x, m->in_dim, m->weight, m->in_dim, accumulate ? 1.f : 0.f, y, m->out_dim);
-    } else if (m->wide == 2) {
-        int rc = int16_matmul(x, m->in_dim, rows, m->in_dim, (const int16_t *)m->codes,
-                              m->scales, m->out_dim, m->group_size, y, m->out_dim, accumulate,
-                              threads);
-        if (rc) return rc;
+    } else if (m->wide == 2) { /* adds the bias itself */
+        return int16_matmul(x, m->in_dim, rows, m->in_dim, (const int16_t *)m->codes,
+                            m->scales, m->bias, m->out_dim, m->group_size, y, m->out_dim,
+                            accumulate, threads);
     } else {
         int rc = int8_matmul(x, m->in_dim, rows, m->in_dim, m->codes, m->scales, m->biases,
                              m->out_dim, m->group_size, y, m->out_dim, accumulate, m->wide,
@@ -107,6 +106,10 @@ int ops_linear(const Matmul *m, const float *x, int rows, float *y, int accumula
  * both cores busy where narrow k/v projections alone left them half idle. */
 int ops_linear_split(const Matmul *fused, const float *x, int rows, float **outs,
                      const int *widths, int parts, int threads) {
+    if (fused->wide == 2) /* writes each part in place, no scratch */
+        return int16_matmul_split(x, rows, fused->in_dim, (const int16_t *)fused->codes,
+                                  fused->scales, fused->bias, fused->group_size, outs, widths,
+                                  parts, threads);
     int width = fused->out_dim;
     float *t = scratch_slot(SLOT_SPLIT, (size_t)rows * width);
     if (!t) return -1;

@@ -53,7 +53,7 @@ def embedders():
 # --- the kernels ----------------------------------------------------------------
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (12, 12, 32), (8, 2, 64),
-                                                       (3, 3, 24), (2, 1, 8)])
+                                                       (3, 3, 24), (2, 1, 8), (2, 2, 128)])
 def test_encoder_attention_kernel_matches_mlx(heads, kv_heads, head_dim):
     rng = np.random.default_rng(heads * head_dim)
     b, t = 4, 37

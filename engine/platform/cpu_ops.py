@@ -40,7 +40,8 @@ class HostMatmul:
         b = None if bias is None else _f32(bias).ctypes.data
         if isinstance(weight, Codes16):
             self.packed = weight
-            # wide = 2 tells ops_linear these are 16-bit codes (no biases)
+            # wide = 2 tells ops_linear these are 16-bit symmetric codes (the
+            # kernel adds the layer's bias itself; there are no per-group biases)
             self.struct = _Matmul(None, weight.codes.ctypes.data, weight.scales.ctypes.data,
                                   None, b, weight.out_dim, weight.in_dim, weight.group_size, 2)
         elif isinstance(weight, PackedWeight):
@@ -163,7 +164,6 @@ class CpuOps:
         _check(self.lib.ops_act_mul(g.ctypes.data, None if u is None else u.ctypes.data,
                                     g.size, ACTIVATION_KINDS[kind], self.threads))
         return g
-
 
     def encoder_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: int,
                           length: int, lengths: np.ndarray | None, scale: float) -> np.ndarray:

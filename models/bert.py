@@ -107,17 +107,21 @@ class Model(nn.Module):
         self.embeddings = Embeddings(args)
         self.layers = [EncoderLayer(args) for _ in range(args.num_hidden_layers)]
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
-        for hidden in self.stages(input_ids, attention_mask, token_type_ids):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+                 view: EncoderAttentionView | None = None):
+        for hidden in self.stages(input_ids, attention_mask, token_type_ids, view=view):
             pass
         return hidden
 
-    def stages(self, input_ids, attention_mask=None, token_type_ids=None) -> Iterator:
+    def stages(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               view: EncoderAttentionView | None = None) -> Iterator:
         """The hidden states [B, T, D] after the embeddings and after each
         layer, built lazily; the last one is the model's output. A caller
         running several batches on several streams evaluates them layer by
-        layer, interleaved."""
-        view = EncoderAttentionView.for_batch(input_ids, attention_mask)
+        layer, interleaved. `view` is what attention runs through (a caller's
+        with its kernel); by default one made from the mask."""
+        if view is None:
+            view = EncoderAttentionView.for_batch(input_ids, attention_mask)
         b, t = input_ids.shape
         ids = input_ids.reshape(-1)
         x = self.embeddings(ids, view.positions, view.zeros if token_type_ids is None

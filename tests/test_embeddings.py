@@ -70,31 +70,6 @@ def test_matches_sentence_transformers(embedder, reference, embedded):
     assert sum(result.truncated) == 2
 
 
-def test_host_path_matches_portable_path(embedder, reference):
-    """The encoder's forward on host arrays with every layer on its CPU
-    kernel (engine/platform/host_forward.py) equals its MLX forward."""
-    from engine.platform import cpu_ops
-    from engine.platform.host_forward import bind, unbind
-
-    texts, _ = reference
-    rows, _ = embedder.tokenize(texts[:8])
-    length = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), length), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
-    mask = (ids != 0).astype(np.int32)
-    model = embedder.model
-    portable = np.array(model(mx.array(ids), mx.array(mask)))
-    assert bind(model, cpu_ops.load()) is None
-    try:
-        host = model(ids, mask)
-    finally:
-        unbind(model.modules())
-    assert isinstance(host, np.ndarray)
-    real = mask.astype(bool)
-    np.testing.assert_allclose(host[real], portable[real], atol=2e-4)
-
-
 def test_batched_equals_one_at_a_time(embedder, reference, embedded):
     texts, _ = reference
     single = np.stack([embedder.embed([t]).vectors[0] for t in texts])
@@ -168,19 +143,6 @@ def test_embed_from_another_thread(embedder):
     worker.join()
     np.testing.assert_allclose(results["v"], embedder.embed(["hello world", "another text"])
                                .vectors, atol=1e-6)
-
-
-def test_blas_threads_restored(embedder):
-    import ctypes
-
-    from engine.platform import blas
-
-    if not blas.loaded() or "mkl" not in blas.loaded():
-        pytest.skip("no MKL preloaded")
-    mkl = ctypes.CDLL(blas.loaded())
-    before = mkl.MKL_Get_Max_Threads()
-    embedder.embed(["one", "two", "three"])
-    assert mkl.MKL_Get_Max_Threads() == before
 
 
 def test_llm_api_embed(reference):
@@ -279,6 +241,35 @@ def test_tiny_bert_loads_through_the_loader(tmp_path, minilm_dir):
     assert abs(np.linalg.norm(plain.vectors[0]) - 1.0) > 1e-3
     cls = Embedder.load(path, pooling="cls", normalize=True).embed(["a b c"])
     np.testing.assert_allclose(np.linalg.norm(cls.vectors[0]), 1.0, atol=1e-5)
+
+
+def test_tiny_bert_fast_path_and_its_fallback(tmp_path, minilm_dir, monkeypatch, capsys):
+    """The tiny encoder runs on the CPU fast path (its weights take integer
+    codes); where the kernels can't run it takes the portable path, saying
+    so once, with the same vectors."""
+    from engine.embedding.embedder import Embedder
+    from engine.errors import ModelLoadError
+    from engine.platform import cpu_ops
+
+    path = _tiny_bert_dir(tmp_path / "tiny-bert", minilm_dir)
+    texts = ["a b c", "", "the cat sat on the mat"]
+    fast = Embedder.load(path)
+    assert fast.fast_path
+    expected = fast.embed(texts).vectors
+    monkeypatch.setattr(cpu_ops, "load", lambda: None)
+    capsys.readouterr()
+    portable = Embedder.load(path)
+    assert not portable.fast_path
+    err = capsys.readouterr().err
+    assert err.count("CPU fast path off") == 1 and "portable MLX path" in err
+    vectors = portable.embed(texts).vectors
+    cos = (vectors * expected).sum(1) / (np.linalg.norm(vectors, axis=1)
+                                         * np.linalg.norm(expected, axis=1))
+    assert cos.min() >= 0.9999
+    with pytest.raises(ModelLoadError, match="embedding fast path: the CPU kernels"):
+        Embedder.load(path, fast_path=True)
+    with pytest.raises(ModelLoadError, match="unknown cpu_matmul 'int8'"):
+        Embedder.load(path, cpu_matmul="int8")
 
 
 def test_bert_rejects_unknown_activation():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import msgspec
+import numpy as np
 
 from engine.errors import ModelLoadError
 
@@ -121,6 +122,36 @@ def pool(hidden: mx.array, attention_mask: mx.array, pooling: Pooling) -> mx.arr
     if pooling.normalize:
         norm = mx.sqrt((out * out).sum(axis=-1, keepdims=True))
         out = out / mx.maximum(norm, 1e-12)
+    return out
+
+
+def pool_host(hidden: np.ndarray, attention_mask: np.ndarray, pooling: Pooling) -> np.ndarray:
+    """`pool` on host arrays (the CPU fast path's output): float32 [B, D'].
+    Padding positions are never read, whatever they hold."""
+    keep = np.asarray(attention_mask) != 0  # [B, T]
+    count = keep.sum(axis=1, dtype=np.float32)[:, None]  # [B, 1]
+    summed = None
+    if {"mean", "mean_sqrt_len"} & set(pooling.modes):
+        # A sum over the real tokens only: padding rows may hold anything.
+        summed = np.where(keep[..., None], hidden, 0.0).sum(axis=1)
+    parts = []
+    for mode in pooling.modes:
+        if mode == "cls":
+            parts.append(hidden[:, 0])
+        elif mode == "max":
+            parts.append(np.where(keep[..., None], hidden, -1e9).max(axis=1))
+        elif mode == "mean":
+            parts.append(summed / np.maximum(count, 1e-9))
+        elif mode == "mean_sqrt_len":
+            parts.append(summed / np.sqrt(np.maximum(count, 1e-9)))
+        elif mode == "lasttoken":
+            last = np.maximum(keep.sum(axis=1) - 1, 0)
+            parts.append(hidden[np.arange(hidden.shape[0]), last])
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    out = out.astype(np.float32, copy=False)
+    if pooling.normalize:
+        norm = np.sqrt((out * out).sum(axis=-1, keepdims=True))
+        out = out / np.maximum(norm, 1e-12)
     return out
 
 

@@ -174,6 +174,14 @@ class Platform:
     def sampler_kernels(self) -> SamplerKernels:
         return PORTABLE_SAMPLING
 
+    def bind_encoder(self, model, cpu_matmul: str | None = None, required: bool = False):
+        """Bind an encoder's layers to this device's host kernels once:
+        (ops, matmul kind), or (None, None) for the portable MLX path. Only
+        the CPU has such kernels."""
+        if required or cpu_matmul is not None:
+            raise ModelLoadError("the embedding fast path and cpu_matmul are for the CPU")
+        return None, None
+
 
 HOST_FORWARD_NEEDS = ("host_forward: the CPU fast path runs on the CPU only, with its "
                       "attention kernel and the preloaded BLAS")

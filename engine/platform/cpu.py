@@ -140,6 +140,37 @@ class CpuPlatform(Platform):
             self.log_once("CPU fast path: every layer on its C kernel")
         return forward
 
+    # Encoder weights as 16-bit codes in groups of this many inputs (embeddings
+    # stay within cosine 0.99999 of float32; engine/platform/weight_codes.py).
+    encoder_weight_group = 32
+
+    def bind_encoder(self, model, cpu_matmul: str | None = None, required: bool = False):
+        """The encoder on the CPU fast path: integer codes where the integer
+        kernel runs, else (or for shapes off the group size) float32; the
+        portable path, said once, where neither binds."""
+        from engine.platform import cpu_ops
+        from engine.platform.host_forward import bind
+
+        ops = cpu_ops.load()
+        why = "the CPU kernels are not available (no native library or no BLAS)"
+        if ops is not None:
+            choices = [cpu_matmul] if cpu_matmul else ["int16", "float32"] \
+                if ops.integer_codes else ["float32"]
+            for matmul in choices:
+                why = bind(model, ops, weight_codes=self.encoder_weight_group
+                           if matmul == "int16" else None)
+                if why is None:
+                    kind = "integer codes, int16 activations" if matmul == "int16" \
+                        else "float32"
+                    self.log_once(f"embeddings: CPU fast path, every layer on its C kernel "
+                                  f"({kind} matmuls)")
+                    return ops, matmul
+        if required or cpu_matmul is not None:
+            raise ModelLoadError(f"embedding fast path: {why}")
+        self.log_once(f"embeddings: CPU fast path off: {why}; running the portable MLX path "
+                      "(slower)")
+        return None, None
+
     def sampler_kernels(self) -> SamplerKernels:
         from engine.platform import cpu_sampling
 

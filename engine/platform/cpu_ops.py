@@ -13,7 +13,9 @@ import os
 
 import numpy as np
 
-from engine.platform.int8_matmul import PackedWeight
+from engine.platform import weight_codes
+from engine.platform.int8_matmul import PackedWeight, concat
+from engine.platform.weight_codes import Codes16
 
 ACTIVATION_KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -26,13 +28,21 @@ class _Matmul(ctypes.Structure):
 
 
 class HostMatmul:
-    """A weight (float32 [out, in] or packed integer codes) and optional bias
-    as the C code multiplies it; keeps the arrays it points into alive."""
+    """A weight (float32 [out, in], packed integer codes of a checkpoint, or
+    16-bit codes of a float weight) and optional bias as the C code
+    multiplies it; keeps the arrays it points into alive."""
 
-    def __init__(self, weight: np.ndarray | PackedWeight, bias: np.ndarray | None = None):
+    def __init__(self, weight: np.ndarray | PackedWeight | Codes16,
+                 bias: np.ndarray | None = None):
         self.keep = [weight, bias]
         b = None if bias is None else _f32(bias).ctypes.data
-        if isinstance(weight, PackedWeight):
+        if isinstance(weight, Codes16):
+            self.packed = weight
+            # wide = 2 tells ops_linear these are 16-bit symmetric codes (the
+            # kernel adds the layer's bias itself; there are no per-group biases)
+            self.struct = _Matmul(None, weight.codes.ctypes.data, weight.scales.ctypes.data,
+                                  None, b, weight.out_dim, weight.in_dim, weight.group_size, 2)
+        elif isinstance(weight, PackedWeight):
             self.packed = weight
             self.struct = _Matmul(None, weight.codes.ctypes.data, weight.scales.ctypes.data,
                                   weight.biases.ctypes.data, b, weight.out_dim, weight.in_dim,
@@ -46,6 +56,28 @@ class HostMatmul:
         self.keep[1] = None if bias is None else _f32(bias)
         self.out_dim, self.in_dim = self.struct.out_dim, self.struct.in_dim
         self.ref = ctypes.byref(self.struct)
+
+    @classmethod
+    def fused(cls, parts: list[HostMatmul]) -> HostMatmul | None:
+        """One weight producing the outputs of `parts` in turn (same input),
+        or None where they can't be fused (mixed kinds, bias on some parts
+        only, packed tiles that don't line up)."""
+        biases = [p.keep[1] for p in parts]
+        if all(b is None for b in biases):
+            bias = None
+        elif all(b is not None for b in biases):
+            bias = np.concatenate(biases)
+        else:
+            return None
+        if all(isinstance(p.packed, Codes16) for p in parts):
+            codes = weight_codes.concat([p.packed for p in parts])
+            return None if codes is None else cls(codes, bias)
+        if all(isinstance(p.packed, PackedWeight) for p in parts):
+            packed = concat([p.packed for p in parts])
+            return None if packed is None else cls(packed, bias)
+        if all(p.packed is None for p in parts):
+            return cls(np.concatenate([p.keep[0] for p in parts]), bias)
+        return None
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -66,6 +98,11 @@ class CpuOps:
         lib.ops_act_mul.argtypes = [p, p, L, i, i]
         lib.ops_linear.restype = lib.ops_linear_split.restype = lib.ops_act_mul.restype = i
         lib.ops_rms_norm.restype = lib.ops_layer_norm.restype = lib.ops_rope.restype = None
+        lib.ops_encoder_attention.argtypes = [p, p, p, p, i, i, p, i, i, i, f, i]
+        lib.ops_encoder_attention.restype = i
+        # Packed integer weights run only where the integer kernel was built
+        # for this CPU (AVX-512 VNNI).
+        self.integer_codes = bool(lib.int8_matmul_supported())
 
     def linear(self, m: HostMatmul, x: np.ndarray) -> np.ndarray:
         """x [..., in] @ W.T (+ bias) -> [..., out]."""
@@ -125,6 +162,33 @@ class CpuOps:
         _check(self.lib.ops_act_mul(g.ctypes.data, None if u is None else u.ctypes.data,
                                     g.size, ACTIVATION_KINDS[kind], self.threads))
         return g
+
+    def encoder_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: int,
+                          length: int, lengths: np.ndarray | None, scale: float) -> np.ndarray:
+        """Bidirectional attention over a right-padded batch: q [batch*length,
+        heads, head_dim], k/v [batch*length, kv_heads, head_dim]; row b's first
+        lengths[b] tokens (all `length` if None) see each other, padding gets
+        zeros."""
+        q, k, v = _f32(q), _f32(k), _f32(v)
+        n, heads, head_dim = q.shape
+        if n != batch * length or k.shape != v.shape or k.shape[0] != n \
+                or k.shape[2] != head_dim:
+            raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} do not fit "
+                             f"{batch} rows of {length}")
+        if lengths is not None:
+            lengths = np.ascontiguousarray(lengths, dtype=np.int32)
+            if lengths.shape != (batch,):
+                raise ValueError(f"lengths {lengths.shape} for {batch} rows")
+        out = np.empty_like(q)
+        rc = self.lib.ops_encoder_attention(
+            q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, batch, length,
+            None if lengths is None else lengths.ctypes.data, heads, k.shape[1], head_dim,
+            scale, self.threads)
+        if rc == -2:
+            raise ValueError(f"encoder attention: {heads} heads over {k.shape[1]} KV heads "
+                             f"of {head_dim} dims")
+        _check(rc)
+        return out
 
 
 def _check(rc: int) -> None:

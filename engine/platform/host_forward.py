@@ -7,6 +7,11 @@ arrays; here each layer instance gets a `host` function that does its math
 in C, with its weights described once at bind time. Nothing here knows an
 architecture: a model runs on this path if every module that holds weights
 is a layer with a binder below, and otherwise on the portable path, said once.
+
+`bind(..., weight_codes=G)` multiplies float Linear weights as 16-bit integer
+codes (groups of G inputs, quantized once here) with int16 activations
+(engine/platform/weight_codes.py); the MLX module keeps its float weights, so
+its portable forward stays the float32 reference.
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from engine.platform import weight_codes
 from engine.platform.cpu_ops import CpuOps, HostMatmul
 from engine.platform.int8_linear import Int8Embedding, Int8Linear
 from engine.platform.int8_matmul import concat, parts_of
 from models.layers import (
+    MLP,
     Activation,
     Attention,
     Embedding,
     GatedActivation,
+    GatedMLP,
     Layer,
     LayerNorm,
     Linear,
@@ -42,15 +50,22 @@ def _host(a: mx.array) -> np.ndarray:
     return np.array(a, copy=False)
 
 
-def _matmul(layer) -> HostMatmul:
+def _matmul(layer, codes: int | None = None) -> HostMatmul:
+    """The layer's weight as the C code multiplies it; `codes` (a group size)
+    turns a float weight into 16-bit codes for int16 activations."""
     bias = _host(layer.bias) if "bias" in layer else None
     if isinstance(layer, Int8Linear):
         return HostMatmul(layer.packed, bias)
-    return HostMatmul(_host(layer.weight), bias)
+    weight = _host(layer.weight)
+    if codes is None:
+        return HostMatmul(weight, bias)
+    if not weight_codes.supports(codes, weight.shape[1], weight.shape[0]):
+        raise Unsupported(f"16-bit codes for a {list(weight.shape)} weight in groups of {codes}")
+    return HostMatmul(weight_codes.pack(weight, codes), bias)
 
 
-def bind_linear(layer: Linear, ops: CpuOps):
-    m = _matmul(layer)
+def bind_linear(layer: Linear, ops: CpuOps, codes: int | None = None):
+    m = _matmul(layer, codes)
     return lambda x: ops.linear(m, x)
 
 
@@ -121,35 +136,69 @@ def bind_embedding(layer, ops: CpuOps):
     return lambda ids: np.array(layer.forward(mx.array(ids)).astype(mx.float32))
 
 
-def bind_attention(layer: Attention, ops: CpuOps):
+def bind_attention(layer: Attention, ops: CpuOps, codes: int | None = None):
     """Attention keeps its generic forward (projections, norms, RoPE, cache),
-    each part on its own binding; only integer-code q/k/v are fused into one
-    matmul where their tiles line up (the narrow k and v alone left the two
-    cores half idle). The layers then read views into the fused copy, so the
-    codes are not held twice."""
+    each part on its own binding; q/k/v are fused into one matmul where that
+    holds no second copy of a weight (the narrow k and v alone left the two
+    cores half idle): a checkpoint's integer codes are fused and the layers
+    then read views into the fused copy; 16-bit codes made here (`codes`)
+    exist only in the fused form. Float weights are not fused."""
     projections = [layer.q_proj, layer.k_proj, layer.v_proj]
-    if not all(isinstance(p, Int8Linear) and "bias" not in p for p in projections):
+    if all(isinstance(p, Int8Linear) and "bias" not in p for p in projections):
+        packed = [p.packed for p in projections]
+        fused_packed = concat(packed)
+        if fused_packed is None:
+            return None
+        for projection, part in zip(projections, parts_of(fused_packed, packed)):
+            projection.share_packed(part)
+        fused = HostMatmul(fused_packed)
+        widths = [p.out_dim for p in packed]
+    elif codes is not None:
+        parts = [_matmul(m, codes) for m in projections]
+        fused = HostMatmul.fused(parts)
+        if fused is None:
+            return None
+        widths = [p.out_dim for p in parts]
+    else:
         return None
-    packed = [p.packed for p in projections]
-    fused = concat(packed)
-    if fused is None:
-        return None
-    for projection, part in zip(projections, parts_of(fused, packed)):
-        projection.share_packed(part)
-    fused_matmul = HostMatmul(fused)
-    widths = [p.out_dim for p in packed]
     heads = (layer.n_heads, layer.n_kv_heads, layer.n_kv_heads)
 
     def project(x):
-        outs = ops.linear_split(fused_matmul, x, widths)
+        outs = ops.linear_split(fused, x, widths)
         return tuple(o.reshape(-1, h, layer.head_dim) for o, h in zip(outs, heads))
     layer.project_host = project
     return None
 
 
-def _binders(ops: CpuOps, tables: dict):
+def bind_gated_mlp(layer: GatedMLP, ops: CpuOps, codes: int | None = None):
+    """gate and up fused into one matmul, for 16-bit codes made here (the
+    fused copy is their only one); float and checkpoint weights stay apart."""
+    if codes is None:
+        return None
+    parts = [_matmul(layer.gate_proj, codes), _matmul(layer.up_proj, codes)]
+    fused = HostMatmul.fused(parts)
+    if fused is None:
+        return None
+    widths = [p.out_dim for p in parts]
+    down, kind = _matmul(layer.down_proj, codes), layer.act.name
+
+    def mlp(x):
+        gate, up = ops.linear_split(fused, x, widths)
+        return ops.linear(down, ops.act_mul(kind, gate, up))
+    return mlp
+
+
+def bind_mlp(layer: MLP, ops: CpuOps, codes: int | None = None):
+    """down(act(up(x))) with the activation in place on up's fresh output
+    (the Activation layer's own binding has to copy its input)."""
+    up, down, kind = _matmul(layer.up_proj, codes), _matmul(layer.down_proj, codes), \
+        layer.act.name
+    return lambda x: ops.linear(down, ops.act_mul(kind, ops.linear(up, x)))
+
+
+def _binders(ops: CpuOps, tables: dict, codes: int | None):
     return {
-        Linear: lambda m: bind_linear(m, ops),
+        Linear: lambda m: bind_linear(m, ops, codes),
         Int8Linear: lambda m: bind_linear(m, ops),
         RMSNorm: lambda m: bind_rms_norm(m, ops),
         LayerNorm: lambda m: bind_layer_norm(m, ops),
@@ -158,7 +207,9 @@ def _binders(ops: CpuOps, tables: dict):
         RoPE: lambda m: bind_rope(m, ops, tables),
         Embedding: lambda m: bind_embedding(m, ops),
         Int8Embedding: lambda m: bind_embedding(m, ops),
-        Attention: lambda m: bind_attention(m, ops),
+        Attention: lambda m: bind_attention(m, ops, codes),
+        GatedMLP: lambda m: bind_gated_mlp(m, ops, codes),
+        MLP: lambda m: bind_mlp(m, ops, codes),
     }
 
 
@@ -166,10 +217,14 @@ def _own_arrays(module: nn.Module) -> list[str]:
     return [k for k, v in module.items() if isinstance(v, mx.array)]
 
 
-def bind(model: nn.Module, ops: CpuOps) -> str | None:
+def bind(model: nn.Module, ops: CpuOps, *, weight_codes: int | None = None) -> str | None:
     """Bind every layer of `model` to its host operation. Returns None on
-    success, else why the model can't run here (and leaves it unbound)."""
-    binders, bound = _binders(ops, {}), []
+    success, else why the model can't run here (and leaves it unbound).
+    `weight_codes` (a group size, at most 64): float Linear weights run as
+    16-bit codes with int16 activations (where the integer kernel runs here)."""
+    if weight_codes is not None and not ops.integer_codes:
+        return "integer codes need the AVX-512 VNNI kernel, which this CPU lacks"
+    binders, bound = _binders(ops, {}, weight_codes), []
     try:
         for name, module in model.named_modules():
             binder = binders.get(type(module))

@@ -3,7 +3,10 @@ row sees every real token of its row (bidirectional), padding sees nothing.
 
 It offers the cache-view interface the shared Attention layer calls
 (`attend(q, k, v, scale)` on packed [B*T, heads, dim] MLX arrays, and
-`attend_host` for host arrays), so encoder models reuse the decoder's layer."""
+`attend_host` for host arrays), so encoder models reuse the decoder's layer.
+`attend` is the reference. `attend_host` runs the platform's kernel when the
+caller gave one (engine/platform/cpu_ops.py `encoder_attention`, for right-
+padded rows), else the same math in numpy."""
 
 from __future__ import annotations
 
@@ -12,25 +15,29 @@ import numpy as np
 
 
 class EncoderAttentionView:
-    def __init__(self, batch: int, length: int, lengths, keep, positions, zeros):
+    def __init__(self, batch: int, length: int, lengths, keep, positions, zeros,
+                 host_kernel=None):
         self.batch, self.length = batch, length
+        # host_kernel(q, k, v, batch, length, lengths, scale) -> out, or None
+        self.host_kernel = host_kernel
         self.lengths = lengths      # [B] real tokens of each row (right padding)
         self.keep = keep            # [B, T] bool, or None when nothing is padded
         self.positions = positions  # [B*T] position of each packed token
         self.zeros = zeros          # [B*T] token type 0
 
     @classmethod
-    def for_batch(cls, input_ids, attention_mask=None) -> EncoderAttentionView:
-        """The view for a batch of ids [B, T] (MLX or numpy) and its mask."""
+    def for_batch(cls, input_ids, attention_mask=None, host_kernel=None) -> EncoderAttentionView:
+        """The view for a batch of ids [B, T] (MLX or numpy) and its mask;
+        `host_kernel` attends host arrays (the mask must then be right padding)."""
         b, t = input_ids.shape
         lib = np if isinstance(input_ids, np.ndarray) else mx
         positions = lib.broadcast_to(lib.arange(t, dtype=lib.int32)[None], (b, t)).reshape(-1)
         zeros = lib.zeros((b * t,), dtype=lib.int32)
         if attention_mask is None:
-            return cls(b, t, None, None, positions, zeros)
+            return cls(b, t, None, None, positions, zeros, host_kernel)
         keep = attention_mask != 0
         lengths = keep.astype(lib.int32).sum(axis=1)
-        return cls(b, t, lengths, keep, positions, zeros)
+        return cls(b, t, lengths, keep, positions, zeros, host_kernel)
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         b, t = self.batch, self.length
@@ -47,6 +54,8 @@ class EncoderAttentionView:
                     scale: float) -> np.ndarray:
         """The same on host arrays (numpy, float32)."""
         b, t = self.batch, self.length
+        if self.host_kernel is not None:
+            return self.host_kernel(q, k, v, b, t, self.lengths, scale)
         qs, ks, vs = (a.reshape(b, t, a.shape[1], a.shape[2]) for a in (q, k, v))
         rep = q.shape[1] // k.shape[1]
         if rep > 1:

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "blas.h"
+#include "int16_matmul.h"
 #include "int8_matmul.h"
 
 typedef struct {
@@ -27,7 +28,8 @@ typedef struct {
     const float *biases;
     const float *bias;     /* optional [out] */
     int out_dim, in_dim, group_size;
-    int wide;              /* packed weight with int16 activations */
+    int wide;              /* packed weight with int16 activations; 2: 16-bit codes
+                              (cpu_int16_matmul.c, no biases) */
 } Matmul;
 
 /* Up to this many rows, BLAS computes y.T = W @ x.T and we transpose: MKL
@@ -78,6 +80,10 @@ int ops_linear(const Matmul *m, const float *x, int rows, float *y, int accumula
     } else if (m->weight) {
         conveyor_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, m->out_dim, m->in_dim, 1.f,
                     x, m->in_dim, m->weight, m->in_dim, accumulate ? 1.f : 0.f, y, m->out_dim);
+    } else if (m->wide == 2) { /* adds the bias itself */
+        return int16_matmul(x, m->in_dim, rows, m->in_dim, (const int16_t *)m->codes,
+                            m->scales, m->bias, m->out_dim, m->group_size, y, m->out_dim,
+                            accumulate, threads);
     } else {
         int rc = int8_matmul(x, m->in_dim, rows, m->in_dim, m->codes, m->scales, m->biases,
                              m->out_dim, m->group_size, y, m->out_dim, accumulate, m->wide,
@@ -98,6 +104,10 @@ int ops_linear(const Matmul *m, const float *x, int rows, float *y, int accumula
  * both cores busy where narrow k/v projections alone left them half idle. */
 int ops_linear_split(const Matmul *fused, const float *x, int rows, float **outs,
                      const int *widths, int parts, int threads) {
+    if (fused->wide == 2) /* writes each part in place, no scratch */
+        return int16_matmul_split(x, rows, fused->in_dim, (const int16_t *)fused->codes,
+                                  fused->scales, fused->bias, fused->group_size, outs, widths,
+                                  parts, threads);
     int width = fused->out_dim;
     float *t = scratch_slot(SLOT_SPLIT, (size_t)rows * width);
     if (!t) return -1;
@@ -200,4 +210,146 @@ int ops_act_mul(float *g, const float *u, long n, int kind, int threads) {
     case ACT_RELU: ACT_LOOP(relu); return 0;
     }
     return -1;
+}
+
+/* ---- Encoder attention ---------------------------------------------------
+ * Bidirectional attention over a right-padded batch, for encoders (BERT):
+ * q, out [batch * length, heads, head_dim] and k, v [batch * length, kv_heads,
+ * head_dim], row b's tokens at b * length + t. Each real token of row b
+ * (t < lengths[b]) attends to the row's lengths[b] real keys; padding
+ * queries get zeros. One (row, head) pair is one unit of work: its keys are
+ * copied transposed ([head_dim, keys]) so a tile of up to QUERY_TILE queries
+ * by KEY_TILE keys accumulates in registers, and its values are read in place.
+ */
+#define QUERY_TILE 8  /* queries per tile, at most */
+#define KEY_TILE 16
+#define MAX_DIM_VECTORS 8  /* head_dim / 16 kept in registers, at most */
+
+/* 16 floats in one value (GCC/clang vector extension: one AVX-512 register,
+ * or two AVX2 ones where that is what the CPU has); `vload` reads 16
+ * floats at any alignment. */
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf16_any __attribute__((vector_size(64), aligned(4), may_alias));
+static inline vf16 vload(const float *p) { return *(const vf16_any *)p; }
+
+static float *attention_scratch(size_t n) {
+    static _Thread_local float *buf;
+    static _Thread_local size_t cap;
+    if (n > cap) {
+        free(buf);
+        buf = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+        cap = buf ? n : 0;
+    }
+    return buf;
+}
+
+/* Scores of tq queries qs [tq][d] (scaled) against keys kt [d][padded] into
+ * s [tq][padded], KEY_TILE keys at a time. */
+static inline __attribute__((always_inline)) void tile_scores(const float *qs, const float *kt,
+                                                               int padded, float *s, const int d,
+                                                               const int tq) {
+    for (int j0 = 0; j0 < padded; j0 += KEY_TILE) {
+        vf16 acc[QUERY_TILE];
+        for (int r = 0; r < tq; r++) acc[r] = (vf16){0};
+        for (int c = 0; c < d; c++) {
+            vf16 key = vload(kt + (long)c * padded + j0);
+            for (int r = 0; r < tq; r++) acc[r] += qs[r * d + c] * key;
+        }
+        for (int r = 0; r < tq; r++) *(vf16_any *)(s + (long)r * padded + j0) = acc[r];
+    }
+}
+
+/* One (row, head): n real tokens; q/o rows `ldq` floats apart, k/v `ldk`.
+ * kt [d][padded] and s [tq][padded] are scratch. `d` and `tq` (queries per
+ * tile) are constants at the specialised call sites, so the loops over them
+ * unroll and the accumulators stay in registers; the weighted sum of values
+ * runs 16 dims at a time where d is a multiple of 16. */
+static inline __attribute__((always_inline)) void attend_row_head(
+    const float *q, const float *k, const float *v, float *o, int n, long ldq, long ldk,
+    float scale, float *kt, float *s, const int d, const int tq) {
+    int padded = (n + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
+    for (int j = 0; j < padded; j++)
+        for (int c = 0; c < d; c++) kt[(long)c * padded + j] = j < n ? k[j * ldk + c] : 0.f;
+    float qs[QUERY_TILE * 256];
+    for (int i0 = 0; i0 < n; i0 += tq) {
+        int rows = n - i0 < tq ? n - i0 : tq;
+        for (int r = 0; r < tq; r++)
+            for (int c = 0; c < d; c++)
+                qs[r * d + c] = r < rows ? q[(i0 + r) * ldq + c] * scale : 0.f;
+        tile_scores(qs, kt, padded, s, d, tq);
+        float inv[QUERY_TILE];
+        for (int r = 0; r < tq; r++) {
+            float *row = s + (long)r * padded, m = row[0], sum = 0.f;
+            if (r >= rows) {  /* a missing query: weights 0, nothing written */
+                memset(row, 0, sizeof(float) * n);
+                continue;
+            }
+            for (int j = 1; j < n; j++) m = row[j] > m ? row[j] : m;
+            for (int j = 0; j < n; j++) {
+                row[j] = expf(row[j] - m);
+                sum += row[j];
+            }
+            inv[r] = 1.f / sum;
+        }
+        if (d % 16 == 0 && d / 16 <= MAX_DIM_VECTORS) {
+            vf16 acc[QUERY_TILE][MAX_DIM_VECTORS];
+            for (int r = 0; r < tq; r++)
+                for (int t = 0; t < d / 16; t++) acc[r][t] = (vf16){0};
+            for (int j = 0; j < n; j++) {
+                const float *vr = v + j * ldk;
+                for (int t = 0; t < d / 16; t++) {
+                    vf16 val = vload(vr + 16 * t);
+                    for (int r = 0; r < tq; r++) acc[r][t] += s[(long)r * padded + j] * val;
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                for (int t = 0; t < d / 16; t++)
+                    *(vf16_any *)(o + (i0 + r) * ldq + 16 * t) = acc[r][t] * inv[r];
+        } else {
+            for (int r = 0; r < rows; r++) {
+                float *out = o + (i0 + r) * ldq;
+                memset(out, 0, sizeof(float) * d);
+                for (int j = 0; j < n; j++) {
+                    float p = s[(long)r * padded + j] * inv[r];
+                    for (int c = 0; c < d; c++) out[c] += p * v[j * ldk + c];
+                }
+            }
+        }
+    }
+}
+
+/* Returns 0, -1 when scratch memory could not be had, -2 on bad arguments. */
+int ops_encoder_attention(const float *q, const float *k, const float *v, float *out,
+                          int batch, int length, const int *lengths, int heads, int kv_heads,
+                          int head_dim, float scale, int threads) {
+    if (kv_heads <= 0 || heads % kv_heads || head_dim <= 0 || head_dim > 256) return -2;
+    int group = heads / kv_heads, jobs = batch * heads, failed = 0;
+    long ldq = (long)heads * head_dim, ldk = (long)kv_heads * head_dim;
+    int padded = (length + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (jobs > 1) \
+    reduction(|| : failed)
+    for (int job = 0; job < jobs; job++) {
+        int b = job / heads, h = job % heads;
+        int n = lengths ? lengths[b] : length;
+        n = n < 0 ? 0 : n > length ? length : n;
+        long first = (long)b * length;
+        const float *qb = q + first * ldq + (long)h * head_dim;
+        const float *kb = k + first * ldk + (long)(h / group) * head_dim;
+        const float *vb = v + first * ldk + (long)(h / group) * head_dim;
+        float *ob = out + first * ldq + (long)h * head_dim;
+        for (int t = n; t < length; t++) memset(ob + t * ldq, 0, sizeof(float) * head_dim);
+        if (n == 0) continue;
+        float *kt = attention_scratch((size_t)(head_dim + QUERY_TILE) * padded);
+        if (!kt) { failed = 1; continue; }
+        float *s = kt + (long)head_dim * padded;
+        switch (head_dim) {
+        /* 8 queries a tile doubled the speed at head_dim 32 (4 left the FMA
+         * units waiting on key loads); at 128 the accumulators would spill */
+        case 32: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, kt, s, 32, 8); break;
+        case 64: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, kt, s, 64, 8); break;
+        case 128: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, kt, s, 128, 4); break;
+        default: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, kt, s, head_dim, 4); break;
+        }
+    }
+    return failed ? -1 : 0;
 }

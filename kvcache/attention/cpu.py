@@ -56,9 +56,11 @@ class CpuPagedAttention:
             head_dim, block_size, int(self.kv_dtype == np.float16)))
         self._fn = library.paged_attention
         self._fn.restype = ctypes.c_int
-        pool = ctypes.c_void_p
-        self._fn.argtypes = [pool, pool, _F32, _F32, _I64, ctypes.c_int, _F32, _I32, _I32, _I32,
-                             _F32] + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int]
+        # Every array goes as its address (an int): building ctypes pointer
+        # objects cost more than the kernel itself for a one-row decode step.
+        ptr = ctypes.c_void_p
+        self._fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr,
+                             ptr] + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int]
 
     def pool_views(self, k_pool: np.ndarray, v_pool: np.ndarray, kv_heads: int):
         """The kernel's [blocks, kv_heads, ...] views of two flat pools."""
@@ -108,18 +110,14 @@ class CpuPagedAttention:
         out = np.empty_like(q)
         if k_view.dtype != self.kv_dtype or v_view.dtype != self.kv_dtype:
             raise ValueError(f"K/V pools must be {self.kv_dtype}")
-        rc = self._fn(k_view.ctypes.data, v_view.ctypes.data, _ptr(k_new, _F32),
-                      _ptr(v_new, _F32), _ptr(slots, _I64), m, _ptr(q, _F32),
-                      _ptr(tables, _I32), _ptr(qrow, _I32), _ptr(ctx, _I32), _ptr(out, _F32),
+        rc = self._fn(k_view.ctypes.data, v_view.ctypes.data, k_new.ctypes.data,
+                      v_new.ctypes.data, slots.ctypes.data, m, q.ctypes.data,
+                      tables.ctypes.data, qrow.ctypes.data, ctx.ctypes.data, out.ctypes.data,
                       n, tables.shape[1], heads, kv_heads, d, self.block_size,
                       int(self.kv_dtype == np.float16), scale, self.threads)
         if rc != 0:
             raise RuntimeError("cpu paged attention: bad arguments or out of memory")
         return out
-
-
-def _ptr(a: np.ndarray, kind):
-    return a.ctypes.data_as(kind)
 
 
 def host_dtype(dtype: mx.Dtype) -> np.dtype | None:

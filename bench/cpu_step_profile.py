@@ -2,7 +2,7 @@
 
 64 requests of 128 random prompt tokens are prefilled, then 30 decode steps
 are timed with wall clocks around each C call of the CPU forward
-(models/cpu_llama.py) and the attention kernel.
+(engine/platform/cpu_llama.py) and the attention kernel.
 
     python -m bench.cpu_step_profile [--cpu-matmul int16|int8|float32]
                                      [--temperature T --top-p P]
@@ -61,7 +61,7 @@ def main() -> None:
     eng = LLMEngine.from_args(EngineArgs(kv_cache_bytes=900 << 20, cpu_matmul=args.cpu_matmul))
     forward = eng.runner.host_forward
     if forward is None:
-        raise SystemExit("the C forward does not run here (no compiler or BLAS)")
+        raise SystemExit("the C forward does not run here (no native kernels or BLAS)")
     forward.lib = _Timed(forward.lib, totals)
     prompts = np.random.default_rng(0).integers(1000, 40000, size=(64, 128)).tolist()
     params = SamplingParams(max_tokens=args.steps + 20, temperature=args.temperature,

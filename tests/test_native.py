@@ -126,19 +126,30 @@ def test_the_preloaded_blas_sgemm_is_handed_over():
     assert handed == blas.sgemm_address() != 0
 
 
+@needs_linux_x86
+def test_kernels_run_on_mkls_openmp_runtime():
+    """MKL's threads and the kernels' are one pool: two runtimes kept idle
+    threads spinning against each other on the same cores."""
+    if not (blas.loaded() and "mkl" in blas.loaded()):
+        pytest.skip("MKL is not the preloaded BLAS")
+    assert blas.openmp_runtime() is not None and "libiomp5" in blas.openmp_runtime()
+    assert native.shares_blas_openmp()
+
+
 # -- a whole run without a compiler in reach -----------------------------------
 
 CHILD = r"""
-import json, sys
+import ctypes, json, sys
 import engine
 from engine import LLM, SamplingParams
-from engine.platform import cpu_sampling, int8_matmul, native
+from engine.platform import blas, cpu_sampling, int8_matmul, native
 import mlx.core as mx
 
 kernels = native.load()
 # A float32 matmul through MLX: MKL starts its threads (and OpenMP runtime).
 mx.eval(mx.ones((512, 512)) @ mx.ones((512, 512)))
 report = {"variant": kernels.variant, "reason": kernels.reason,
+          "openmp_shared": native.shares_blas_openmp(),
           "sampling": cpu_sampling.load() is not None, "int8": int8_matmul.load() is not None}
 params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 for name, path in (("float", sys.argv[1]), ("quantized", sys.argv[2])):
@@ -151,6 +162,9 @@ for name, path in (("float", sys.argv[1]), ("quantized", sys.argv[2])):
         "int8_layers": type(engine_.model.model.layers[0].mlp.down_proj).__name__,
         "tokens": out[0].outputs[0].token_ids,
     }
+if blas.loaded() and "mkl" in blas.loaded():
+    # MKL opens its threading layer lazily: make it commit to one now.
+    ctypes.CDLL(blas.loaded()).MKL_Get_Max_Threads()
 report["maps"] = sorted({line.split()[-1] for line in open("/proc/self/maps")
                          if line.rstrip().endswith(".so") or ".so." in line})
 print(json.dumps(report))
@@ -168,13 +182,14 @@ def models(tmp_path_factory):
 @needs_linux_x86
 def test_fast_path_runs_with_no_compiler_reachable(models, tmp_path):
     """No compiler on PATH, CC=/bin/false and a fresh HOME: every kernel still
-    runs (nothing is compiled at run time), and nothing is read from or written
-    to ~/.cache/conveyor/kernels."""
+    runs (nothing is compiled at run time), nothing is read from or written to
+    ~/.cache/conveyor/kernels, and MKL shares our kernels' OpenMP runtime."""
     empty = tmp_path / "bin"
     empty.mkdir()
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items()
-           if k not in ("CONVEYOR_CACHE", "MKL_THREADING_LAYER", "CONVEYOR_KERNELS")}
+           if k not in ("CONVEYOR_CACHE", "MKL_THREADING_LAYER", "CONVEYOR_KERNELS",
+                        "LD_PRELOAD")}
     env.update(PATH=str(empty), CC="/bin/false", HOME=str(home),
                PYTHONPATH=str(Path(native.__file__).parents[2]))
     proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, models)], env=env,
@@ -195,3 +210,8 @@ def test_fast_path_runs_with_no_compiler_reachable(models, tmp_path):
     assert ours == [str(native.library_path(expected))]
     assert not any("conveyor/kernels" in m for m in maps)
     assert not (home / ".cache" / "conveyor" / "kernels").exists()
+    if blas.loaded() and "mkl" in blas.loaded():
+        # one OpenMP runtime, MKL's, for its threads and ours
+        assert report["openmp_shared"], maps
+        assert any("libmkl_intel_thread" in m for m in maps), maps
+        assert not any("libmkl_gnu_thread" in m for m in maps), maps

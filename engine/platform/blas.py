@@ -5,6 +5,17 @@ MLX's Linux CPU wheel links a reference BLAS (~6 GFLOP/s fp32 matmul on a
 loaded earlier with RTLD_GLOBAL wins: MKL's self-contained libmkl_rt brings
 fp32 matmul to ~180 GFLOP/s. This module must not import mlx.
 
+With MKL, one OpenMP runtime serves MKL's threads and the native kernels'
+(engine/platform/native.py, built with -fopenmp): MKL's own, Intel's libiomp5,
+which also implements GNU's and LLVM's OpenMP entry points. It is loaded here
+with RTLD_GLOBAL before MKL, so the kernels' OpenMP calls bind to it when their
+library is opened later. Two runtimes each keep threads spinning after their
+work, fighting for the same cores. GNU's libgomp for both
+(MKL_THREADING_LAYER=GNU) was as fast on an idle 2-core box but 2-5x slower
+whenever other processes wanted the cores: its waiting threads spin without
+yielding. Any MKL_THREADING_LAYER but INTEL is left to MKL (with GNU, MKL and
+the kernels then share libgomp).
+
 Set CONVEYOR_BLAS=off to skip it, or CONVEYOR_BLAS=/path/to/lib.so to choose.
 """
 
@@ -17,6 +28,7 @@ from pathlib import Path
 
 _loaded: str | None = None
 _serves_mlx = False
+_openmp: str | None = None
 
 
 def _candidates() -> list[Path]:
@@ -44,10 +56,13 @@ def preload() -> str | None:
     mode = ctypes.RTLD_GLOBAL if early else ctypes.RTLD_LOCAL
     paths = [Path(choice)] if choice else _candidates()
     for path in paths:
+        sharing = "mkl" in path.name and _load_mkl_openmp(path)
         try:
-            ctypes.CDLL(str(path), mode=mode)
+            lib = ctypes.CDLL(str(path), mode=mode)
         except OSError:
             continue
+        if sharing:
+            _pin_mkl_threading(lib, path)
         _loaded, _serves_mlx = str(path), early
         break
     return _loaded
@@ -62,6 +77,35 @@ def loaded() -> str | None:
 def serves_mlx() -> bool:
     """Whether MLX's own matmuls use that BLAS (it was loaded before MLX)."""
     return _serves_mlx
+
+
+def _load_mkl_openmp(mkl: Path) -> bool:
+    """Load MKL's OpenMP runtime (beside libmkl_rt) into the global scope,
+    unless the user chose another threading layer; whether it was."""
+    if os.environ.get("MKL_THREADING_LAYER", "INTEL").upper() != "INTEL":
+        return False
+    try:
+        ctypes.CDLL(str(mkl.parent / "libiomp5.so"), mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    return True
+
+
+def _pin_mkl_threading(lib: ctypes.CDLL, mkl: Path) -> None:
+    """Keep MKL on Intel's runtime: left to itself (even with
+    MKL_THREADING_LAYER=INTEL), MKL switches to GNU's layer when it finds
+    libgomp in the process, which the kernels' library brings along."""
+    global _openmp
+    try:
+        lib.MKL_Set_Threading_Layer(0)  # MKL_THREADING_INTEL
+    except AttributeError:
+        return
+    _openmp = str(mkl.parent / "libiomp5.so")
+
+
+def openmp_runtime() -> str | None:
+    """The OpenMP runtime loaded for MKL and the kernels to share, if any."""
+    return _openmp
 
 
 def sgemm_address() -> int | None:

@@ -36,11 +36,13 @@ X86_VARIANTS = (
 BASELINE = Variant("baseline", (), frozenset())
 
 # Flags for every kernel source, and the extra ones a source asks for. The
-# fast-math files rely on it to vectorise reductions and expf; the sampler
-# must not have it (its NaN / -inf tests would be optimised away).
+# fast-math files rely on it to vectorise reductions, expf and lrintf (without
+# it, quantizing a row called lrintf once a value); the sampler must not have
+# it (its NaN / -inf tests would be optimised away).
 COMPILE_FLAGS = ("-O3", "-fopenmp", "-std=gnu11")
 SOURCE_FLAGS = {
     "cpu_paged_attention.c": ("-ffast-math",),
+    "cpu_int8_matmul.c": ("-ffast-math",),
     "cpu_ops.c": ("-ffast-math",),
 }
 LINK_FLAGS = ("-fopenmp", "-lm", "-Wl,-z,defs", "-Wl,-Bsymbolic")

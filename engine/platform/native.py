@@ -90,3 +90,15 @@ def library() -> ctypes.CDLL | None:
     """The library for this CPU, or None (`load().reason` says why)."""
     return load().library
 
+
+
+def shares_blas_openmp() -> bool:
+    """Whether the kernels' OpenMP calls reach the runtime engine.platform.blas
+    loaded for MKL (one pool of threads for both)."""
+    lib, runtime = library(), blas.openmp_runtime()
+    if lib is None or runtime is None:
+        return False
+    lib.conveyor_openmp_function.restype = ctypes.c_void_p
+    ours = lib.conveyor_openmp_function()
+    theirs = ctypes.cast(ctypes.CDLL(runtime).omp_get_max_threads, ctypes.c_void_p).value
+    return ours == theirs

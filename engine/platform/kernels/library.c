@@ -8,3 +8,9 @@
 const char *conveyor_kernels_digest(void) { return CONVEYOR_KERNELS_DIGEST; }
 
 const char *conveyor_kernels_variant(void) { return CONVEYOR_KERNELS_VARIANT; }
+
+#include <omp.h>
+
+/* The omp_get_max_threads this library's OpenMP calls reach: which runtime
+ * serves them (engine/platform/blas.py has them share MKL's). */
+void *conveyor_openmp_function(void) { return (void *)&omp_get_max_threads; }

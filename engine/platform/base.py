@@ -5,7 +5,7 @@ CpuPlatform (engine/platform/cpu.py), CudaPlatform, MetalPlatform, or this
 portable base. The engine hands it to the loader (weight format, integer
 matmuls, buffer cache), the KV cache (which attention backend), the model
 runner (compiled decode steps, the host forward), the sampler (which
-helpers) and the embedder (streams). No other module asks which device it
+helpers) and the embedder (its CPU fast path). No other module asks which device it
 is on; a subclass overrides only what its device does better, and what it
 cannot do falls back to the portable pieces defined here, said once.
 """
@@ -69,7 +69,6 @@ class Platform:
     max_num_batched_tokens = 2048  # default tokens a step
     compile_decode = False         # compile pure-decode steps (when the backend allows)
     keeps_quantized = True         # quantized weights stay quantized by default
-    embed_streams = 1              # MLX streams the embedder alternates batches over
     # Element-wise math (exp, erf, sigmoid) through the vectorised versions in
     # engine/platform/fast_math.py: MLX's CPU evaluates those one scalar at a time.
     fast_math = False

@@ -43,13 +43,6 @@ class CpuPlatform(Platform):
         self.threads = os.cpu_count() or 1
         self._memory_prepared = False
 
-    @property
-    def embed_streams(self) -> int:
-        # Each stream has its own thread, and MLX runs element-wise ops on the
-        # stream's thread alone: two streams (a one-thread BLAS each) keep two
-        # cores busy where one leaves one idle outside the matmuls.
-        return min(2, self.threads)
-
     def describe(self) -> str:
         where = "cpu" + (" + " + blas.loaded().rsplit("/", 1)[-1] if blas.loaded() else "")
         if not blas.loaded():

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from engine.platform import weight_codes
-from engine.platform.int8_matmul import PackedWeight, concat
+from engine.platform.int8_matmul import PackedWeight
 from engine.platform.weight_codes import Codes16
 
 ACTIVATION_KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -61,7 +61,8 @@ class HostMatmul:
     def fused(cls, parts: list[HostMatmul]) -> HostMatmul | None:
         """One weight producing the outputs of `parts` in turn (same input),
         or None where they can't be fused (mixed kinds, bias on some parts
-        only, packed tiles that don't line up)."""
+        only, code tiles that don't line up). A checkpoint's packed codes are
+        fused by host_forward.bind_attention instead, as views that keep one copy."""
         biases = [p.keep[1] for p in parts]
         if all(b is None for b in biases):
             bias = None
@@ -72,9 +73,6 @@ class HostMatmul:
         if all(isinstance(p.packed, Codes16) for p in parts):
             codes = weight_codes.concat([p.packed for p in parts])
             return None if codes is None else cls(codes, bias)
-        if all(isinstance(p.packed, PackedWeight) for p in parts):
-            packed = concat([p.packed for p in parts])
-            return None if packed is None else cls(packed, bias)
         if all(p.packed is None for p in parts):
             return cls(np.concatenate([p.keep[0] for p in parts]), bias)
         return None

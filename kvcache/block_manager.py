@@ -42,6 +42,7 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}
         self._key_of: list[bytes | None] = [None] * num_blocks
         self._seq_keys: dict[str, list[bytes]] = {}
+        self._lookup_keys: dict[str, list[bytes]] = {}  # of sequences still waiting
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0     # of which found cached
 
@@ -114,6 +115,7 @@ class BlockManager:
         last owner lets go, last block first (so a prompt's tail is evicted
         before the prefix it shares). Freeing an unknown sequence does nothing."""
         self._seq_keys.pop(seq_id, None)
+        self._lookup_keys.pop(seq_id, None)
         for block in reversed(self._tables.pop(seq_id, [])):
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
@@ -124,15 +126,23 @@ class BlockManager:
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
     # -- prefix caching ----------------------------------------------------
-    def cached_prefix(self, token_ids) -> list[int]:
+    def cached_prefix(self, token_ids, seq_id: str | None = None) -> list[int]:
         """Registered blocks holding the longest cached prefix of `token_ids`,
         leaving at least the last token to compute (its logits are needed).
-        Looks only; `take_prefix` claims them."""
+        Looks only; `take_prefix` claims them. With `seq_id`, the sequence's
+        block keys are kept between calls (a sequence waiting for room is
+        looked up every step; its tokens only ever grow)."""
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
         full = (len(token_ids) - 1) // self.block_size
-        for key in chain_keys(token_ids, self.block_size, full):
+        keys = self._lookup_keys.get(seq_id, []) if seq_id is not None else []
+        if len(keys) < full:
+            keys = keys + chain_keys(token_ids, self.block_size, full, len(keys),
+                                     keys[-1] if keys else ROOT)
+            if seq_id is not None:
+                self._lookup_keys[seq_id] = keys
+        for key in keys[:full]:
             block = self._cached.get(key)
             if block is None:
                 break
@@ -149,6 +159,7 @@ class BlockManager:
         tokens they hold. Counts the lookup in the hit-rate statistics."""
         if seq_id in self._tables:
             raise ValueError(f"{seq_id} already has blocks")
+        self._lookup_keys.pop(seq_id, None)
         for block in hits:
             if self._ref_counts[block] == 0:
                 del self._free[block]
@@ -190,6 +201,7 @@ class BlockManager:
         self._cached.clear()
         self._key_of = [None] * self.num_blocks
         self._seq_keys.clear()
+        self._lookup_keys.clear()
 
     # -- checks ------------------------------------------------------------
     def check_invariants(self) -> None:

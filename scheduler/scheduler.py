@@ -146,7 +146,7 @@ class Scheduler:
             seq = self.waiting[0]
             # A waiting sequence holds no blocks (new, or preempted and freed):
             # it starts from the longest prefix of its tokens already cached.
-            hits = self.blocks.cached_prefix(seq.token_ids)
+            hits = self.blocks.cached_prefix(seq.token_ids, seq.seq_id)
             cached = len(hits) * self.blocks.block_size
             n = min(seq.num_tokens - cached, budget)
             if not self.blocks.can_take_prefix(hits, cached + n):

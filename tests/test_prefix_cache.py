@@ -171,3 +171,18 @@ def test_preemption_reuses_its_own_cached_blocks(tiny_llama_dir):
     assert stats.preemptions > 0 and stats.prefix_cache_hits > 0
     tight.engine.blocks.check_invariants()
     assert tight.engine.blocks.num_used == 0
+
+
+def test_a_waiting_sequences_keys_are_kept_and_stay_right_as_it_grows():
+    bm = BlockManager(8, BS)
+    run_to_end(bm, "a", list(range(13)))          # 3 full blocks registered
+    tokens = list(range(6))
+    assert bm.cached_prefix(tokens, "w") == bm.cached_prefix(tokens)       # 1 block
+    kept = bm._lookup_keys["w"]
+    tokens += list(range(6, 13))
+    assert bm.cached_prefix(tokens, "w") == bm.cached_prefix(tokens)       # grown: 3 blocks
+    assert bm._lookup_keys["w"][:1] == kept and len(bm._lookup_keys["w"]) == 3
+    bm.take_prefix("w", bm.cached_prefix(tokens, "w"), len(tokens))
+    assert "w" not in bm._lookup_keys                                      # admitted: dropped
+    bm.free("w")
+    bm.check_invariants()

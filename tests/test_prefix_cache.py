@@ -186,3 +186,11 @@ def test_a_waiting_sequences_keys_are_kept_and_stay_right_as_it_grows():
     assert "w" not in bm._lookup_keys                                      # admitted: dropped
     bm.free("w")
     bm.check_invariants()
+
+
+def test_engine_arguments_of_the_wrong_type_are_a_clear_error(tiny_llama_dir):
+    from engine.errors import ConveyorError
+
+    for bad in ({"enable_prefix_caching": "no"}, {"kv_cache_bytes": "lots"}, {"bogus": 1}):
+        with pytest.raises(ConveyorError, match="invalid engine argument"):
+            LLM(str(tiny_llama_dir), **bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 from tqdm import tqdm
 
@@ -34,9 +35,9 @@ class LLM:
 
             self._embedder = Embedder.load(model, **engine_args)
         else:
-            try:
-                args = EngineArgs(model=model, **engine_args)
-            except TypeError as exc:
+            try:  # convert, not the constructor: it checks every field's type
+                args = msgspec.convert({"model": model, **engine_args}, EngineArgs)
+            except msgspec.ValidationError as exc:
                 raise ConveyorError(f"invalid engine argument: {exc}") from None
             self.engine = LLMEngine.from_args(args)
 

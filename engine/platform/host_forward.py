@@ -142,7 +142,14 @@ def bind_attention(layer: Attention, ops: CpuOps, codes: int | None = None):
     holds no second copy of a weight (the narrow k and v alone left the two
     cores half idle): a checkpoint's integer codes are fused and the layers
     then read views into the fused copy; 16-bit codes made here (`codes`)
-    exist only in the fused form. Float weights are not fused."""
+    exist only in the fused form. Float weights are not fused. A checkpoint
+    whose projection is already one (`qkv_proj`) is multiplied as it is."""
+    heads = (layer.n_heads, layer.n_kv_heads, layer.n_kv_heads)
+    if "qkv_proj" in layer:
+        fused = _matmul(layer.qkv_proj, codes)
+        widths = [h * layer.head_dim for h in heads]
+        layer.project_host = _split_projection(ops, fused, widths, heads, layer.head_dim)
+        return None
     projections = [layer.q_proj, layer.k_proj, layer.v_proj]
     if all(isinstance(p, Int8Linear) and "bias" not in p for p in projections):
         packed = [p.packed for p in projections]
@@ -161,25 +168,33 @@ def bind_attention(layer: Attention, ops: CpuOps, codes: int | None = None):
         widths = [p.out_dim for p in parts]
     else:
         return None
-    heads = (layer.n_heads, layer.n_kv_heads, layer.n_kv_heads)
-
-    def project(x):
-        outs = ops.linear_split(fused, x, widths)
-        return tuple(o.reshape(-1, h, layer.head_dim) for o, h in zip(outs, heads))
-    layer.project_host = project
+    layer.project_host = _split_projection(ops, fused, widths, heads, layer.head_dim)
     return None
 
 
+def _split_projection(ops: CpuOps, fused: HostMatmul, widths, heads, head_dim: int):
+    """q, k, v from one matmul, each written to its own contiguous array."""
+    def project(x):
+        outs = ops.linear_split(fused, x, widths)
+        return tuple(o.reshape(-1, h, head_dim) for o, h in zip(outs, heads))
+    return project
+
+
 def bind_gated_mlp(layer: GatedMLP, ops: CpuOps, codes: int | None = None):
-    """gate and up fused into one matmul, for 16-bit codes made here (the
-    fused copy is their only one); float and checkpoint weights stay apart."""
-    if codes is None:
+    """gate and up as one matmul: a checkpoint's own fused projection
+    (`gate_up_proj`), or fused here for 16-bit codes made here (the fused copy
+    is their only one); float and checkpoint weights stay apart."""
+    if "gate_up_proj" in layer:
+        fused = _matmul(layer.gate_up_proj, codes)
+        widths = [fused.out_dim // 2] * 2
+    elif codes is None:
         return None
-    parts = [_matmul(layer.gate_proj, codes), _matmul(layer.up_proj, codes)]
-    fused = HostMatmul.fused(parts)
-    if fused is None:
-        return None
-    widths = [p.out_dim for p in parts]
+    else:
+        parts = [_matmul(layer.gate_proj, codes), _matmul(layer.up_proj, codes)]
+        fused = HostMatmul.fused(parts)
+        if fused is None:
+            return None
+        widths = [p.out_dim for p in parts]
     down, kind = _matmul(layer.down_proj, codes), layer.act.name
 
     def mlp(x):

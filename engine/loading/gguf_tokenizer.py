@@ -8,7 +8,8 @@ merges or scores) named by `tokenizer.ggml.model`:
   pieces with scores and `<0xNN>` byte pieces. SentencePiece merges the
   adjacent pair whose merged piece scores highest; as a BPE model that is a
   merge list ordered by the merged piece's score. Spaces are "▁", and
-  `tokenizer.ggml.add_space_prefix` (default true) puts one before the text.
+  `tokenizer.ggml.add_space_prefix` (default true) puts one before the text
+  and after each added token, as llama.cpp does.
 Control tokens become special tokens, user-defined ones added tokens.
 """
 
@@ -152,7 +153,7 @@ def sentencepiece_merges(tokens: list[str], scores: list[float],
 
 def _sentencepiece_bpe(path: Path, meta: Meta, tokens: list[str], types: list[int],
                        vocab: dict[str, int]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     scores = meta("tokenizer.ggml.scores", list, None)
     if scores is None or len(scores) != len(tokens):
@@ -169,10 +170,11 @@ def _sentencepiece_bpe(path: Path, meta: Meta, tokens: list[str], types: list[in
                        unk_token=unk, fuse_unk=True, byte_fallback=True)
     tok = Tokenizer(model)
     prefix = meta("tokenizer.ggml.add_space_prefix", bool, True)
-    # Spaces become "▁" and the text is never split before merging; the
-    # prefix space goes only before the text's start, not after special tokens.
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=SPACE, prepend_scheme="first" if prefix else "never", split=False)
+    # Spaces become "▁" and the text is never split before merging. As in
+    # llama.cpp, each stretch of text gets the prefix space, also one that
+    # follows an added token (normalizers run per stretch between them).
+    steps = [normalizers.Prepend(SPACE)] if prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return tok

@@ -193,3 +193,22 @@ def test_k_quant_gguf_runs_its_codes_on_the_fast_path(k_quant_dir):
     alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids
              for p in prompts]
     assert batched == alone
+
+
+def test_devices_without_16_wide_groups_get_those_layers_as_float(k_quant_dir):
+    """A platform that keeps quantized weights (the GPUs) but whose kernels
+    take groups of 32-128 only: Q6_K layers load as float, the rest stay
+    codes, and float32 K-quant scales follow half-precision activations."""
+    import mlx.nn as nn
+
+    from engine.platform.base import Platform
+    from models.layers import Linear
+
+    model, _ = load_model(k_quant_dir, platform=Platform(mx.cpu), dtype="float16")
+    six, four = model.layers[3].mlp.down_proj, model.layers[1].mlp.down_proj
+    assert isinstance(six, Linear) and six.weight.dtype == mx.float16
+    assert isinstance(four, nn.QuantizedLinear) and four.scales.dtype == mx.float16
+    reference, _ = load_model(k_quant_dir, cpu_matmul="float32")
+    np.testing.assert_allclose(np.array(six.weight.astype(mx.float32)),
+                               np.array(reference.layers[3].mlp.down_proj.weight),
+                               rtol=1e-3, atol=1e-4)

@@ -18,6 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 import models
 from engine.errors import ModelLoadError
@@ -139,11 +140,17 @@ def _dequantized(module: nn.Module, dtype: mx.Dtype, name: str = "",
     multiply their codes in integers; layers whose group size is in `keep`
     stay as they are."""
     def dense(q) -> mx.array:
-        # Group sizes mx.quantize does not make (GGUF Q6_K's 16) are dequantized
-        # on the CPU, whose kernels take any.
-        stream = None if q.group_size in QUANTIZE_GROUP_SIZES else mx.cpu
-        return mx.dequantize(q.weight, q.scales, q.get("biases"), q.group_size, q.bits,
-                             stream=stream).astype(dtype)
+        if q.group_size in QUANTIZE_GROUP_SIZES:
+            return mx.dequantize(q.weight, q.scales, q.get("biases"), q.group_size, q.bits
+                                 ).astype(dtype)
+        # Group sizes mx.quantize does not make (GGUF Q6_K's 16), which a
+        # device's kernels may lack: in numpy.
+        codes = int8_matmul.unpack_codes(np.array(q.weight), q.bits).astype(np.float32)
+        rows, groups = q.scales.shape
+        scales, biases = (np.array(a.astype(mx.float32))[:, :, None]
+                          for a in (q.scales, q["biases"]))
+        return mx.array((codes.reshape(rows, groups, -1) * scales + biases).reshape(rows, -1)
+                        ).astype(dtype)
 
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and \
             module.group_size in keep:

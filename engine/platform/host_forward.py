@@ -169,27 +169,41 @@ def _fuse(projections, codes: int | None) -> tuple[HostMatmul, list[int]] | None
 
 def bind_attention(layer: Attention, ops: CpuOps, codes: int | None = None):
     """Attention keeps its generic forward (projections, norms, RoPE, cache),
-    each part on its own binding; q/k/v are one matmul where `_fuse` allows."""
-    fused = _fuse([layer.q_proj, layer.k_proj, layer.v_proj], codes)
-    if fused is None:
-        return None
-    fused, widths = fused
+    each part on its own binding; q/k/v are one matmul where `_fuse` allows,
+    or as the checkpoint has them (`qkv_proj`)."""
     heads = (layer.n_heads, layer.n_kv_heads, layer.n_kv_heads)
-
-    def project(x):
-        outs = ops.linear_split(fused, x, widths)
-        return tuple(o.reshape(-1, h, layer.head_dim) for o, h in zip(outs, heads))
-    layer.project_host = project
+    if "qkv_proj" in layer:
+        fused = _matmul(layer.qkv_proj, codes)
+        widths = [h * layer.head_dim for h in heads]
+    else:
+        fused = _fuse([layer.q_proj, layer.k_proj, layer.v_proj], codes)
+        if fused is None:
+            return None
+        fused, widths = fused
+    layer.project_host = _split_projection(ops, fused, widths, heads, layer.head_dim)
     return None
 
 
+def _split_projection(ops: CpuOps, fused: HostMatmul, widths, heads, head_dim: int):
+    """q, k, v from one matmul, each written to its own contiguous array."""
+    def project(x):
+        outs = ops.linear_split(fused, x, widths)
+        return tuple(o.reshape(-1, h, head_dim) for o, h in zip(outs, heads))
+    return project
+
+
 def bind_gated_mlp(layer: GatedMLP, ops: CpuOps, codes: int | None = None):
-    """gate and up as one matmul where `_fuse` allows, the activation written
-    into the gate's fresh output."""
-    fused = _fuse([layer.gate_proj, layer.up_proj], codes)
-    if fused is None:
-        return None
-    fused, widths = fused
+    """gate and up as one matmul, the activation written into the gate's
+    fresh output: the checkpoint's own (`gate_up_proj`), or fused where
+    `_fuse` allows."""
+    if "gate_up_proj" in layer:
+        fused = _matmul(layer.gate_up_proj, codes)
+        widths = [fused.out_dim // 2] * 2
+    else:
+        fused = _fuse([layer.gate_proj, layer.up_proj], codes)
+        if fused is None:
+            return None
+        fused, widths = fused
     down, kind = _matmul(layer.down_proj, codes), layer.act.name
 
     def mlp(x):

@@ -8,7 +8,11 @@ table, each warp taking runs of UNROLL tokens (all their loads issued before
 any is used), with an online softmax for all the query heads of the group,
 and the warps' partial results are merged through shared memory at the end.
 K/V rows are read straight from the pools, and the row's new token is
-stored into them by the kernel itself.
+stored into them by the kernel itself. A layer's sliding window starts the
+walk at its first key (blocks before it are never read: they may already be
+freed), and soft-capping (CAPPED) maps each score through cap * tanh(s / cap)
+before the softmax. Both are checked at start-up only for models that use
+them (the AttentionSpec says which).
 
 The platform (engine/platform/cuda.py) picks this backend only for shapes
 within the kernel's limits (`unsupported`) and once `available()` has
@@ -26,6 +30,7 @@ import numpy as np
 
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
 from kvcache.attention.portable import PortableAttention, PortableMetadata, attend_prompts
+from kvcache.attention.sdpa import attention, key_mask
 
 WARPS = 4
 UNROLL = 4  # tokens a warp loads before computing on them
@@ -41,6 +46,9 @@ _SOURCE = """
     const int ctx = context_lens[b];
     const float scale = scale_in[0];
     const int W = width_in[0];  // data, not a template value: one compile serves all widths
+    // A sliding window (window_in > 0) sees only the latest window_in keys.
+    const int first = window_in[0] > 0 && ctx > window_in[0] ? ctx - window_in[0] : 0;
+    const float cap = softcap_in[0];
 
     float qv[G][PER_LANE];
     for (int g = 0; g < G; ++g)
@@ -71,7 +79,7 @@ _SOURCE = """
     // K/V loads (one vector load per lane and row) before using any: more
     // bytes in flight per warp, which is what decode attention waits on.
     struct alignas(sizeof(T) * PER_LANE) Lanes { T v[PER_LANE]; };
-    for (int t0 = warp * UNROLL; t0 < ctx; t0 += NWARPS * UNROLL) {
+    for (int t0 = first + warp * UNROLL; t0 < ctx; t0 += NWARPS * UNROLL) {
         Lanes kl[UNROLL], vl[UNROLL];
         for (int u = 0; u < UNROLL; ++u) {
             const int t = t0 + u < ctx ? t0 + u : ctx - 1;
@@ -91,6 +99,7 @@ _SOURCE = """
                 for (int i = 0; i < PER_LANE; ++i)
                     s += qv[g][i] * static_cast<float>(kl[u].v[i]);
                 for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+                if (CAPPED) s = cap * tanhf(s / cap);
                 sc[u][g] = t0 + u < ctx ? s : -INFINITY;
             }
         for (int g = 0; g < G; ++g) {
@@ -145,27 +154,32 @@ def _get_kernel():
         _kernel = mx.fast.cuda_kernel(
             name="conveyor_paged_decode_attention",
             input_names=["q", "k_pool", "v_pool", "k_new", "v_new", "block_tables",
-                         "context_lens", "scale_in", "width_in"],
+                         "context_lens", "scale_in", "width_in", "window_in", "softcap_in"],
             output_names=["out"], source=_SOURCE)
     return _kernel
 
 
 def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, k_new: mx.array,
                            v_new: mx.array, block_tables: mx.array, context_lens: mx.array,
-                           scale: float, block_size: int, n_kv_heads: int) -> mx.array:
+                           scale: float, block_size: int, n_kv_heads: int,
+                           window: int | None = None, softcap: float | None = None) -> mx.array:
     """q: [B, H, D]; pools: [slots * Hkv, D]; k_new, v_new: [B, Hkv, D], each
     row's new token, which the kernel stores into the pools *in place* at
     position context_lens - 1 (MLX does not see that write: the pools must be
     live, contiguous arrays); block_tables: [B, W] int32; context_lens: [B]
-    int32 (tokens to attend, the new one included)."""
+    int32 (tokens to attend, the new one included); `window`: attend only the
+    latest `window` of them; `softcap`: scores become softcap * tanh(s / softcap)."""
     batch, heads, dim = q.shape
     width = block_tables.shape[1]
     return _get_kernel()(
         inputs=[q, k_pool, v_pool, k_new.astype(k_pool.dtype), v_new.astype(v_pool.dtype),
                 block_tables, context_lens,
-                mx.array([scale], dtype=mx.float32), mx.array([width], dtype=mx.int32)],
+                mx.array([scale], dtype=mx.float32), mx.array([width], dtype=mx.int32),
+                mx.array([window or 0], dtype=mx.int32),
+                mx.array([softcap or 1.0], dtype=mx.float32)],
         template=[("T", q.dtype), ("D", dim), ("G", heads // n_kv_heads), ("KVH", n_kv_heads),
-                  ("BS", block_size), ("NWARPS", WARPS), ("UNROLL", UNROLL)],
+                  ("BS", block_size), ("NWARPS", WARPS), ("UNROLL", UNROLL),
+                  ("CAPPED", softcap is not None)],
         grid=(batch * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(batch, heads, dim)], output_dtypes=[q.dtype])[0]
 
@@ -197,44 +211,51 @@ def available(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
 
 
 def verify(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
-    """Compare with gather + SDPA on random data; any error means 'no'."""
+    """Compare with gather + SDPA on random data, with the options the spec's
+    model uses (a window crossing block edges, a cap low enough to bend the
+    scores); any error means 'no'."""
+    windows = (None, 20) if spec.sliding_window else (None,)
+    caps = (None, 2.0) if spec.softcap else (None,)
     try:
-        rng = np.random.default_rng(0)
-        dtype, bs, kvh, g, d = (spec.kv_dtype, spec.block_size, spec.num_kv_heads,
-                                spec.group, spec.head_dim)
-        lens = np.array([1, 17, 33, 90, 96], dtype=np.int32)
-        batch, width = len(lens), -(-int(lens.max()) // bs)
-        blocks = batch * width + 2
-        k_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
-        v_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
-        tables = rng.permutation(blocks)[:batch * width].reshape(batch, width).astype(np.int32)
-        q = mx.array(rng.normal(size=(batch, kvh * g, d)), dtype=dtype)
-        k_new = mx.array(rng.normal(size=(batch, kvh, d)), dtype=dtype)
-        v_new = mx.array(rng.normal(size=(batch, kvh, d)), dtype=dtype)
-        slots = (tables[:, :, None] * bs + np.arange(bs)).reshape(batch, -1)
-        new_rows = (slots[np.arange(batch), lens - 1][:, None] * kvh + np.arange(kvh)).reshape(-1)
-        # The reference sees the new tokens written the portable way.
-        k_ref, v_ref = mx.array(k_pool), mx.array(v_pool)
-        k_ref[mx.array(new_rows)] = k_new.reshape(-1, d)
-        v_ref[mx.array(new_rows)] = v_new.reshape(-1, d)
-        mx.eval(k_pool, v_pool, k_ref, v_ref)
-        got = paged_decode_attention(q, k_pool, v_pool, k_new, v_new, mx.array(tables),
-                                     mx.array(lens), d**-0.5, bs, kvh)
-        mx.eval(got)
-        rows = slots[:, None, :] * kvh + np.arange(kvh)[None, :, None]
-        mask = np.arange(slots.shape[1])[None, :] < lens[:, None]
-        ref = mx.fast.scaled_dot_product_attention(
-            q[:, :, None, :], k_ref[mx.array(rows)], v_ref[mx.array(rows)], scale=d**-0.5,
-            mask=mx.array(mask[:, None, None, :]))[:, :, 0, :]
-        err = mx.abs(got.astype(mx.float32) - ref.astype(mx.float32)).max().item()
-        # ... and the pools now hold the new tokens, written in place.
-        stored = mx.abs(k_pool[mx.array(new_rows)] - k_new.reshape(-1, d)).max().item() + \
-            mx.abs(v_pool[mx.array(new_rows)] - v_new.reshape(-1, d)).max().item()
-        return err < 2e-2 and stored == 0
+        return all(_matches(spec, window, cap) for window in windows for cap in caps)
     except Exception as exc:  # a compile or launch failure: fall back
         print(f"conveyor: CUDA paged attention unavailable ({type(exc).__name__}: {exc})",
               file=sys.stderr)
         return False
+
+
+def _matches(spec: AttentionSpec, window: int | None, softcap: float | None) -> bool:
+    rng = np.random.default_rng(0)
+    dtype, bs, kvh, g, d = (spec.kv_dtype, spec.block_size, spec.num_kv_heads,
+                            spec.group, spec.head_dim)
+    lens = np.array([1, 17, 33, 90, 96], dtype=np.int32)
+    batch, width = len(lens), -(-int(lens.max()) // bs)
+    blocks = batch * width + 2
+    k_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
+    v_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
+    tables = rng.permutation(blocks)[:batch * width].reshape(batch, width).astype(np.int32)
+    q = mx.array(rng.normal(size=(batch, kvh * g, d)), dtype=dtype)
+    k_new = mx.array(rng.normal(size=(batch, kvh, d)), dtype=dtype)
+    v_new = mx.array(rng.normal(size=(batch, kvh, d)), dtype=dtype)
+    slots = (tables[:, :, None] * bs + np.arange(bs)).reshape(batch, -1)
+    new_rows = (slots[np.arange(batch), lens - 1][:, None] * kvh + np.arange(kvh)).reshape(-1)
+    # The reference sees the new tokens written the portable way.
+    k_ref, v_ref = mx.array(k_pool), mx.array(v_pool)
+    k_ref[mx.array(new_rows)] = k_new.reshape(-1, d)
+    v_ref[mx.array(new_rows)] = v_new.reshape(-1, d)
+    mx.eval(k_pool, v_pool, k_ref, v_ref)
+    got = paged_decode_attention(q, k_pool, v_pool, k_new, v_new, mx.array(tables),
+                                 mx.array(lens), d**-0.5, bs, kvh, window, softcap)
+    mx.eval(got)
+    rows = slots[:, None, :] * kvh + np.arange(kvh)[None, :, None]
+    mask = key_mask(np.arange(slots.shape[1]), lens[:, None, None] - 1, window)[:, None]
+    ref = attention(q[:, :, None, :], k_ref[mx.array(rows)], v_ref[mx.array(rows)], d**-0.5,
+                    mx.array(mask), softcap)[:, :, 0, :]
+    err = mx.abs(got.astype(mx.float32) - ref.astype(mx.float32)).max().item()
+    # ... and the pools now hold the new tokens, written in place.
+    stored = mx.abs(k_pool[mx.array(new_rows)] - k_new.reshape(-1, d)).max().item() + \
+        mx.abs(v_pool[mx.array(new_rows)] - v_new.reshape(-1, d)).max().item()
+    return err < 2e-2 and stored == 0
 
 
 @dataclass
@@ -272,7 +293,8 @@ class CudaAttention(PortableAttention):
         return CudaMetadata(None, num_decode=rows, decode_block_tables=tables,
                             decode_context_lens=context_lens)
 
-    def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float,
+               window: int | None = None, softcap: float | None = None) -> mx.array:
         meta, cache = view.meta, view.cache
         nd, hkv = meta.num_decode, cache.n_kv_heads
         if nd < k.shape[0]:
@@ -284,6 +306,6 @@ class CudaAttention(PortableAttention):
             od = paged_decode_attention(
                 q[:nd].astype(cache.dtype), cache.k[view.layer], cache.v[view.layer], k[:nd],
                 v[:nd], meta.decode_block_tables, meta.decode_context_lens, scale,
-                cache.block_size, hkv)
+                cache.block_size, hkv, window, softcap)
             outs.append(od.astype(q.dtype))
-        return attend_prompts(view, q, scale, outs)
+        return attend_prompts(view, q, scale, outs, window, softcap)

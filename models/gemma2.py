@@ -58,15 +58,18 @@ class ModelArgs(BaseModelArgs):
     hidden_activation: str = "gelu_pytorch_tanh"
     tie_word_embeddings: bool = True
     qk_norm: bool = False                        # Gemma 3: RMSNorm on q and k heads
-    rope_parameters: dict[str, Any] | None = None  # transformers >= 5, per layer kind
+    rope_parameters: dict[str, Any] | None = None
 
     def __post_init__(self):
-        if self.rope_parameters:
-            full = self.rope_parameters.get("full_attention", self.rope_parameters)
+        if self.rope_parameters:  # transformers >= 5: one per layer kind, or one for all
+            params = self.rope_parameters
+            full = params.get("full_attention", params) if isinstance(params, dict) else None
+            local = params.get("sliding_attention") or {} if isinstance(params, dict) else None
+            if not (isinstance(full, dict) and isinstance(local, dict)):
+                raise ValueError("rope_parameters must be a mapping")
             self.rope_theta = full.get("rope_theta", self.rope_theta)
             if full.get("rope_type", "default") != "default":
                 self.rope_scaling = full
-            local = self.rope_parameters.get("sliding_attention") or {}
             self.rope_local_base_freq = local.get("rope_theta", self.rope_local_base_freq)
         if self.layer_types is None and self.sliding_window is not None:
             n = self.sliding_window_pattern
@@ -75,6 +78,9 @@ class ModelArgs(BaseModelArgs):
             self.layer_types = ["full_attention" if (i + 1) % n == 0 else "sliding_attention"
                                 for i in range(self.num_hidden_layers)]
         check_layer_types(self.layer_types, self.num_hidden_layers, self.sliding_window)
+        if not (isinstance(self.query_pre_attn_scalar, (int, float)) and
+                self.query_pre_attn_scalar > 0):
+            raise ValueError("query_pre_attn_scalar must be a positive number")
 
     def window(self, layer: int) -> int | None:
         return layer_window(self.layer_types, self.sliding_window, layer)

@@ -77,7 +77,7 @@ def check_layer_types(layer_types: list[str] | None, num_layers: int,
         raise ValueError(f"layer_types must list one of {sorted(kinds)} per layer "
                          f"({num_layers})")
     if "sliding_attention" in layer_types and not (
-            isinstance(sliding_window, int) and sliding_window > 0):
+            isinstance(sliding_window, int) and 0 < sliding_window < 2**31):
         raise ValueError(f"sliding layers need a positive integer sliding_window, "
                          f"not {sliding_window!r}")
 

@@ -1,35 +1,26 @@
 """Gemma 2, Gemma 3 (text) and Mistral: sliding-window layers, soft-capping and
-Gemma's layers, on tiny random checkpoints, against mlx-lm.
-
-mlx-lm's Gemma 2 and its Llama (which serves Mistral) attend every layer in
-full, where transformers honours the window; so the oracle is mlx-lm's model
-with each layer given transformers' mask (a window on the sliding layers),
-recomputing the whole sequence for every token. mlx-lm's own Gemma 3 windows
-its layers itself, and is checked to agree with that oracle. Windows are a
-few tokens and blocks 4 tokens, so the prompts outgrow both; Mistral, whose
-every layer slides, gives blocks behind its window back to the pool.
+Gemma's layers, on tiny random checkpoints, against mlx-lm given
+transformers' window masks (tests/mlx_lm_oracle.py). mlx-lm's own Gemma 3
+windows its layers itself, and is checked to agree with that oracle. Windows
+are a few tokens and blocks 4 tokens, so the prompts outgrow both; Mistral,
+whose every layer slides, gives blocks behind its window back to the pool.
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
-from tiny_models import TINY_GEMMA2, TINY_GEMMA3, TINY_MISTRAL, write_tiny_llama
+from mlx_lm_oracle import oracle, oracle_greedy
+from tiny_models import TINY_SLIDING, write_tiny_llama
 
 from engine import LLM, SamplingParams
+from engine.core.llm_engine import EngineArgs, LLMEngine
 from engine.entrypoints.cli import main
+from engine.errors import ModelLoadError
 from engine.loading.loader import load_model
 from kvcache.block_manager import FREED
 from kvcache.paged_cache import PagedKVCache
 
-# Each family's tiny config and the window of each of its layers (None: full),
-# as transformers lays them out: Gemma 2 every other layer from the first,
-# Gemma 3 all but every `sliding_window_pattern`-th, Mistral all.
-FAMILIES = {
-    "gemma2": (TINY_GEMMA2, [8, None, 8]),
-    "gemma3_text": (TINY_GEMMA3, [12, 12, None]),
-    "mistral": (TINY_MISTRAL, [8, 8]),
-}
+FAMILIES = TINY_SLIDING  # family -> (tiny config, window of each layer)
 PROMPTS = [[5, 9, 200], list(range(20, 33)), [int(t) for t in
                                               np.random.default_rng(2).integers(3, 300, 45)]]
 NEW_TOKENS = 12
@@ -41,37 +32,6 @@ ENGINE = dict(kv_cache_bytes=4 << 20, block_size=4, max_num_batched_tokens=16)
 def family(request, tmp_path_factory):
     config, windows = FAMILIES[request.param]
     return write_tiny_llama(tmp_path_factory.mktemp(request.param), **config), windows
-
-
-class TransformersMask(nn.Module):
-    """An mlx-lm block attending with transformers' mask for its layer."""
-
-    def __init__(self, block, window):
-        super().__init__()
-        self.block, self.window, self.use_sliding = block, window, False
-
-    def __call__(self, x, mask=None, cache=None):
-        from mlx_lm.models.base import create_causal_mask
-
-        return self.block(x, create_causal_mask(x.shape[1], window_size=self.window), cache)
-
-
-def oracle(path, windows):
-    from mlx_lm.utils import load_model as mlx_lm_load
-
-    model, _ = mlx_lm_load(path)
-    model.model.layers = [TransformersMask(b, w) for b, w in zip(model.model.layers, windows)]
-    return model
-
-
-def oracle_greedy(model, prompt, n=NEW_TOKENS):
-    """Greedy tokens and each step's log-probabilities, recomputed in full."""
-    tokens, logprobs = list(prompt), []
-    for _ in range(n):
-        logits = model(mx.array(tokens)[None])[0, -1]
-        logprobs.append(np.array(logits - mx.logsumexp(logits)))
-        tokens.append(int(np.argmax(logprobs[-1])))
-    return tokens[len(prompt):], logprobs
 
 
 def test_logits_match_mlx_lm_and_the_window_matters(family):
@@ -96,7 +56,7 @@ def test_mlx_lm_gemma3_windows_its_layers_as_the_oracle_does(tmp_path):
     for prompt in PROMPTS[1:]:
         tokens = [int(t) for t, _ in generate_step(mx.array(prompt), native,
                                                     max_tokens=NEW_TOKENS)]
-        assert tokens == oracle_greedy(oracle(path, windows), prompt)[0]
+        assert tokens == oracle_greedy(oracle(path, windows), prompt, NEW_TOKENS)[0]
 
 
 def engine_outputs(llm, prompts):
@@ -117,7 +77,7 @@ def test_greedy_tokens_match_mlx_lm_alone_and_batched(family, path_kind):
     assert (runner.host_forward is not None) == (path_kind == "fast")
     assert runner.backend.name == ("portable" if path_kind == "portable" else "cpu")
     model = oracle(path, windows)
-    want = [oracle_greedy(model, p) for p in PROMPTS]
+    want = [oracle_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
     batched = engine_outputs(llm, PROMPTS)
     assert [o.token_ids for o in batched] == [tokens for tokens, _ in want]
     for out, (tokens, logprobs) in zip(batched, want):
@@ -151,7 +111,7 @@ def test_mistral_gives_back_blocks_behind_its_window(tmp_path):
     llm = LLM(str(path), **ENGINE)
     steps: list[int] = []
     held_blocks(llm, steps)
-    want = oracle_greedy(oracle(path, windows), PROMPTS[2])[0]
+    want = oracle_greedy(oracle(path, windows), PROMPTS[2], NEW_TOKENS)[0]
     assert engine_outputs(llm, [PROMPTS[2]])[0].token_ids == want
     assert max(steps) <= (8 + 16) // 4 + 2 and steps[-1] <= 8 // 4 + 2
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
@@ -179,3 +139,100 @@ def test_generate_command_runs_each_family(family, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.out.strip()
+
+
+def test_transformers_5_rope_parameters_per_layer_kind(tmp_path):
+    """transformers >= 5 nests Gemma 3's two RoPE settings under the layer
+    kinds; read so, they give the same model as the flat keys."""
+    config, _ = FAMILIES["gemma3_text"]
+    flat = {k: v for k, v in config.items()
+            if k not in ("rope_theta", "rope_local_base_freq", "rope_scaling")}
+    nested = {**flat, "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
+    ids = mx.array(PROMPTS[2])
+    want = np.array(load_model(write_tiny_llama(tmp_path / "flat", **config))[0](ids))
+    got = np.array(load_model(write_tiny_llama(tmp_path / "nested", **nested))[0](ids))
+    np.testing.assert_array_equal(got, want)
+    plain = np.array(load_model(write_tiny_llama(tmp_path / "plain", **flat))[0](ids))
+    assert np.abs(plain - want).max() > 0.01  # the settings matter
+
+
+@pytest.mark.parametrize("family_name,change,message", [
+    ("mistral", {"sliding_window": 0}, "sliding_window"),
+    ("mistral", {"sliding_window": 2**40}, "sliding_window"),
+    ("gemma2", {"layer_types": ["sliding_attention"]}, "layer_types"),
+    ("gemma2", {"sliding_window_pattern": -1}, "sliding_window_pattern"),
+    ("gemma2", {"attn_logit_softcapping": "50"}, "soft-capping"),
+    ("gemma2", {"final_logit_softcapping": 0}, "soft-capping"),
+    ("gemma2", {"query_pre_attn_scalar": -256}, "query_pre_attn_scalar"),
+    ("gemma3_text", {"rope_parameters": ["x"]}, "rope_parameters"),
+    ("gemma3_text", {"rope_local_base_freq": -1}, "RoPE base"),
+])
+def test_a_bad_window_cap_or_rope_setting_is_a_one_line_config_error(tmp_path, family_name,
+                                                                     change, message):
+    config, _ = FAMILIES[family_name]
+    path = write_tiny_llama(tmp_path / "m", **{**config, **change})
+    with pytest.raises(ModelLoadError, match=f"invalid config.json.*{message}") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
+# -- the CUDA backend's plumbing, its kernel emulated in numpy (no GPU here) ----
+
+def emulated_cuda_kernel(ignore_window=False):
+    """What kvcache/attention/cuda.py's kernel computes, from the same inputs
+    and template: store each row's new K/V in place, attend its window."""
+    def kernel(inputs, template, output_shapes, output_dtypes, **launch):
+        q, k_pool, v_pool, k_new, v_new, tables, ctx, scale, width, window, cap = inputs
+        t = dict(template)
+        bs, kvh, group = t["BS"], t["KVH"], t["G"]
+        pools = [np.asarray(k_pool), np.asarray(v_pool)]  # the pools' memory, as the GPU's
+        q, k_new, v_new, tables, ctx = (np.array(a) for a in (q, k_new, v_new, tables, ctx))
+        window, cap, scale = int(np.array(window)[0]), float(np.array(cap)[0]), float(
+            np.array(scale)[0])
+        out = np.zeros(output_shapes[0], np.float32)
+        for b, n in enumerate(ctx):
+            slots = (tables[b][:, None] * bs + np.arange(bs)).reshape(-1)[:n]
+            for pool, new in zip(pools, (k_new, v_new)):
+                pool[slots[-1] * kvh:(slots[-1] + 1) * kvh] = new[b]
+            if window and not ignore_window:
+                slots = slots[-window:]
+            for h in range(kvh * group):
+                k = pools[0][slots * kvh + h // group]
+                s = k @ q[b, h] * scale
+                s = cap * np.tanh(s / cap) if t["CAPPED"] else s
+                p = np.exp(s - s.max())
+                out[b, h] = (p / p.sum()) @ pools[1][slots * kvh + h // group]
+        return [mx.array(out).astype(output_dtypes[0])]
+    return kernel
+
+
+def test_cuda_backend_passes_windows_and_caps_to_its_kernel(tmp_path, monkeypatch):
+    """Start-up verification asks for the window and cap a model uses (and
+    catches a kernel that ignores them), and decode rows through the kernel
+    give the portable path's tokens."""
+    from engine.platform.cpu import CpuPlatform
+    from kvcache.attention import cuda
+    from kvcache.attention.metadata import AttentionSpec
+
+    spec = AttentionSpec(8, 2, 64, 16, mx.float32, sliding_window=True, softcap=True)
+    monkeypatch.setattr(cuda, "_get_kernel", lambda: emulated_cuda_kernel(ignore_window=True))
+    assert cuda.verify(AttentionSpec(8, 2, 64, 16, mx.float32, softcap=True))
+    assert not cuda.verify(spec)
+    monkeypatch.setattr(cuda, "_get_kernel", lambda: emulated_cuda_kernel())
+    assert cuda.verify(spec)
+
+    class EmulatedCuda(CpuPlatform):
+        def fast_attention(self, spec):
+            return cuda.CudaAttention(spec), None
+
+    config, windows = FAMILIES["gemma2"]
+    path = write_tiny_llama(tmp_path / "g2", **{**config, "head_dim": 64})
+    portable = LLM(str(path), **ENGINE, paged_kernel=False)
+    llm = LLM(str(path), **ENGINE, paged_kernel=False)
+    llm.engine = LLMEngine(portable.engine.model, portable.tokenizer, portable.engine.config,
+                           EngineArgs(**ENGINE, compile=False), EmulatedCuda(mx.cpu))
+    assert llm.engine.cache.backend.name == "cuda"
+    want = [o.token_ids for o in engine_outputs(portable, PROMPTS)]
+    assert [o.token_ids for o in engine_outputs(llm, PROMPTS)] == want

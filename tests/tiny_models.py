@@ -123,6 +123,12 @@ TINY_GEMMA3 = {**TINY_LLAMA, "model_type": "gemma3_text", "head_dim": 16,
                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
                "rope_scaling": {"rope_type": "linear", "factor": 8.0},
                "tie_word_embeddings": True, "num_hidden_layers": 3}
+# Each family's config and the window of each layer (None: full attention), as
+# transformers lays them out: Gemma 2 every other layer from the first, Gemma 3
+# all but every `sliding_window_pattern`-th, Mistral all.
+TINY_SLIDING = {"gemma2": (TINY_GEMMA2, [8, None, 8]),
+                "gemma3_text": (TINY_GEMMA3, [12, 12, None]),
+                "mistral": (TINY_MISTRAL, [8, 8])}
 
 
 def write_quantized(src, dst, bits=4, group_size=32, override_bits=8, embedding=False):

@@ -179,7 +179,7 @@ def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, k_ne
                 mx.array([softcap or 1.0], dtype=mx.float32)],
         template=[("T", q.dtype), ("D", dim), ("G", heads // n_kv_heads), ("KVH", n_kv_heads),
                   ("BS", block_size), ("NWARPS", WARPS), ("UNROLL", UNROLL),
-                  ("CAPPED", softcap is not None)],
+                  ("CAPPED", int(softcap is not None))],
         grid=(batch * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(batch, heads, dim)], output_dtypes=[q.dtype])[0]
 

@@ -27,10 +27,10 @@ class Attention(Layer):
                  scale: float | None = None, window: int | None = None,
                  softcap: float | None = None):
         super().__init__()
-        if window is not None and window < 1:
-            raise ValueError(f"a sliding window must hold at least one token, not {window}")
-        if softcap is not None and not softcap > 0:
-            raise ValueError(f"attention soft-capping must be positive, not {softcap}")
+        if window is not None and not (isinstance(window, int) and window > 0):
+            raise ValueError(f"a sliding window must hold at least one token, not {window!r}")
+        if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+            raise ValueError(f"attention soft-capping must be positive, not {softcap!r}")
         if n_heads % n_kv_heads:
             raise ValueError(f"{n_heads} attention heads do not share {n_kv_heads} KV heads")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim

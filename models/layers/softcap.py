@@ -12,8 +12,8 @@ from models.layers.base import Layer
 class SoftCap(Layer):
     def __init__(self, cap: float):
         super().__init__()
-        if not cap > 0:
-            raise ValueError(f"soft-capping must be positive, not {cap}")
+        if not (isinstance(cap, (int, float)) and cap > 0):
+            raise ValueError(f"soft-capping must be positive, not {cap!r}")
         self.cap = float(cap)
 
     def forward(self, x: mx.array) -> mx.array:

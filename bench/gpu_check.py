@@ -93,6 +93,10 @@ def check_sliding_window_family(name: str, tmp: Path) -> None:
     same = sum(oracle_greedy(reference, p, 24)[0] == ours for p, ours in zip(prompts, tokens))
     print(f"{name}: greedy equal to mlx-lm with transformers' windows: {same}/{len(prompts)}",
           flush=True)
+    hf = transformers_greedy(path, prompts, 24)
+    if isinstance(hf, list):
+        hf = f"{sum(a == b for a, b in zip(hf, tokens))}/{len(prompts)}"
+    print(f"{name}: greedy equal to transformers: {hf}", flush=True)
     _, uncompiled = run(model, config, prompts, kv_cache_bytes=64 << 20, compile=False)
     _, portable = run(model, config, prompts, kv_cache_bytes=64 << 20, paged_kernel=False)
     print(f"{name}: compiled == uncompiled:", tokens == uncompiled, "kernel == portable path:",
@@ -103,6 +107,29 @@ def check_sliding_window_family(name: str, tmp: Path) -> None:
         print(f"{name}: chunked prefill equal:", out == tokens[-1:], "peak blocks for 324 "
               f"tokens in 64-token chunks: {chunked.blocks.peak_used} (21 without the window)",
               flush=True)
+
+
+def transformers_greedy(path: Path, prompts: list[list[int]], n: int):
+    """transformers' greedy tokens for the checkpoint (eager attention, the one
+    that soft-caps; the whole sequence recomputed a token), or why not."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager").to(device).eval()
+        outs = []
+        for prompt in prompts:
+            tokens = list(prompt)
+            with torch.no_grad():
+                for _ in range(n):
+                    logits = model(torch.tensor([tokens], device=device)).logits[0, -1]
+                    tokens.append(int(logits.argmax()))
+            outs.append(tokens[len(prompt):])
+        return outs
+    except Exception as exc:  # no torch here, or a loading problem: say which
+        return f"not compared ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
 
 
 if __name__ == "__main__":

@@ -17,20 +17,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
 
-from models.layers import (
-    Attention,
-    BaseModelArgs,
-    Embedding,
-    GatedMLP,
-    Linear,
-    RMSNorm,
-    RoPE,
-    SoftCap,
-)
-from models.llama import check_layer_types, layer_window
+from models import llama
+from models.layers import Attention, BaseModelArgs, GatedMLP, RMSNorm, RoPE, SoftCap
 
 
 @dataclasses.dataclass
@@ -77,13 +67,13 @@ class ModelArgs(BaseModelArgs):
                 raise ValueError(f"sliding_window_pattern must be a positive integer, not {n!r}")
             self.layer_types = ["full_attention" if (i + 1) % n == 0 else "sliding_attention"
                                 for i in range(self.num_hidden_layers)]
-        check_layer_types(self.layer_types, self.num_hidden_layers, self.sliding_window)
+        llama.check_layer_types(self.layer_types, self.num_hidden_layers, self.sliding_window)
         if not (isinstance(self.query_pre_attn_scalar, (int, float)) and
                 self.query_pre_attn_scalar > 0):
             raise ValueError("query_pre_attn_scalar must be a positive number")
 
     def window(self, layer: int) -> int | None:
-        return layer_window(self.layer_types, self.sliding_window, layer)
+        return llama.layer_window(self.layer_types, self.sliding_window, layer)
 
     def rope(self, layer: int) -> RoPE:
         """Sliding layers rotate with their own base where one is given
@@ -118,52 +108,13 @@ class TransformerBlock(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
-class GemmaModel(nn.Module):
+class Model(llama.Model):
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size,
-                                      scale=args.embedding_scale())
-        self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=1.0)
-
-    def __call__(self, input_ids, positions, caches=None):
-        h = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, positions, None if caches is None else caches[i])
-        return self.norm(h)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model = GemmaModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, llama.LlamaModel(args, TransformerBlock, args.embedding_scale(),
+                                                norm_offset=1.0))
         if args.final_logit_softcapping is not None:
             self.final_softcap = SoftCap(args.final_logit_softcapping)
 
     def __call__(self, input_ids, positions=None, caches=None, logits_index=None):
-        """Logits for packed tokens `input_ids` [N] (a single sequence when
-        `caches` is None); `logits_index` picks the rows that need them."""
-        if positions is None:
-            positions = mx.arange(input_ids.shape[0], dtype=mx.int32)
-        h = self.model(input_ids, positions, caches)
-        if logits_index is not None:
-            h = h[logits_index]
-        if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)
-        else:
-            logits = self.lm_head(h)
+        logits = super().__call__(input_ids, positions, caches, logits_index)
         return self.final_softcap(logits) if "final_softcap" in self else logits
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        # Rotary tables are computed, never loaded; tied heads have no lm_head.
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-        return weights

@@ -104,11 +104,15 @@ class TransformerBlock(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Embedding, blocks, final norm; other decoders pass their own block
+    class, embedding scale and norm offset (Gemma)."""
+
+    def __init__(self, args: ModelArgs, block=TransformerBlock, embed_scale: float | None = None,
+                 norm_offset: float = 0.0):
         super().__init__()
-        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size, embed_scale)
+        self.layers = [block(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
 
     def __call__(self, input_ids, positions, caches=None):
         h = self.embed_tokens(input_ids)
@@ -118,10 +122,10 @@ class LlamaModel(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, decoder: LlamaModel | None = None):
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args)
+        self.model = decoder or LlamaModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 

@@ -6,6 +6,8 @@ are a few tokens and blocks 4 tokens, so the prompts outgrow both; Mistral,
 whose every layer slides, gives blocks behind its window back to the pool.
 """
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -156,6 +158,24 @@ def test_transformers_5_rope_parameters_per_layer_kind(tmp_path):
     np.testing.assert_array_equal(got, want)
     plain = np.array(load_model(write_tiny_llama(tmp_path / "plain", **flat))[0](ids))
     assert np.abs(plain - want).max() > 0.01  # the settings matter
+
+
+def test_configs_as_transformers_writes_them(family, tmp_path):
+    """transformers' own config class lays out the same windows, and the
+    config.json it writes (transformers 5: rope_parameters, layer_types, no
+    flat RoPE keys) builds the same model."""
+    transformers = pytest.importorskip("transformers")
+    path, windows = family
+    config = json.loads((path / "config.json").read_text())
+    theirs = transformers.CONFIG_MAPPING[config["model_type"]](
+        **{k: v for k, v in config.items() if k != "model_type"})
+    kinds = getattr(theirs, "layer_types", None) or ["sliding_attention"] * len(windows)  # Mistral
+    assert [theirs.sliding_window if k == "sliding_attention" else None for k in kinds] == windows
+    ours, _ = load_model(path)
+    assert [layer.self_attn.window for layer in ours.layers] == windows
+    written = write_tiny_llama(tmp_path / "t", **theirs.to_dict())
+    ids = mx.array(PROMPTS[2])
+    np.testing.assert_array_equal(np.array(load_model(written)[0](ids)), np.array(ours(ids)))
 
 
 @pytest.mark.parametrize("family_name,change,message", [

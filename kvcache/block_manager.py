@@ -151,12 +151,14 @@ class BlockManager:
     def most_blocks_held(self, num_tokens: int, chunk: int) -> int:
         """The most blocks a sequence of `num_tokens` tokens holds at once
         when computed `chunk` tokens at most a step: all of them, or with a
-        sliding window those of a chunk and the window behind its first token
-        (a span that may straddle one block more)."""
+        sliding window those of the window and two steps' chunks (with
+        asynchronous scheduling a step's blocks are released only once the
+        next one is planned), in a span that may straddle one block more."""
         every = self.blocks_for(num_tokens)
         if self.sliding_window is None:
             return every
-        return min(every, self.blocks_for(self.sliding_window - 1 + min(chunk, num_tokens)) + 1)
+        span = self.sliding_window - 1 + 2 * min(chunk, num_tokens)
+        return min(every, self.blocks_for(span) + 1)
 
     def release_behind_window(self, seq_id: str, next_position: int) -> int:
         """Give back the blocks of `seq_id` that no layer reads again once its

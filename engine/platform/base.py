@@ -68,6 +68,7 @@ class Platform:
     kv_cache_bytes = 2 << 30       # default KV budget
     max_num_batched_tokens = 2048  # default tokens a step
     compile_decode = False         # compile pure-decode steps (when the backend allows)
+    async_scheduling = False       # plan step N+1 while the device runs step N
     keeps_quantized = True         # quantized weights stay quantized by default
     # Element-wise math (exp, erf, sigmoid) through the vectorised versions in
     # engine/platform/fast_math.py: MLX's CPU evaluates those one scalar at a time.

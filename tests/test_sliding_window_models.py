@@ -66,18 +66,23 @@ def engine_outputs(llm, prompts):
     return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("path_kind", ["fast", "mlx-forward", "portable"])
+PATHS = {"fast": {}, "mlx-forward": dict(host_forward=False),
+         "portable": dict(host_forward=False, paged_kernel=False),
+         "portable-async": dict(host_forward=False, paged_kernel=False, async_scheduling=True)}
+
+
+@pytest.mark.parametrize("path_kind", list(PATHS))
 def test_greedy_tokens_match_mlx_lm_alone_and_batched(family, path_kind):
     """The CPU fast path (every layer on its C kernel), the MLX forward over
     the C attention kernel, and the portable path (MLX forward and attention),
-    with prompts longer than the window cut into chunks of 16 tokens."""
+    also with asynchronous scheduling (blocks released a step later), with
+    prompts longer than the window cut into chunks of 16 tokens."""
     path, windows = family
-    options = {"fast": {}, "mlx-forward": dict(host_forward=False),
-               "portable": dict(host_forward=False, paged_kernel=False)}[path_kind]
-    llm = LLM(str(path), **ENGINE, **options)
+    llm = LLM(str(path), **ENGINE, **PATHS[path_kind])
     runner = llm.engine.runner
     assert (runner.host_forward is not None) == (path_kind == "fast")
-    assert runner.backend.name == ("portable" if path_kind == "portable" else "cpu")
+    assert runner.backend.name == ("cpu" if path_kind in ("fast", "mlx-forward") else "portable")
+    assert llm.engine.async_scheduling == path_kind.endswith("async")
     model = oracle(path, windows)
     want = [oracle_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
     batched = engine_outputs(llm, PROMPTS)
@@ -104,31 +109,35 @@ def held_blocks(llm, steps):
     engine.step = recording_step
 
 
-def test_mistral_gives_back_blocks_behind_its_window(tmp_path):
+@pytest.mark.parametrize("path_kind", ["fast", "portable-async"])
+def test_mistral_gives_back_blocks_behind_its_window(tmp_path, path_kind):
     """A 45-token prompt and 12 new tokens would fill 15 blocks of 4; with a
-    window of 8 a sequence holds at most the window, a 16-token chunk and the
-    blocks they straddle. Prefix caching still finds the released blocks."""
+    window of 8 a sequence holds at most the window, a 16-token chunk (two
+    with a step in flight) and the blocks they straddle. Prefix caching still
+    finds the released blocks."""
     config, windows = FAMILIES["mistral"]
     path = write_tiny_llama(tmp_path / "m", **config)
-    llm = LLM(str(path), **ENGINE)
+    llm = LLM(str(path), **ENGINE, **PATHS[path_kind])
     steps: list[int] = []
     held_blocks(llm, steps)
     want = oracle_greedy(oracle(path, windows), PROMPTS[2], NEW_TOKENS)[0]
     assert engine_outputs(llm, [PROMPTS[2]])[0].token_ids == want
-    assert max(steps) <= (8 + 16) // 4 + 2 and steps[-1] <= 8 // 4 + 2
+    chunks = 2 if llm.engine.async_scheduling else 1
+    assert max(steps) <= (8 + 16 * chunks) // 4 + 2 and steps[-1] <= (8 + chunks) // 4 + 2
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
     # The same prompt again: its first blocks come from the prefix cache.
     assert engine_outputs(llm, [PROMPTS[2]])[0].token_ids == want
     assert llm.engine.blocks.prefix_hits > 0
 
 
-def test_mistral_preempted_under_a_tight_budget_gives_the_same_tokens(tmp_path):
+@pytest.mark.parametrize("path_kind", ["fast", "portable-async"])
+def test_mistral_preempted_under_a_tight_budget_gives_the_same_tokens(tmp_path, path_kind):
     config, windows = FAMILIES["mistral"]
     path = write_tiny_llama(tmp_path / "m", **config)
     per_block = PagedKVCache.bytes_per_block(2, 4, 2, 16, mx.float32)
     prompts = PROMPTS + [PROMPTS[2][::-1], PROMPTS[1] * 3]
     roomy = engine_outputs(LLM(str(path), **ENGINE), prompts)
-    tight = LLM(str(path), **{**ENGINE, "kv_cache_bytes": 14 * per_block})
+    tight = LLM(str(path), **{**ENGINE, "kv_cache_bytes": 14 * per_block}, **PATHS[path_kind])
     assert tight.engine.blocks.num_blocks == 14
     assert [o.token_ids for o in engine_outputs(tight, prompts)] == \
         [o.token_ids for o in roomy]

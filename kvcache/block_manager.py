@@ -12,6 +12,13 @@ takes the longest run of registered blocks matching its prompt instead of
 computing them. A block whose last owner lets go stays registered, with its
 contents, in an LRU queue of free blocks; it is evicted (unregistered) only
 when the allocator hands it out again, oldest first.
+
+Sliding windows: when every attention layer of the model sees only its
+`sliding_window` latest tokens, a block whose every slot is behind the window
+of the sequence's next token is read by no one again; `release_behind_window`
+gives it back (to the LRU queue, registered as ever) and leaves FREED in its
+table entry, so positions still index the table. Released entries are always
+a leading run of the table.
 """
 
 from __future__ import annotations
@@ -20,18 +27,26 @@ from collections import OrderedDict
 
 from kvcache.prefix_hash import ROOT, chain_keys
 
+FREED = -1  # a table entry whose block went back to the pool behind a sliding window
+
 
 class NoFreeBlocks(RuntimeError):
     """Raised when an allocation is attempted without enough free blocks."""
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None):
+        """`sliding_window`: the largest window when every attention layer
+        has one (blocks behind it may then be released), else None."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError("a sliding window must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         # Free blocks in eviction order (least recently freed first).
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts = [0] * num_blocks
@@ -106,7 +121,8 @@ class BlockManager:
             raise ValueError(f"{child_id} already has blocks")
         table = list(self.block_table(parent_id))
         for block in table:
-            self._ref_counts[block] += 1
+            if block != FREED:
+                self._ref_counts[block] += 1
         self._tables[child_id] = table
         self._seq_keys[child_id] = list(self._seq_keys.get(parent_id, []))
 
@@ -117,9 +133,48 @@ class BlockManager:
         self._seq_keys.pop(seq_id, None)
         self._lookup_keys.pop(seq_id, None)
         for block in reversed(self._tables.pop(seq_id, [])):
-            self._ref_counts[block] -= 1
-            if self._ref_counts[block] == 0:
-                self._free[block] = None
+            if block != FREED:
+                self._release(block)
+
+    def _release(self, block: int) -> None:
+        self._ref_counts[block] -= 1
+        if self._ref_counts[block] == 0:
+            self._free[block] = None
+
+    def _behind_window(self, next_position: int) -> int:
+        """Leading blocks no layer reads once the next token to compute is at
+        `next_position`: each of their slots is behind that token's window."""
+        if self.sliding_window is None:
+            return 0
+        return max(next_position - self.sliding_window + 1, 0) // self.block_size
+
+    def most_blocks_held(self, num_tokens: int, chunk: int) -> int:
+        """The most blocks a sequence of `num_tokens` tokens holds at once
+        when computed `chunk` tokens at most a step: all of them, or with a
+        sliding window those of the window and two steps' chunks (with
+        asynchronous scheduling a step's blocks are released only once the
+        next one is planned), in a span that may straddle one block more."""
+        every = self.blocks_for(num_tokens)
+        if self.sliding_window is None:
+            return every
+        span = self.sliding_window - 1 + 2 * min(chunk, num_tokens)
+        return min(every, self.blocks_for(span) + 1)
+
+    def release_behind_window(self, seq_id: str, next_position: int) -> int:
+        """Give back the blocks of `seq_id` that no layer reads again once its
+        next token to compute is at `next_position`; returns how many."""
+        table = self._tables.get(seq_id)
+        if self.sliding_window is None or not table:  # the common case, every step
+            return 0
+        behind = min(self._behind_window(next_position), len(table))
+        released = 0
+        for i in range(behind - 1, -1, -1):  # back to the run released before
+            if table[i] == FREED:
+                break
+            self._release(table[i])
+            table[i] = FREED
+            released += 1
+        return released
 
     def slot(self, seq_id: str, position: int) -> int:
         table = self._tables[seq_id]
@@ -151,23 +206,27 @@ class BlockManager:
 
     def can_take_prefix(self, hits: list[int], num_tokens: int) -> bool:
         """Whether a new sequence can claim `hits` and grow to `num_tokens`."""
-        reclaimed = sum(1 for b in hits if self._ref_counts[b] == 0)
+        claimed = hits[self._behind_window(len(hits) * self.block_size):]
+        reclaimed = sum(1 for b in claimed if self._ref_counts[b] == 0)
         return self.blocks_for(num_tokens) - len(hits) <= len(self._free) - reclaimed
 
     def take_prefix(self, seq_id: str, hits: list[int], num_prompt_tokens: int) -> int:
         """Start `seq_id`'s table with the cached blocks `hits`; returns the
-        tokens they hold. Counts the lookup in the hit-rate statistics."""
+        tokens they hold. Hits already behind the window of the first token
+        to compute are not claimed (FREED entries). Counts the lookup in the
+        hit-rate statistics."""
         if seq_id in self._tables:
             raise ValueError(f"{seq_id} already has blocks")
         self._lookup_keys.pop(seq_id, None)
-        for block in hits:
+        cached = len(hits) * self.block_size
+        behind = self._behind_window(cached)
+        for block in hits[behind:]:
             if self._ref_counts[block] == 0:
                 del self._free[block]
             self._ref_counts[block] += 1
-        self._tables[seq_id] = list(hits)
+        self._tables[seq_id] = [FREED] * behind + hits[behind:]
         self._seq_keys[seq_id] = [self._key_of[b] for b in hits]
         self.peak_used = max(self.peak_used, self.num_used)
-        cached = len(hits) * self.block_size
         if self.enable_prefix_caching:
             self.prefix_queries += num_prompt_tokens
             self.prefix_hits += cached
@@ -188,6 +247,8 @@ class BlockManager:
                                 start=len(keys)):
             keys.append(key)
             block = table[i]
+            if block == FREED:  # released before registration: nothing to share
+                continue
             # An equal block computed twice (two sequences with the same new
             # prefix at once) stays registered once; the copy is a plain block.
             if key not in self._cached and self._key_of[block] is None:
@@ -210,7 +271,9 @@ class BlockManager:
         tests and after failures."""
         owners = [0] * self.num_blocks
         for table in self._tables.values():
-            for block in table:
+            released = table.count(FREED)
+            assert all(b == FREED for b in table[:released]), "a released entry past a live one"
+            for block in table[released:]:
                 owners[block] += 1
         for block in range(self.num_blocks):
             assert self._ref_counts[block] >= 0, f"block {block} has a negative count"

@@ -72,17 +72,20 @@ class PagedKVCache:
 
 class PagedLayerView:
     """What one attention layer sees: the same small interface as a
-    contiguous cache, `attend(q, k, v, scale)` on packed [N, heads, dim]."""
+    contiguous cache, `attend(q, k, v, scale, window, softcap)` on packed
+    [N, heads, dim] (models/layers/attention.py says what the options mean)."""
 
     def __init__(self, cache: PagedKVCache, layer: int, meta: Any):
         self.cache, self.layer, self.meta = cache, layer, meta
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float,
+               window: int | None = None, softcap: float | None = None) -> mx.array:
         """Store this step's k, v and attend q over each sequence's context."""
-        return self.cache.backend.attend(self, q, k, v, scale)
+        return self.cache.backend.attend(self, q, k, v, scale, window, softcap)
 
-    def attend_host(self, q, k, v, scale: float):
+    def attend_host(self, q, k, v, scale: float, window: int | None = None,
+                    softcap: float | None = None):
         """`attend` on host float32 numpy arrays, for a forward that runs
         outside MLX (backends with `host_attention` only): q [N, heads, D],
         k/v [N, kv_heads, D]."""
-        return self.cache.backend.attend_host(self, q, k, v, scale)
+        return self.cache.backend.attend_host(self, q, k, v, scale, window, softcap)

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral-style configs, SmolLM2).
+"""Llama-family decoder (Llama 2/3, SmolLM2; Mistral and Qwen build on it).
 
 Tokens arrive packed: `input_ids` is [N] for all sequences of a step, each
 with its own position. Attention goes through a per-layer cache view, so the
@@ -38,6 +38,10 @@ class ModelArgs(BaseModelArgs):
     hidden_act: str = "silu"
     rope_parameters: dict[str, Any] | None = None  # transformers >= 5 nests RoPE here
     qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
+    # Per layer "full_attention" or "sliding_attention" (the latter sees only
+    # its `sliding_window` latest tokens); None: every layer full, as mlx-lm.
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if self.rope_parameters:
@@ -48,10 +52,38 @@ class ModelArgs(BaseModelArgs):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        check_layer_types(self.layer_types, self.num_hidden_layers, self.sliding_window)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None for full attention."""
+        return layer_window(self.layer_types, self.sliding_window, layer)
+
+
+def layer_window(layer_types: list[str] | None, sliding_window: int | None,
+                 layer: int) -> int | None:
+    sliding = layer_types is not None and layer_types[layer] == "sliding_attention"
+    return sliding_window if sliding else None
+
+
+def check_layer_types(layer_types: list[str] | None, num_layers: int,
+                      sliding_window: int | None) -> None:
+    """ValueError unless `layer_types` names one known kind per layer, with a
+    positive window wherever a layer slides."""
+    if layer_types is None:
+        return
+    kinds = {"full_attention", "sliding_attention"}
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers or \
+            not set(layer_types) <= kinds:
+        raise ValueError(f"layer_types must list one of {sorted(kinds)} per layer "
+                         f"({num_layers})")
+    if "sliding_attention" in layer_types and not (
+            isinstance(sliding_window, int) and 0 < sliding_window < 2**31):
+        raise ValueError(f"sliding layers need a positive integer sliding_window, "
+                         f"not {sliding_window!r}")
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         rope = RoPE(args.head_dim, args.rope_theta, args.rope_scaling, args.rope_traditional,
                     args.max_position_embeddings)
@@ -59,7 +91,8 @@ class TransformerBlock(nn.Module):
                                    args.num_key_value_heads, args.head_dim, rope=rope,
                                    bias=args.attention_bias,
                                    out_bias=args.attention_out_bias,
-                                   qk_norm_eps=args.rms_norm_eps if args.qk_norm else None)
+                                   qk_norm_eps=args.rms_norm_eps if args.qk_norm else None,
+                                   window=args.window(layer))
         self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.hidden_act,
                             args.mlp_bias)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -71,11 +104,15 @@ class TransformerBlock(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Embedding, blocks, final norm; other decoders pass their own block
+    class, embedding scale and norm offset (Gemma)."""
+
+    def __init__(self, args: ModelArgs, block=TransformerBlock, embed_scale: float | None = None,
+                 norm_offset: float = 0.0):
         super().__init__()
-        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size, embed_scale)
+        self.layers = [block(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
 
     def __call__(self, input_ids, positions, caches=None):
         h = self.embed_tokens(input_ids)
@@ -85,10 +122,10 @@ class LlamaModel(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, decoder: LlamaModel | None = None):
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args)
+        self.model = decoder or LlamaModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 

@@ -10,7 +10,9 @@ admitted sequence is preempted: its blocks are freed and it is requeued at the
 front, to be recomputed later. With prefix caching (kvcache/block_manager.py)
 an admitted sequence starts after the longest cached prefix of its tokens, so
 a shared prompt prefix, or a preempted sequence's own blocks while they are
-still cached, is not computed again.
+still cached, is not computed again. When every layer of the model has a
+sliding window, blocks behind a sequence's window go back to the pool as it
+advances (BlockManager.release_behind_window).
 """
 
 from __future__ import annotations
@@ -103,8 +105,11 @@ class Scheduler:
             raise RequestTooLong(
                 f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
                 f"exceeds the model's context of {limit} tokens")
-        capacity = self.blocks.num_blocks * self.blocks.block_size
-        if total > capacity:
+        # With a sliding window on every layer, what must fit is the window
+        # and a step's chunk, not the whole sequence.
+        if self.blocks.most_blocks_held(total, self.config.max_num_batched_tokens) > \
+                self.blocks.num_blocks:
+            capacity = self.blocks.num_blocks * self.blocks.block_size
             raise RequestTooLong(
                 f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
                 f"exceeds the whole KV cache ({capacity} tokens); raise kv_cache_bytes")
@@ -257,6 +262,8 @@ class Scheduler:
                 new_tokens.append((seq, token))
             if seq.status is SequenceStatus.RUNNING:
                 self.blocks.register_computed(seq.seq_id, seq.token_ids, p.computed)
+                # Registered first, so blocks leaving the window stay findable.
+                self.blocks.release_behind_window(seq.seq_id, p.computed)
             if p.index is None:
                 continue
             reason = seq.stop_reason_at(p.index, token, self.config.max_model_len)

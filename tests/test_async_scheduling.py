@@ -15,7 +15,7 @@ def prompts(n, seed=0):
 
 def engines(tiny_llama_dir, **kwargs):
     # The portable MLX path: the CPU's host forward always runs one step at a time.
-    common = dict(host_forward=False, **kwargs)
+    common = dict(host_forward=False, **{"kv_cache_bytes": 16 << 20, **kwargs})
     return (LLM(str(tiny_llama_dir), async_scheduling=False, **common),
             LLM(str(tiny_llama_dir), async_scheduling=True, **common))
 
@@ -29,7 +29,7 @@ def outputs(llm, ps, params):
 def test_engine_runs_async(tiny_llama_dir):
     _, fast = engines(tiny_llama_dir)
     assert fast.engine.async_scheduling
-    assert not LLM(str(tiny_llama_dir)).engine.async_scheduling  # host forward: one at a time
+    assert not LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20).engine.async_scheduling  # host forward
 
 
 @pytest.mark.parametrize("case", ["greedy", "seeded", "stops", "logprobs"])

@@ -21,8 +21,11 @@ def build_kernel(head_dim, block_size, kv_dtype=np.float32, variant=None):
                                  kv_dtype=kv_dtype)
 
 
-def reference(q, keys, values, tables, qrow, ctx, block_size, scale):
-    """Plain numpy attention over logical per-slot keys/values [slots, Hkv, D]."""
+def reference(q, keys, values, tables, qrow, ctx, block_size, scale, window=None,
+              softcap=None):
+    """Plain numpy attention over logical per-slot keys/values [slots, Hkv, D]:
+    each query sees its context's last `window` slots (all without one), its
+    scores soft-capped at `softcap` if given."""
     n, heads, _ = q.shape
     group = heads // keys.shape[1]
     out = np.zeros_like(q)
@@ -31,9 +34,11 @@ def reference(q, keys, values, tables, qrow, ctx, block_size, scale):
             continue
         table = tables[qrow[i]]
         slots = (table[:, None] * block_size + np.arange(block_size)).reshape(-1)[:ctx[i]]
+        slots = slots[-window:] if window else slots
         for h in range(heads):
             k, v = keys[slots, h // group], values[slots, h // group]
             s = k @ q[i, h] * scale
+            s = softcap * np.tanh(s / softcap) if softcap else s
             p = np.exp(s - s.max())
             out[i, h] = (p / p.sum()) @ v
     return out
@@ -68,6 +73,42 @@ def test_kernel_matches_reference(head_dim, heads, kv_heads, block_size):
     want = reference(q, keys, values, tables, qrow, ctx, block_size, scale)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
     assert not got[-1].any()
+
+
+@pytest.mark.parametrize("window,softcap,kv_dtype", [(1, None, np.float32),
+                                                     (5, None, np.float32),
+                                                     (16, 2.0, np.float32),
+                                                     (37, 1.5, np.float16),
+                                                     (None, 3.0, np.float32)])
+def test_sliding_window_and_softcap_match_reference(window, softcap, kv_dtype):
+    """A window inside one block, one block long, crossing blocks; soft-capped
+    scores (caps low enough to change them). Blocks wholly before every
+    query's window are unreadable (NaN): the kernel must not touch them."""
+    block_size, heads, kv_heads, head_dim = 16, 8, 2, 64
+    kernel = build_kernel(head_dim, block_size, kv_dtype)
+    rng = np.random.default_rng(1)
+    num_blocks, width = 24, 8
+    k_flat = np.zeros(num_blocks * block_size * kv_heads * head_dim, kv_dtype)
+    v_flat = np.zeros_like(k_flat)
+    k_pool, v_pool = kernel.pool_views(k_flat, v_flat, kv_heads)
+    keys = rng.standard_normal((num_blocks * block_size, kv_heads, head_dim)).astype(np.float32)
+    values = rng.standard_normal(keys.shape).astype(np.float32)
+    slots = np.arange(len(keys))
+    kernel.write(k_pool, v_pool, slots, keys, values)
+    tables = rng.permutation(num_blocks)[:3 * width].reshape(3, width).astype(np.int32)
+    qrow = np.array([0, 1, 1, 1, 2, 2], np.int32)
+    ctx = np.array([1, 60, 61, 62, 17, 128], np.int32)
+    if window:
+        for row, c in ((1, 60), (2, 17)):  # blocks before the earliest query's window
+            for b in tables[row, :max(c - window, 0) // block_size]:
+                k_pool[b], v_pool[b] = np.nan, np.nan
+    q = rng.standard_normal((len(qrow), heads, head_dim)).astype(np.float32)
+    got = kernel(q, k_pool, v_pool, tables, qrow, ctx, 0.3, window=window, softcap=softcap)
+    keys, values = (a.astype(kv_dtype).astype(np.float32) for a in (keys, values))
+    want = reference(q, keys, values, tables, qrow, ctx, block_size, 0.3, window, softcap)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    plain = reference(q, keys, values, tables, qrow, ctx, block_size, 0.3)
+    assert not np.allclose(want[1:], plain[1:], atol=1e-3)  # the options change the result
 
 
 def test_kernel_rejects_context_past_the_table():

@@ -25,7 +25,8 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 class CausalView:
     """A cache view for one sequence: plain causal attention in numpy."""
 
-    def attend_host(self, q, k, v, scale):
+    def attend_host(self, q, k, v, scale, window=None, softcap=None):
+        assert window is None and softcap is None
         n, heads, _ = q.shape
         rep = heads // k.shape[1]
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
-from kvcache.block_manager import BlockManager
+from kvcache.block_manager import FREED, BlockManager
 from kvcache.prefix_hash import ROOT, block_key, chain_keys
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from scheduler.sequence import FinishReason, Sequence
@@ -85,12 +85,14 @@ steps = st.lists(st.tuples(st.sampled_from(["add", "step", "abort", "step", "ste
 
 
 @settings(max_examples=200, deadline=None)
-@given(steps)
-def test_random_admit_abort_preempt_keeps_counts_and_frees_everything(ops):
+@given(steps, st.sampled_from([None, 5]))
+def test_random_admit_abort_preempt_keeps_counts_and_frees_everything(ops, window):
     """Through the scheduler, with prompts sharing prefixes and a pool small
-    enough to preempt: every invariant holds after every step, counts never
-    go negative, and everything is free at the end."""
-    bm = BlockManager(10, BS)
+    enough to preempt, with and without a sliding window on every layer:
+    every invariant holds after every step, counts never go negative, no
+    block a sequence's window still needs is released, and everything is
+    free at the end."""
+    bm = BlockManager(10, BS, sliding_window=window)
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16,
                                       max_model_len=40), bm)
     prefixes = [[7] * 8, [7] * 4 + [8] * 4, [3] * 12, [5]]
@@ -110,6 +112,10 @@ def test_random_admit_abort_preempt_keeps_counts_and_frees_everything(ops):
         for seq in sched.running:
             assert bm.capacity(seq.seq_id) >= seq.num_computed_tokens
             assert seq.num_computed_tokens < seq.num_tokens or seq.num_output_tokens
+            table, position = bm.block_table(seq.seq_id), seq.num_computed_tokens
+            needed = 0 if window is None else max(position - window + 1, 0) // BS
+            assert FREED not in table[needed:]
+            assert len(table) - table.count(FREED) <= bm.most_blocks_held(seq.num_tokens, 16)
     sched.reset(FinishReason.ABORT)
     assert bm.num_free == bm.num_blocks
     bm.check_invariants()
@@ -171,6 +177,33 @@ def test_preemption_reuses_its_own_cached_blocks(tiny_llama_dir):
     assert stats.preemptions > 0 and stats.prefix_cache_hits > 0
     tight.engine.blocks.check_invariants()
     assert tight.engine.blocks.num_used == 0
+
+
+def test_blocks_behind_the_window_go_back_and_stay_findable():
+    """Window 6, blocks of 4: once the next token is at 20, slots 0-14 are
+    behind every layer's window, so blocks 0-2 go back to the pool; they stay
+    registered, and a sequence with the same prefix claims only the blocks
+    its own window needs."""
+    bm = BlockManager(16, BS, sliding_window=6)
+    tokens = list(range(100, 121))
+    bm.allocate("a", 20)
+    bm.register_computed("a", tokens, 20)
+    assert bm.release_behind_window("a", 20) == 3
+    assert bm.block_table("a") == [FREED] * 3 + [3, 4] and bm.num_free == 14
+    assert bm.release_behind_window("a", 20) == 0  # already given back
+    hits = bm.cached_prefix(tokens)
+    assert hits == [0, 1, 2, 3, 4] and bm.can_take_prefix(hits, 21)
+    assert bm.take_prefix("b", hits, 21) == 20
+    assert bm.block_table("b") == [FREED] * 3 + [3, 4] and bm.num_free == 14
+    bm.check_invariants()
+    # A long sequence holds at most the window and two chunks of 16 (one step
+    # may be in flight), plus the block the span may straddle.
+    assert bm.most_blocks_held(1000, 16) == bm.blocks_for(6 - 1 + 32) + 1
+    assert BlockManager(16, BS).most_blocks_held(1000, 16) == 250
+    bm.free("a")
+    bm.free("b")
+    assert bm.num_free == 16
+    bm.check_invariants()
 
 
 def test_a_waiting_sequences_keys_are_kept_and_stay_right_as_it_grows():

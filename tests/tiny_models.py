@@ -54,7 +54,16 @@ def llama_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
     def w(*shape, scale=0.08):
         return mx.array(rng.normal(0, scale, size=shape).astype(np.float32))
 
-    weights = {"model.embed_tokens.weight": w(v, d, scale=0.5), "model.norm.weight": w(d) + 1}
+    gemma = config["model_type"].startswith("gemma")
+    one = 0 if gemma else 1  # Gemma's norms store their scale as a difference from 1
+
+    def norm(n):
+        return w(n) + one
+
+    # Gemma scales embeddings by sqrt(hidden) and ties its head, which then
+    # echoes the input token; a final norm scale of either sign breaks that.
+    weights = {"model.embed_tokens.weight": w(v, d, scale=0.1 if gemma else 0.5),
+               "model.norm.weight": w(d, scale=1.0) - 1 if gemma else norm(d)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         weights.update({
@@ -62,11 +71,14 @@ def llama_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
             p + "self_attn.v_proj.weight": w(kv, d), p + "self_attn.o_proj.weight": w(d, q),
             p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
             p + "mlp.down_proj.weight": w(d, f),
-            p + "input_layernorm.weight": w(d) + 1, p + "post_attention_layernorm.weight": w(d) + 1,
+            p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d),
         })
-        if config["model_type"] == "qwen3":
-            weights[p + "self_attn.q_norm.weight"] = w(hd) + 1
-            weights[p + "self_attn.k_norm.weight"] = w(hd) + 1
+        if gemma:
+            weights[p + "pre_feedforward_layernorm.weight"] = norm(d)
+            weights[p + "post_feedforward_layernorm.weight"] = norm(d)
+        if config["model_type"] in ("qwen3", "gemma3_text"):
+            weights[p + "self_attn.q_norm.weight"] = norm(hd)
+            weights[p + "self_attn.k_norm.weight"] = norm(hd)
         qkv_only = config["model_type"] == "qwen2"
         attention = ("q_proj", "k_proj", "v_proj") + (() if qkv_only else ("o_proj",))
         for flag, names in (("attention_bias", attention),
@@ -75,7 +87,7 @@ def llama_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
                 part = "self_attn" if flag == "attention_bias" else "mlp"
                 rows = weights[f"{p}{part}.{name}.weight"].shape[0]
                 weights[f"{p}{part}.{name}.bias"] = w(rows)
-    if not config.get("tie_word_embeddings"):
+    if not config.get("tie_word_embeddings", gemma):
         weights["lm_head.weight"] = w(v, d, scale=0.3)
     return weights
 
@@ -97,6 +109,26 @@ TINY_QWEN2 = {**TINY_LLAMA, "model_type": "qwen2", "rope_theta": 1000000.0,
               "tie_word_embeddings": True, "attention_bias": True}
 TINY_QWEN3 = {**TINY_LLAMA, "model_type": "qwen3", "head_dim": 32, "rope_theta": 1000000.0,
               "tie_word_embeddings": True}
+
+
+# Sliding windows of a few tokens, so that short prompts outgrow them; small
+# soft-caps, so that capping changes the scores of these random weights.
+TINY_MISTRAL = {**TINY_LLAMA, "model_type": "mistral", "sliding_window": 8}
+TINY_GEMMA2 = {**TINY_LLAMA, "model_type": "gemma2", "head_dim": 16, "query_pre_attn_scalar": 24,
+               "sliding_window": 8, "attn_logit_softcapping": 2.0,
+               "final_logit_softcapping": 15.0, "hidden_activation": "gelu_pytorch_tanh",
+               "tie_word_embeddings": True, "num_hidden_layers": 3}
+TINY_GEMMA3 = {**TINY_LLAMA, "model_type": "gemma3_text", "head_dim": 16,
+               "query_pre_attn_scalar": 16, "sliding_window": 12, "sliding_window_pattern": 3,
+               "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+               "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+               "tie_word_embeddings": True, "num_hidden_layers": 3}
+# Each family's config and the window of each layer (None: full attention), as
+# transformers lays them out: Gemma 2 every other layer from the first, Gemma 3
+# all but every `sliding_window_pattern`-th, Mistral all.
+TINY_SLIDING = {"gemma2": (TINY_GEMMA2, [8, None, 8]),
+                "gemma3_text": (TINY_GEMMA3, [12, 12, None]),
+                "mistral": (TINY_MISTRAL, [8, 8])}
 
 
 def write_quantized(src, dst, bits=4, group_size=32, override_bits=8, embedding=False):

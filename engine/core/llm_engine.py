@@ -23,6 +23,7 @@ from engine.platform.base import DTYPES, Platform
 from kvcache.attention.metadata import AttentionSpec
 from kvcache.block_manager import BlockManager
 from kvcache.paged_cache import PagedKVCache
+from models.layers import Attention
 from scheduler.scheduler import (
     PlannedResult,
     RequestTooLong,
@@ -137,12 +138,18 @@ class LLMEngine:
         if num_blocks < 1:
             raise RequestError(f"kv_cache_bytes={budget} is smaller than one KV block "
                                f"({per_block} bytes)")
+        layers = [m for _, m in model.named_modules() if isinstance(m, Attention)]
+        windows = [layer.window for layer in layers]
         spec = AttentionSpec(margs.num_attention_heads, margs.num_key_value_heads,
-                             margs.head_dim, args.block_size, dtype)
+                             margs.head_dim, args.block_size, dtype,
+                             sliding_window=any(w is not None for w in windows),
+                             softcap=any(layer.softcap is not None for layer in layers))
         backend = platform.attention_backend(spec, args.paged_kernel)
         self.cache = PagedKVCache(margs.num_hidden_layers, num_blocks, args.block_size,
                                   margs.num_key_value_heads, margs.head_dim, dtype, backend)
-        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        # Blocks behind every layer's window go back to the pool as sequences advance.
+        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching,
+                                   max(windows) if windows and None not in windows else None)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs,
                             args.max_num_batched_tokens or platform.max_num_batched_tokens,

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvcache.attention.metadata import CommonAttentionMetadata, bucket
+from kvcache.block_manager import FREED
 from kvcache.paged_cache import PagedKVCache
 from scheduler.scheduler import ScheduledChunk, SchedulerOutput
 from scheduler.sequence import PENDING
@@ -72,10 +73,14 @@ class ModelRunner:
         return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
     def _tables(self, chunks: list[ScheduledChunk], width: int) -> np.ndarray:
-        """[rows, width] block tables padded with the scratch block; one numpy call."""
+        """[rows, width] block tables padded with the scratch block, which
+        also stands in for blocks released behind a sliding window (no layer
+        reads them: kernels skip them, the portable path masks them)."""
         fill = self.cache.scratch_block
-        return np.array([list(c.block_table[:width]) + [fill] * (width - len(c.block_table))
-                         for c in chunks], dtype=np.int64)
+        tables = np.array([list(c.block_table[:width]) + [fill] * (width - len(c.block_table))
+                           for c in chunks], dtype=np.int64)
+        tables[tables == FREED] = fill
+        return tables
 
     def _common(self, tables: np.ndarray, lengths: list[int], slots: list[int],
                 positions: list[int], context: list[int], num_decode: int,

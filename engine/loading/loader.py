@@ -30,8 +30,8 @@ from engine.platform.int8_matmul import Int8Matmul
 from models.layers.embedding import Embedding
 from models.layers.linear import QUANTIZE_GROUP_SIZES, Linear
 
-# Architectures that share another's file.
-MODEL_TYPE_ALIASES = {"mistral": "llama"}
+# Architectures that share another's file (none now: mistral has its own).
+MODEL_TYPE_ALIASES: dict[str, str] = {}
 
 
 def supported_model_types() -> list[str]:

@@ -36,6 +36,7 @@ from models.layers import (
     Linear,
     RMSNorm,
     RoPE,
+    SoftCap,
 )
 
 
@@ -84,6 +85,12 @@ def bind_layer_norm(layer: LayerNorm, ops: CpuOps):
 
 def bind_activation(layer: Activation, ops: CpuOps):
     return lambda x: ops.act_mul(layer.name, x.copy())
+
+
+def bind_softcap(layer: SoftCap):
+    # Only the rows that get logits pass here (a few per step): numpy suffices.
+    cap = np.float32(layer.cap)
+    return lambda x: np.tanh(x / cap) * cap
 
 
 def bind_gated_activation(layer: GatedActivation, ops: CpuOps):
@@ -228,6 +235,7 @@ def _binders(ops: CpuOps, tables: dict, codes: int | None):
         LayerNorm: lambda m: bind_layer_norm(m, ops),
         Activation: lambda m: bind_activation(m, ops),
         GatedActivation: lambda m: bind_gated_activation(m, ops),
+        SoftCap: bind_softcap,
         RoPE: lambda m: bind_rope(m, ops, tables),
         Embedding: lambda m: bind_embedding(m, ops),
         Int8Embedding: lambda m: bind_embedding(m, ops),

@@ -41,11 +41,15 @@ class AttentionBackend:
         raise NotImplementedError
 
     def attend(self, view: PagedLayerView, q: mx.array, k: mx.array, v: mx.array,
-               scale: float) -> mx.array:
+               scale: float, window: int | None = None,
+               softcap: float | None = None) -> mx.array:
         """Store the step's k, v [N, kv_heads, D] in view's layer and attend
-        q [N, heads, D]; [N, heads, D] in q's dtype."""
+        q [N, heads, D]; [N, heads, D] in q's dtype. With `window`, a query
+        sees only its `window` latest keys (itself included); with `softcap`,
+        scores become softcap * tanh(scores / softcap) before the softmax."""
         raise NotImplementedError
 
     def attend_host(self, view: PagedLayerView, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                    scale: float) -> np.ndarray:
+                    scale: float, window: int | None = None,
+                    softcap: float | None = None) -> np.ndarray:
         raise NotImplementedError(f"the {self.name} attention backend has no host path")

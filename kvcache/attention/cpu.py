@@ -71,7 +71,8 @@ class CpuPagedAttention:
         # objects cost more than the kernel itself for a one-row decode step.
         ptr = ctypes.c_void_p
         self._fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr,
-                             ptr] + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int]
+                             ptr] + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int,
+                                                          ctypes.c_float, ctypes.c_int]
 
     def pool_views(self, k_pool: np.ndarray, v_pool: np.ndarray, kv_heads: int):
         """The kernel's [blocks, kv_heads, ...] views of two flat pools."""
@@ -92,10 +93,13 @@ class CpuPagedAttention:
     def __call__(self, q: np.ndarray | None, k_view: np.ndarray, v_view: np.ndarray,
                  tables: np.ndarray, qrow: np.ndarray, ctx: np.ndarray, scale: float,
                  k_new: np.ndarray | None = None, v_new: np.ndarray | None = None,
-                 slots: np.ndarray | None = None) -> np.ndarray:
+                 slots: np.ndarray | None = None, window: int | None = None,
+                 softcap: float | None = None) -> np.ndarray:
         """Write k_new, v_new [M, kv_heads, head_dim] at token `slots` [M] (if
         given), then attend q [N, heads, head_dim]: query i sees the first
-        ctx[i] slots of block table tables[qrow[i]] (tables [T, width], int32).
+        ctx[i] slots of block table tables[qrow[i]] (tables [T, width], int32),
+        only the last `window` of them with a window (earlier blocks are not
+        read), with scores soft-capped at `softcap` if given.
         Returns [N, heads, head_dim] float32."""
         kv_heads, d = k_view.shape[1], self.head_dim
         if q is None:
@@ -104,7 +108,7 @@ class CpuPagedAttention:
             k_new = v_new = np.zeros((0, kv_heads, d), np.float32)
             slots = np.zeros(0, np.int64)
         meta = self.prepare(slots, tables, qrow, ctx, k_view.shape[0])
-        return self.run(meta, q, k_view, v_view, k_new, v_new, scale)
+        return self.run(meta, q, k_view, v_view, k_new, v_new, scale, window, softcap)
 
     def prepare(self, slots: np.ndarray, tables: np.ndarray, qrow: np.ndarray,
                 ctx: np.ndarray, pool_blocks: int) -> CpuMetadata:
@@ -118,8 +122,10 @@ class CpuPagedAttention:
                            np.ascontiguousarray(ctx, dtype=np.int32))
 
     def run(self, meta: CpuMetadata, q: np.ndarray, k_view: np.ndarray, v_view: np.ndarray,
-            k_new: np.ndarray, v_new: np.ndarray, scale: float) -> np.ndarray:
-        """One layer's write + attention over prepared metadata."""
+            k_new: np.ndarray, v_new: np.ndarray, scale: float, window: int | None = None,
+            softcap: float | None = None) -> np.ndarray:
+        """One layer's write + attention over prepared metadata (a sliding
+        window and a score cap as in __call__)."""
         kv_heads, d = k_view.shape[1], self.head_dim
         q = np.ascontiguousarray(q, dtype=np.float32)
         n, heads, qd = q.shape
@@ -138,6 +144,7 @@ class CpuPagedAttention:
                       meta.tables.ctypes.data, meta.table_of.ctypes.data,
                       meta.context.ctypes.data, out.ctypes.data, n, meta.tables.shape[1], heads,
                       kv_heads, d, self.block_size, int(self.kv_dtype == np.float16), scale,
+                      window or 0, softcap or 0.0,
                       self.threads)
         if rc != 0:
             raise RuntimeError("cpu paged attention: bad arguments or out of memory")
@@ -191,21 +198,25 @@ class CpuAttention(AttentionBackend):
                                    np.concatenate([table_of, np.zeros(pad, np.int32)]), context,
                                    self.k_host[0].shape[0] if self.k_host else 0)
 
-    def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float,
+               window: int | None = None, softcap: float | None = None) -> mx.array:
         # The kernel runs outside MLX's graph: evaluate this layer's q/k/v, write
         # K/V into the pools and attend in place, hand the result back to MLX.
         # It computes in float32 (numpy has no bfloat16).
         dtype = q.dtype
         q, k, v = (a.astype(mx.float32) for a in (q, k, v))
         mx.eval(q, k, v)
-        out = self.attend_host(view, np.asarray(q), np.asarray(k), np.asarray(v), scale)
+        out = self.attend_host(view, np.asarray(q), np.asarray(k), np.asarray(v), scale,
+                               window, softcap)
         return mx.array(out).astype(dtype)
 
     def attend_host(self, view, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                    scale: float) -> np.ndarray:
+                    scale: float, window: int | None = None,
+                    softcap: float | None = None) -> np.ndarray:
         """q [N, heads, D], k/v [N, kv_heads, D] float32 -> [N, heads, D]."""
         meta, layer = view.meta, view.layer
-        return self.kernel.run(meta, q, self.k_host[layer], self.v_host[layer], k, v, scale)
+        return self.kernel.run(meta, q, self.k_host[layer], self.v_host[layer], k, v, scale,
+                               window, softcap)
 
 
 def _host_view(pool: mx.array) -> np.ndarray:

@@ -258,8 +258,12 @@ def verify(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
     each token's gathered context) on random data: decode rows, prompt chunks
     continuing a context, and padding; the pools must then hold every new
     token, written in place. Any error means 'no'."""
+    # The sliding window and the score cap are checked too where the model
+    # uses them (a window crossing block edges, a cap low enough to bend scores).
+    windows = (0, 20) if spec.sliding_window else (0,)
+    caps = (0.0, 2.0) if spec.softcap else (0.0,)
     try:
-        return _verify(spec) < 2e-2
+        return all(_verify(spec, cap, window) < 2e-2 for window in windows for cap in caps)
     except Exception as exc:  # a compile or launch failure: fall back
         print(f"conveyor: CUDA paged attention unavailable ({type(exc).__name__}: {exc})",
               file=sys.stderr)
@@ -349,8 +353,10 @@ class CudaAttention(AttentionBackend):
         index = mx.arange(rows, dtype=mx.int32)
         return CudaMetadata(tables, index, positions, index)
 
-    def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float,
+               window: int | None = None, softcap: float | None = None) -> mx.array:
         cache = view.cache
         out = paged_attention(q.astype(cache.dtype), cache.k[view.layer], cache.v[view.layer],
-                              k, v, view.meta, scale, cache.block_size, cache.n_kv_heads)
+                              k, v, view.meta, scale, cache.block_size, cache.n_kv_heads,
+                              softcap or 0.0, window or 0)
         return out.astype(q.dtype)

@@ -25,6 +25,10 @@ class AttentionSpec:
     head_dim: int
     block_size: int
     kv_dtype: mx.Dtype
+    # Options some of the model's layers use (models/layers/attention.py): a
+    # backend whose kernel is checked at start-up checks these too.
+    sliding_window: bool = False
+    softcap: bool = False
 
     @property
     def group(self) -> int:

@@ -10,6 +10,8 @@ from models.layers.linear import Linear
 from models.layers.mlp import MLP, GatedMLP
 from models.layers.norm import LayerNorm, RMSNorm
 from models.layers.rope import RoPE
+from models.layers.softcap import SoftCap
 
 __all__ = ["Activation", "Attention", "BaseModelArgs", "Embedding", "GatedActivation",
-           "GatedMLP", "Layer", "LayerNorm", "Linear", "MLP", "RMSNorm", "RoPE", "is_host"]
+           "GatedMLP", "Layer", "LayerNorm", "Linear", "MLP", "RMSNorm", "RoPE", "SoftCap",
+           "is_host"]

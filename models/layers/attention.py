@@ -1,13 +1,18 @@
 """Self-attention through the cache it is given.
 
 Projections, optional per-head q/k RMSNorm (Qwen3, Gemma 3), RoPE, then the
-cache view attends: `cache.attend(q, k, v, scale)` on packed [N, heads, dim]
-arrays (`attend_host` for host arrays). The layer never knows whether the
-cache is paged, contiguous or absent (a whole prompt, for oracles)."""
+cache view attends: `cache.attend(q, k, v, scale, window, softcap)` on packed
+[N, heads, dim] arrays (`attend_host` for host arrays). The layer never knows
+whether the cache is paged, contiguous or absent (a whole prompt, for oracles).
+
+`window` (a sliding window: each query sees its `window` latest keys, itself
+included) and `softcap` (scores become `softcap * tanh(scores / softcap)`,
+Gemma 2) are per layer; every attention backend honours both."""
 
 from __future__ import annotations
 
-from models.layers.base import Layer, causal_attention, is_host
+from kvcache.attention.sdpa import causal_attention
+from models.layers.base import Layer, is_host
 from models.layers.linear import Linear
 from models.layers.norm import RMSNorm
 from models.layers.rope import RoPE
@@ -19,12 +24,18 @@ class Attention(Layer):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                  rope: RoPE | None, bias: bool = False, out_bias: bool | None = None,
                  qk_norm_eps: float | None = None, qk_norm_offset: float = 0.0,
-                 scale: float | None = None, fused_qkv: bool = False):
+                 scale: float | None = None, fused_qkv: bool = False,
+                 window: int | None = None, softcap: float | None = None):
         super().__init__()
+        if window is not None and not (isinstance(window, int) and window > 0):
+            raise ValueError(f"a sliding window must hold at least one token, not {window!r}")
+        if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+            raise ValueError(f"attention soft-capping must be positive, not {softcap!r}")
         if n_heads % n_kv_heads:
             raise ValueError(f"{n_heads} attention heads do not share {n_kv_heads} KV heads")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale
+        self.window, self.softcap = window, softcap
         if fused_qkv:  # one projection whose rows are q's, then k's, then v's (Phi-3)
             self.qkv_proj = Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
         else:
@@ -61,9 +72,9 @@ class Attention(Layer):
         if self.rope is not None:
             q, k = self.rope(q, positions), self.rope(k, positions)
         if cache is None:
-            out = causal_attention(q, k, v, self.scale)
+            out = causal_attention(q, k, v, self.scale, self.window, self.softcap)
         elif is_host(q):
-            out = cache.attend_host(q, k, v, self.scale)
+            out = cache.attend_host(q, k, v, self.scale, self.window, self.softcap)
         else:
-            out = cache.attend(q, k, v, self.scale)
+            out = cache.attend(q, k, v, self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(n, -1))

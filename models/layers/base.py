@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
@@ -46,11 +45,3 @@ class Layer(nn.Module):
     def forward(self, x, *args, **kwargs):
         raise NotImplementedError
 
-
-def causal_attention(q, k, v, scale: float):
-    """Attention of one packed sequence over itself ([N, heads, head_dim]),
-    used when no cache is given (a whole prompt, tests, oracles)."""
-    out = mx.fast.scaled_dot_product_attention(
-        q.transpose(1, 0, 2)[None], k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None],
-        scale=scale, mask="causal")
-    return out[0].transpose(1, 0, 2)

@@ -39,7 +39,9 @@ class EncoderAttentionView:
         lengths = keep.astype(lib.int32).sum(axis=1)
         return cls(b, t, lengths, keep, positions, zeros, host_kernel)
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float,
+               window: int | None = None, softcap: float | None = None) -> mx.array:
+        _bidirectional_only(window, softcap)
         b, t = self.batch, self.length
 
         def rows(a):
@@ -50,9 +52,10 @@ class EncoderAttentionView:
                                                    mask=mask)
         return out.transpose(0, 2, 1, 3).reshape(b * t, q.shape[1], q.shape[2])
 
-    def attend_host(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                    scale: float) -> np.ndarray:
+    def attend_host(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+                    window: int | None = None, softcap: float | None = None) -> np.ndarray:
         """The same on host arrays (numpy, float32)."""
+        _bidirectional_only(window, softcap)
         b, t = self.batch, self.length
         if self.host_kernel is not None:
             return self.host_kernel(q, k, v, b, t, self.lengths, scale)
@@ -68,3 +71,9 @@ class EncoderAttentionView:
         weights /= weights.sum(axis=-1, keepdims=True)
         out = np.einsum("bhqk,bkhd->bqhd", weights, vs).astype(np.float32)
         return out.reshape(b * t, q.shape[1], q.shape[2])
+
+
+def _bidirectional_only(window, softcap) -> None:
+    # No encoder has either; refusing them beats attending the wrong way.
+    if window is not None or softcap is not None:
+        raise ValueError("encoder attention has no sliding window or soft-capping")

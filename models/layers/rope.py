@@ -25,6 +25,8 @@ class RoPE(Layer):
     def __init__(self, dims: int, base: float = 10000.0, scaling: dict[str, Any] | None = None,
                  traditional: bool = False, max_position_embeddings: int | None = None):
         super().__init__()
+        if not (isinstance(base, (int, float)) and base > 0):
+            raise ValueError(f"a RoPE base must be a positive number, not {base!r}")
         self.dims, self.base, self.traditional = dims, base, traditional
         self.scale, self.mscale = 1.0, 1.0
         scaling = scaling or {}

@@ -5,6 +5,12 @@
  * each token of a prompt chunk (ctx = its position + 1, hence causal) go
  * through the same loop. A token with ctx 0 is padding: its output is zero.
  *
+ * Per call (one layer) two options: a sliding window (`window` > 0: a query
+ * sees only its `window` latest slots, itself included; blocks before the
+ * window are not read, so they may already belong to someone else) and
+ * soft-capping (`softcap` > 0: each score s becomes softcap * tanh(s /
+ * softcap) before the softmax, as Gemma 2 does).
+ *
  * K/V are stored as float, or as _Float16 with `kv_half` (half the bytes to
  * read; converted to float on load, all arithmetic in float).
  *
@@ -62,6 +68,8 @@ struct job {
     float *out;
     int width, heads, kv_heads, head_dim, block_size;
     float scale;
+    int window;     /* 0: the whole context */
+    float softcap;  /* 0: none */
     void (*attend)(const job_t *j, int i, float *s);  /* one query token */
     void (*write)(const job_t *j, int i);             /* one new token's K/V */
 };
@@ -93,45 +101,53 @@ INLINE void block_scores(const char *kt_in, const char *next, const float *qs, f
 }
 
 /* One query token, one KV head and its G query heads. `s` has room for
- * G rows of the context rounded up to whole blocks. */
+ * G rows of the context rounded up to whole blocks. Row g of `s` holds the
+ * scores of the slots from block b0 on; the live ones are [from, to). */
 INLINE void attend_head(const job_t *j, const float *q, const int32_t *table, int ctx,
                         int h, float *s, float *out, const int G, const int D, const int BS,
                         const int half) {
     const int esize = half ? 2 : 4;
-    const int blocks = (ctx + BS - 1) / BS;
-    const int stride = blocks * BS;
+    const int first = j->window > 0 && ctx > j->window ? ctx - j->window : 0;
+    const int b0 = first / BS, blocks = (ctx + BS - 1) / BS;
+    const int stride = (blocks - b0) * BS, from = first - b0 * BS, to = ctx - b0 * BS;
     float qs[MAX_GROUP * D];
     for (int i = 0; i < G * D; ++i) qs[i] = q[i] * j->scale;
 
     /* element offsets of this head in a block, and of a block */
     const int64_t head = (int64_t)h * (D * BS), per_block = (int64_t)j->kv_heads * (D * BS);
-    for (int b = 0; b < blocks; ++b) {
+    for (int b = b0; b < blocks; ++b) {
         const char *kt = j->k_pool + (table[b] * per_block + head) * esize;
         const int nb = table[b + 1 < blocks ? b + 1 : b];
         const char *next = j->k_pool + (nb * per_block + head) * esize;
-        block_scores(kt, next, qs, s + b * BS, stride, G, D, BS, half);
+        block_scores(kt, next, qs, s + (b - b0) * BS, stride, G, D, BS, half);
     }
     for (int g = 0; g < G; ++g) {
         float *row = s + g * stride;
-        float m = row[0];
-        for (int t = 1; t < ctx; ++t) m = row[t] > m ? row[t] : m;
+        if (j->softcap > 0.f) {
+            const float cap = j->softcap, inv_cap = 1.f / j->softcap;
+            for (int t = from; t < to; ++t) row[t] = cap * tanhf(row[t] * inv_cap);
+        }
+        float m = row[from];
+        for (int t = from + 1; t < to; ++t) m = row[t] > m ? row[t] : m;
         float sum = 0.f;
-        for (int t = 0; t < ctx; ++t) {
+        for (int t = from; t < to; ++t) {
             row[t] = expf(row[t] - m);
             sum += row[t];
         }
         const float inv = 1.f / sum;
-        for (int t = 0; t < ctx; ++t) row[t] *= inv;
+        for (int t = from; t < to; ++t) row[t] *= inv;
     }
     float acc[MAX_GROUP][D];
     for (int g = 0; g < G; ++g)
         for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
-    for (int b = 0; b < blocks; ++b) {
+    for (int b = b0; b < blocks; ++b) {
         const char *v = j->v_pool + (table[b] * per_block + head) * esize;
         const int nb = table[b + 1 < blocks ? b + 1 : b];
         const char *next = j->v_pool + (nb * per_block + head) * esize;
         const int n = ctx - b * BS < BS ? ctx - b * BS : BS;
-        for (int t = 0; t < n; ++t) {
+        const int start = b == b0 ? from : 0;
+        const float *p = s + (b - b0) * BS;
+        for (int t = start; t < n; ++t) {
             for (int l = 0; l < D * esize; l += 64) __builtin_prefetch(next + t * D * esize + l);
             float converted[half ? D : 1];
             const float *vt = (const float *)v + t * D;
@@ -140,8 +156,8 @@ INLINE void attend_head(const job_t *j, const float *q, const int32_t *table, in
                 vt = converted;
             }
             for (int g = 0; g < G; ++g) {
-                const float p = s[g * stride + b * BS + t];
-                for (int d = 0; d < D; ++d) acc[g][d] += p * vt[d];
+                const float pg = p[g * stride + t];
+                for (int d = 0; d < D; ++d) acc[g][d] += pg * vt[d];
             }
         }
     }
@@ -263,9 +279,9 @@ int paged_attention(void *k_pool, void *v_pool, const float *k_new, const float 
                     const int64_t *slots, int n_new, const float *q, const int32_t *tables,
                     const int32_t *qrow, const int32_t *ctx, float *out, int n_queries,
                     int width, int heads, int kv_heads, int head_dim, int block_size,
-                    int kv_half, float scale, int threads) {
+                    int kv_half, float scale, int window, float softcap, int threads) {
     if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP ||
-        !paged_attention_supports(head_dim, block_size))
+        !paged_attention_supports(head_dim, block_size) || window < 0 || !(softcap >= 0.f))
         return -1;
     int max_ctx = 0;
     for (int i = 0; i < n_queries; ++i) {
@@ -273,7 +289,7 @@ int paged_attention(void *k_pool, void *v_pool, const float *k_new, const float 
         max_ctx = ctx[i] > max_ctx ? ctx[i] : max_ctx;
     }
     job_t job = {q, k_pool, v_pool, k_new, v_new, slots, tables, qrow, ctx, out, width,
-                 heads, kv_heads, head_dim, block_size, scale, 0, 0};
+                 heads, kv_heads, head_dim, block_size, scale, window, softcap, 0, 0};
     pick_shape(&job, !!kv_half);
     const int G = heads / kv_heads, bs = block_size;
     const size_t scratch = (size_t)G * ((max_ctx + bs - 1) / bs * bs + bs);

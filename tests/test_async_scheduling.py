@@ -29,7 +29,7 @@ def outputs(llm, ps, params):
 def test_engine_runs_async(tiny_llama_dir):
     _, fast = engines(tiny_llama_dir)
     assert fast.engine.async_scheduling
-    assert not LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20).engine.async_scheduling  # host forward
+    assert not LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20).engine.async_scheduling
 
 
 @pytest.mark.parametrize("case", ["greedy", "seeded", "stops", "logprobs"])

@@ -3,6 +3,8 @@ from the device's memory, less what is in use and a measured step, printed
 before the first step; a pool that cannot hold one sequence is a one-line
 error; a plan too small for the whole load preempts and still finishes."""
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -40,8 +42,8 @@ class Measured(CpuPlatform):
     def device_memory(self):
         return self.memory
 
-    def peak_bytes_during(self, fn):
-        fn()
+    def peak_bytes_during(self, prepare):
+        prepare()()
         return self.peak
 
 
@@ -141,7 +143,7 @@ def test_the_default_cpu_plan_measures_a_step_and_shares_the_available_ram(tiny_
     err = capsys.readouterr().err
     got = llm.engine.memory_plan
     assert "0.50 of" in got.basis and "available RAM" in got.basis
-    assert "(128 measured, scaled)" in got.basis
+    assert "(64 measured, scaled)" in got.basis
     # The tiny model's pool stops at what 8 sequences of its 2048 tokens can use.
     assert got.num_blocks == 8 * 128 == llm.engine.blocks.num_blocks
     assert "conveyor: memory plan: KV cache 8.00 MiB = 1,024 blocks" in err
@@ -185,6 +187,10 @@ def test_generate_prints_the_plan_before_its_first_step(tiny_llama_dir, monkeypa
                  "--max-num-seqs", "4", "--prompt", "hi"]) == 0
     assert "conveyor: memory plan: KV cache" in seen[0]
     assert "available RAM" in seen[0] and "sequences of 2,048 tokens" in seen[0]
+    # ... and how many of this run's requests (the chat-templated prompt + 2) fit.
+    held, length = map(int, re.search(r"holds (\d+) sequences of this run's average (\d+) "
+                                      r"tokens", seen[0]).groups())
+    assert held == (4 << 20) // PER_BLOCK // -(-length // 16)  # 4 x 2,048 tokens
 
 
 def test_batch_prints_the_plan_before_its_first_step(tiny_llama_dir, tmp_path, monkeypatch,

@@ -117,7 +117,7 @@ def _measured_budget(shape: PoolShape, platform: Platform, memory: DeviceMemory,
     share = utilization or platform.memory_utilization
     steps = shape.max_num_batched_tokens
     probe = min(steps, platform.profile_tokens or steps)
-    activations = -(-platform.peak_bytes_during(dummy_step(probe)) * steps // probe)
+    activations = -(-platform.peak_bytes_during(lambda: dummy_step(probe)) * steps // probe)
     budget = int(share * memory.capacity) - memory.in_use - activations
     in_use = f", less {_size(memory.in_use)} in use" if memory.in_use else ""
     scaled = f" ({probe:,} measured, scaled)" if probe < steps else ""

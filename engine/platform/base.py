@@ -170,15 +170,18 @@ class Platform:
         takes the fixed `kv_cache_bytes`)."""
         return None
 
-    def peak_bytes_during(self, fn: Callable[[], None]) -> int:
-        """The most bytes that `fn` (a dummy step) held at once beyond what was
-        held before it, by MLX's allocator. Its buffers go back to the device
-        afterwards, before the KV pool is allocated."""
+    def peak_bytes_during(self, prepare: Callable[[], Callable[[], None]]) -> int:
+        """The most bytes a dummy step held at once beyond what was held before
+        it ran, by MLX's allocator: `prepare()` allocates what the step needs
+        beforehand (its pool) and returns what runs it. All of it goes back to
+        the device afterwards, before the real pool is allocated."""
+        run = prepare()
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        fn()
+        run()
         peak = mx.get_peak_memory() - base
+        del run  # the dummy pool with it
         mx.clear_cache()
         return max(0, peak)
 

@@ -125,33 +125,19 @@ class LLMEngine:
                 raise RequestError(f"unknown kv_cache_dtype {args.kv_cache_dtype!r}; choose "
                                    f"from {', '.join(DTYPES)}")
             dtype = DTYPES[args.kv_cache_dtype]
-        layers, bs = margs.num_hidden_layers, args.block_size
+        bs = args.block_size
         shape = PoolShape(bs, PagedKVCache.bytes_per_block(
-            layers, bs, margs.num_key_value_heads, margs.head_dim, dtype), max_len,
-            args.max_num_seqs, args.max_num_batched_tokens or platform.max_num_batched_tokens)
+            margs.num_hidden_layers, bs, margs.num_key_value_heads, margs.head_dim, dtype),
+            max_len, args.max_num_seqs,
+            args.max_num_batched_tokens or platform.max_num_batched_tokens)
         spec = AttentionSpec(margs.num_attention_heads, margs.num_key_value_heads,
                              margs.head_dim, bs, dtype)
         backend = platform.attention_backend(spec, args.paged_kernel)
         host_forward = platform.host_forward(model, backend, args.host_forward)
         self.sampler_kernels = platform.sampler_kernels()
-
-        def new_cache(num_blocks: int, backend=None) -> PagedKVCache:
-            return PagedKVCache(layers, num_blocks, bs, margs.num_key_value_heads,
-                                margs.head_dim, dtype,
-                                backend or platform.attention_backend(spec, args.paged_kernel))
-
-        def step_of(tokens: int):
-            lengths = dummy_lengths(tokens, shape.max_num_batched_tokens, args.max_num_seqs,
-                                    max_len)
-            return dummy_step(model, new_cache, bs, host_forward, self.sampler_kernels, lengths)
-
-        # Sized once, before the first step; entry points size their work from it.
-        self.memory_plan: MemoryPlan = plan_memory(
-            shape, platform, args.kv_cache_bytes, args.gpu_memory_utilization, step_of)
-        for line in self.memory_plan.describe():
-            log(line)
+        self.memory_plan: MemoryPlan = self._plan_memory(shape, spec, host_forward)
         num_blocks = self.memory_plan.num_blocks
-        self.cache = new_cache(num_blocks, backend)
+        self.cache = self._new_cache(spec, num_blocks, backend)
         self.blocks = BlockManager(num_blocks, bs, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, shape.max_num_batched_tokens, max_len),
@@ -169,6 +155,29 @@ class LLMEngine:
         # as the engine: keep it out of the cyclic collector's full passes,
         # which otherwise stall steps at random (seen: +-10% on an H200), as vLLM does.
         gc.freeze()
+
+    def _new_cache(self, spec: AttentionSpec, num_blocks: int, backend=None) -> PagedKVCache:
+        """Pools of `num_blocks` blocks for this model, served by `backend`
+        (None: a new one of the platform's)."""
+        if backend is None:
+            backend = self.platform.attention_backend(spec, self.args.paged_kernel)
+        return PagedKVCache(self.model.args.num_hidden_layers, num_blocks, spec.block_size,
+                            spec.num_kv_heads, spec.head_dim, spec.kv_dtype, backend)
+
+    def _plan_memory(self, shape: PoolShape, spec: AttentionSpec, host_forward) -> MemoryPlan:
+        """The KV pool's plan (engine/core/memory_plan.py), made once before the
+        first step and printed; entry points size their work from it."""
+        def step_of(tokens: int):
+            lengths = dummy_lengths(tokens, shape.max_num_batched_tokens, shape.max_num_seqs,
+                                    shape.max_model_len)
+            return dummy_step(self.model, lambda n: self._new_cache(spec, n), spec.block_size,
+                              host_forward, self.sampler_kernels, lengths)
+
+        plan = plan_memory(shape, self.platform, self.args.kv_cache_bytes,
+                           self.args.gpu_memory_utilization, step_of)
+        for line in plan.describe():
+            log(line)
+        return plan
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> LLMEngine:

@@ -3,10 +3,10 @@ from the device's memory, less what is in use and a measured step, printed
 before the first step; a pool that cannot hold one sequence is a one-line
 error; a plan too small for the whole load preempts and still finishes."""
 
+import mmap
 import re
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from test_engine import assert_all_blocks_free, random_prompts, token_ids
 
@@ -218,6 +218,15 @@ def test_dummy_steps_are_as_heavy_as_the_scheduler_allows():
 
 def test_host_memory_sees_what_a_call_touches():
     assert host_memory.available_bytes() > 0
-    held = []
-    grown = host_memory.resident_growth(lambda: held.append(np.ones(64 << 20, np.uint8)))
-    assert grown >= 60 << 20
+
+    page = b"x" * mmap.PAGESIZE
+
+    def touch_64_mib() -> int:
+        # Fresh pages from the kernel (malloc might hand back resident ones).
+        with mmap.mmap(-1, 64 << 20) as pages:
+            return host_memory.resident_growth(
+                lambda: [pages.write(page) for _ in range((64 << 20) // mmap.PAGESIZE)])
+
+    # Under memory pressure the kernel may drop other (file-backed) pages of
+    # this process meanwhile, which hides some growth: the best of three.
+    assert max(touch_64_mib() for _ in range(3)) >= 60 << 20

@@ -62,9 +62,8 @@ def main() -> None:
         mx.bfloat16)
     if cache.backend.name == "cuda":
         def attention():
-            outs = [cuda_attention.paged_decode_attention(
-                q, cache.k[i], cache.v[i], kv, kv, meta.decode_block_tables,
-                meta.decode_context_lens, a.head_dim**-0.5, cache.block_size,
+            outs = [cuda_attention.paged_attention(
+                q, cache.k[i], cache.v[i], kv, kv, meta, a.head_dim**-0.5, cache.block_size,
                 cache.n_kv_heads) for i in range(cache.num_layers)]
             mx.eval(outs)
         result["attention_kernel_ms"] = timed(attention)

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kvcache.block_manager import BlockManager
-from scheduler.sequence import FinishReason, Sequence, SequenceStatus
+from scheduler.sequence import PENDING, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,19 @@ class SchedulerOutput:
         return not self.chunks
 
 
+@dataclass(frozen=True)
+class PlannedResult:
+    """What a step will have done to one sequence once it has run: its
+    computed count then, and where its sampled token goes (index into
+    token_ids, None if the chunk samples nothing), taken from `row` of the
+    step's sampled ids."""
+
+    seq: Sequence
+    row: int
+    computed: int
+    index: int | None
+
+
 @dataclass
 class SchedulerStats:
     steps: int = 0
@@ -75,6 +88,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.sequences: dict[str, Sequence] = {}
+        # Sequences whose token in flight is their last (max_tokens, context):
+        # not scheduled again while it is on its way.
+        self._ending: set[str] = set()
         self.stats = SchedulerStats()
 
     # -- requests ----------------------------------------------------------
@@ -112,6 +128,10 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.seq_id)
+        self._ending.discard(seq.seq_id)
+        if seq.num_pending:  # tokens of steps in flight past the end: never filled in
+            del seq.token_ids[seq.num_tokens - seq.num_pending:]
+            seq.num_pending = 0
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.sequences.pop(seq.seq_id, None)
         self.stats.finished[reason.value] = self.stats.finished.get(reason.value, 0) + 1
@@ -131,8 +151,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or seq.seq_id in self._ending:
+                continue  # preempted earlier in this loop, or its last token is in flight
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, n, preempted):
                 continue
@@ -198,20 +218,50 @@ class Scheduler:
         """Record a finished step: `sampled[i]` is the token drawn for
         `output.chunks[i]` (ignored where the chunk does not sample). Returns
         the (sequence, new token) pairs; finished sequences free their blocks."""
-        new_tokens = []
-        for chunk, token in zip(output.chunks, sampled):
+        return self.resolve(self.plan_results(output), sampled)
+
+    def plan_results(self, output: SchedulerOutput) -> list[PlannedResult]:
+        """Advance every scheduled sequence as if `output` had run, with a
+        PENDING token for each sampled one, so the next step can be planned
+        while this one runs (asynchronous scheduling); `resolve` fills them in."""
+        planned = []
+        for row, chunk in enumerate(output.chunks):
             seq = self.sequences.get(chunk.seq_id)
             if seq is None or seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted or preempted since the step was planned
             seq.num_computed_tokens += chunk.num_tokens
-            self.blocks.register_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-            if not chunk.samples:
+            index = None
+            if chunk.samples:
+                index = seq.num_tokens
+                seq.token_ids.append(PENDING)
+                seq.num_pending += 1
+                if seq.length_reached_at(index, self.config.max_model_len):
+                    self._ending.add(seq.seq_id)
+            planned.append(PlannedResult(seq, row, seq.num_computed_tokens, index))
+        return planned
+
+    def resolve(self, planned: list[PlannedResult], sampled: list[int],
+                ) -> list[tuple[Sequence, int]]:
+        """Fill in the tokens a step sampled (`sampled[row]`), register its
+        computed blocks for prefix caching and finish what stopped. Sequences
+        finished meanwhile are skipped; one preempted meanwhile keeps its token."""
+        new_tokens = []
+        for p in planned:
+            seq = p.seq
+            if seq.is_finished or self.sequences.get(seq.seq_id) is not seq:
                 continue
-            seq.token_ids.append(token)
-            new_tokens.append((seq, token))
-            reason = seq.stop_reason_for(token, self.config.max_model_len)
+            if p.index is not None:
+                token = sampled[p.row]
+                seq.token_ids[p.index] = token
+                seq.num_pending -= 1
+                new_tokens.append((seq, token))
+            if seq.status is SequenceStatus.RUNNING:
+                self.blocks.register_computed(seq.seq_id, seq.token_ids, p.computed)
+            if p.index is None:
+                continue
+            reason = seq.stop_reason_at(p.index, token, self.config.max_model_len)
             if reason is not None:
-                self.finish(seq, reason)
+                self.finish(seq, reason)  # (drops a later step's PENDING token)
         return new_tokens
 
     def reset(self, reason: FinishReason = FinishReason.ABORT) -> list[Sequence]:

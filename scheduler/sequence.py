@@ -5,6 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+# Stands in token_ids for a token a step in flight has sampled but the host
+# has not read yet (asynchronous scheduling, engine/core/llm_engine.py).
+PENDING = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -36,6 +40,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    num_pending: int = 0  # trailing PENDING tokens (at most the steps in flight)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
@@ -57,13 +62,26 @@ class Sequence:
         return self.token_ids[len(self.prompt_token_ids):]
 
     @property
+    def settled_output_token_ids(self) -> list[int]:
+        """The output without tokens still in flight (what callers may see)."""
+        return self.token_ids[len(self.prompt_token_ids):len(self.token_ids) - self.num_pending]
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
     def stop_reason_for(self, token: int, max_model_len: int) -> FinishReason | None:
         """Why generation ends after `token` was appended, if it does."""
+        return self.stop_reason_at(self.num_tokens - 1, token, max_model_len)
+
+    def stop_reason_at(self, index: int, token: int, max_model_len: int) -> FinishReason | None:
+        """Why generation ends after `token` at token_ids[index], if it does."""
         if token in self.stop_token_ids or (not self.ignore_eos and token in self.eos_token_ids):
             return FinishReason.STOP
-        if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+        return self.length_reached_at(index, max_model_len)
+
+    def length_reached_at(self, index: int, max_model_len: int) -> FinishReason | None:
+        """LENGTH if a token at token_ids[index] is the last one allowed."""
+        if index + 1 - len(self.prompt_token_ids) >= self.max_tokens or index + 1 >= max_model_len:
             return FinishReason.LENGTH
         return None

@@ -112,7 +112,7 @@ def quantized(n, k, bits, group_size=32, seed=0):
     return np.array(wq), np.array(scales), np.array(biases)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
 def test_unpacked_codes_dequantize_like_mlx(bits):
     wq, scales, biases = quantized(48, 64, bits)
     codes = q8.unpack_codes(wq, bits).astype(np.float32).reshape(48, 2, 32)
@@ -122,7 +122,7 @@ def test_unpacked_codes_dequantize_like_mlx(bits):
 
 
 @pytest.mark.parametrize("wide", [False, True])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 8])
 @pytest.mark.parametrize("n,k,m", [(96, 64, 5), (100, 128, 64), (16, 32, 1), (48, 64, 0)])
 def test_integer_kernel_matches_numpy(wide, bits, n, k, m):
     kernel = integer_kernel()

@@ -162,7 +162,7 @@ def test_unpermute_inverts_llamacpp_permute():
 # Hand-written GGUF files
 
 _U32, _I32, _F32, _BOOL, _STR, _ARR = 4, 5, 6, 7, 8, 9
-_GGML = {"F32": 0, "F16": 1, "Q8_0": 8, "Q4_K": 12}
+_GGML = {"F32": 0, "F16": 1, "Q8_0": 8, "Q4_K": 12, "Q2_K": 10, "IQ2_XXS": 16}
 
 
 def _gguf_str(s: str) -> bytes:
@@ -380,13 +380,16 @@ def test_not_gguf(tmp_path):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
 
 
-def test_unsupported_tensor_type(tmp_path):
+@pytest.mark.parametrize("ttype", ["Q2_K", "IQ2_XXS"])
+def test_unsupported_tensor_type(tmp_path, ttype):
     src = tmp_path / "k.gguf"
     write_gguf(src, {"general.architecture": "llama"},
-               {"token_embd.weight": ("Q4_K", (8, 256))})
+               {"token_embd.weight": (ttype, (8, 256))})
     with pytest.raises(ModelLoadError) as exc:
         import_gguf(src, tmp_path / "out")
-    _assert_one_line_error(exc, src, "Q4_K")
+    # names the type at fault and what is supported
+    _assert_one_line_error(exc, src, ttype, "supported: BF16, F16, F32, Q4_0, Q4_1, Q4_K, "
+                           "Q5_0, Q5_1, Q5_K, Q6_K, Q8_0")
 
 
 def test_unsupported_architecture_and_tokenizer(tmp_path):
@@ -394,13 +397,14 @@ def test_unsupported_architecture_and_tokenizer(tmp_path):
     tiny_llama(src, arch="falcon")
     with pytest.raises(ModelLoadError) as exc:
         import_gguf(src, tmp_path / "out")
-    _assert_one_line_error(exc, src, "falcon")
+    _assert_one_line_error(exc, src, "falcon",
+                           "supported: gemma2, gemma3, llama, phi3, qwen2, qwen3")
 
     src = tmp_path / "t.gguf"
-    tiny_llama(src, tok_model="llama")
+    tiny_llama(src, tok_model="bert")
     with pytest.raises(ModelLoadError) as exc:
         import_gguf(src, tmp_path / "out")
-    _assert_one_line_error(exc, src, "tokenizer")
+    _assert_one_line_error(exc, src, "tokenizer", "'bert'", "supported: gpt2, llama")
     assert not (tmp_path / "out").exists()
 
 

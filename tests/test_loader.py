@@ -136,8 +136,9 @@ def test_unsupported_gguf_tensor_type(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CONVEYOR_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "k.gguf"
     write_gguf(src, {"general.architecture": "llama"},
-               {"token_embd.weight": ("Q4_K", (8, 256))})
-    assert_one_line_error(*run_cli(["--model", str(src)], capsys), "Q4_K", "k.gguf")
+               {"token_embd.weight": ("Q2_K", (8, 256))})
+    assert_one_line_error(*run_cli(["--model", str(src)], capsys), "Q2_K", "k.gguf",
+                          "supported:")
 
 
 def test_repo_id_not_cached_names_the_repo(monkeypatch, tmp_path):

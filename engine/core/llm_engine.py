@@ -12,11 +12,11 @@ import mlx.core as mx
 import msgspec
 
 from engine.core.memory_plan import MemoryPlan, PoolShape, plan_memory
-from engine.core.model_runner import ModelRunner
+from engine.core.model_runner import InFlightTokens, ModelRunner
 from engine.core.outputs import Logprob
 from engine.core.profile_step import dummy_lengths, dummy_step
 from engine.core.request import Request
-from engine.core.sampler import SamplingRow, TokenMask, sample
+from engine.core.sampler import SamplerOutput, SamplingRow, TokenMask, sample
 from engine.core.sampling_params import SamplingParams
 from engine.core.structured_output import StructuredOutputs
 from engine.errors import ConveyorError, RequestError
@@ -26,7 +26,13 @@ from engine.platform.base import DTYPES, Platform, log
 from kvcache.attention.metadata import AttentionSpec
 from kvcache.block_manager import BlockManager
 from kvcache.paged_cache import PagedKVCache
-from scheduler.scheduler import RequestTooLong, Scheduler, SchedulerConfig
+from scheduler.scheduler import (
+    PlannedResult,
+    RequestTooLong,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 from scheduler.sequence import FinishReason
 
 
@@ -66,6 +72,21 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Reuse the K/V of full blocks whose token prefix an earlier request
     # computed (vLLM's automatic prefix caching); outputs are the same either way.
     enable_prefix_caching: bool = True
+    # Plan and launch step N+1 while the device still runs step N (vLLM v1's
+    # asynchronous scheduling): the host's scheduling and batch building leave
+    # the critical path. None: where the platform says (GPUs). Steps with
+    # grammars or penalties, which need the previous token on the host, and
+    # the CPU's host forward run one at a time either way.
+    async_scheduling: bool | None = None
+
+
+@dataclass
+class _LaunchedStep:
+    """A step whose forward and sampling are queued on the device."""
+
+    out: SchedulerOutput
+    result: SamplerOutput
+    planned: list[PlannedResult]
 
 
 @dataclass
@@ -145,6 +166,10 @@ class LLMEngine:
         compile_decode = platform.compile_decode if args.compile is None else args.compile
         self.runner = ModelRunner(model, self.cache, compile_decode=compile_decode,
                                   host_forward=host_forward)
+        self.async_scheduling = self.runner.host_forward is None and (
+            platform.async_scheduling if args.async_scheduling is None
+            else args.async_scheduling)
+        self._in_flight: _LaunchedStep | None = None
         self.structured = StructuredOutputs(tokenizer, model.args.vocab_size)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -231,38 +256,47 @@ class LLMEngine:
         return request
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # -- one step ----------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one batch; return the requests that got a token or finished.
-        If the step fails, every unfinished request is aborted with the
-        error (its blocks freed) and the exception propagates."""
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
+        With asynchronous scheduling the tokens returned are those of the
+        step launched by the previous call, read after this one is launched.
+        If a step fails, every unfinished request is aborted with the error
+        (its blocks freed) and the exception propagates."""
         try:
-            tokens, logprobs = self._run(out)
+            previous = self._in_flight
+            if previous is not None and not self._can_overlap():
+                self._in_flight = None
+                return self._collect(previous)
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                self._in_flight = None
+                return self._collect(previous) if previous is not None else []
+            self._in_flight = launched = self._launch(out, previous)
+            if not self.async_scheduling:
+                self._in_flight = None
+                return self._collect(launched)
+            return self._collect(previous) if previous is not None else []
         except BaseException as exc:
+            self._in_flight = None
             self._fail_all(exc)
             raise
-        touched: dict[str, Request] = {}
-        for seq, token in self.scheduler.update(out, tokens):
-            request = self.requests[seq.seq_id]
-            self.generated_tokens += 1
-            reason = request.append(token, logprobs(seq.seq_id, token))
-            if reason is not None and not seq.is_finished:
-                self.scheduler.finish(seq, reason)
-            elif request.stop_reason is not None:
-                seq.finish_reason = FinishReason.STOP
-            if seq.is_finished:
-                request.finish(seq.finish_reason.value)
-                self.requests.pop(seq.seq_id, None)
-            touched[seq.seq_id] = request
-        return list(touched.values())
 
-    def _run(self, out):
+    def _can_overlap(self) -> bool:
+        """Whether the next step may be planned before the last one's tokens
+        are on the host: not when a request's grammar or penalties need them."""
+        return self.async_scheduling and not any(
+            r.matcher is not None or r.params.has_penalties for r in self.requests.values())
+
+    def _launch(self, out: SchedulerOutput, previous: _LaunchedStep | None) -> _LaunchedStep:
+        """Build, run and sample one step on the device without waiting for it;
+        the scheduler then counts it as done with PENDING tokens."""
+        self.runner.in_flight = None if previous is None else InFlightTokens(
+            previous.result.token_ids, {c.seq_id: i for i, c in enumerate(previous.out.chunks)})
         batch = self.runner.prepare(out)
+        self.runner.in_flight = None
         logits = self.runner.forward(batch)
         rows, constrained = [], []
         for i, chunk in enumerate(out.chunks):
@@ -278,12 +312,43 @@ class LLMEngine:
             matchers = [self.requests[out.chunks[i].seq_id].matcher for i in constrained]
             mask = TokenMask(constrained, self.structured.fill_bitmask(matchers))
         result = sample(logits, rows, self.sampler_kernels, mask)
+        if self.async_scheduling:
+            mx.async_eval(*self._step_arrays(result))
+        return _LaunchedStep(out, result, self.scheduler.plan_results(out))
+
+    def _step_arrays(self, result: SamplerOutput) -> list[mx.array]:
         extras = [a for a in (result.logprobs, result.top_ids, result.top_logprobs)
                   if a is not None]
-        mx.eval(result.token_ids, *extras, *self.cache.k, *self.cache.v)
+        return [result.token_ids, *extras, *self.cache.k, *self.cache.v]
+
+    def _collect(self, step: _LaunchedStep) -> list[Request]:
+        """Wait for a launched step, hand its tokens to the scheduler and the
+        requests; the requests that got a token or finished."""
+        result = step.result
+        mx.eval(*self._step_arrays(result))
         tokens = result.token_ids.tolist()  # the step's one host transfer of ids
+        logprob = self._logprobs(step.out, result)
+        touched: dict[str, Request] = {}
+        for seq, token in self.scheduler.resolve(step.planned, tokens):
+            request = self.requests.get(seq.seq_id)
+            if request is None:
+                continue
+            self.generated_tokens += 1
+            reason = request.append(token, logprob(seq.seq_id, token))
+            if reason is not None and not seq.is_finished:
+                self.scheduler.finish(seq, reason)
+            elif request.stop_reason is not None:
+                seq.finish_reason = FinishReason.STOP
+            if seq.is_finished:
+                request.finish(seq.finish_reason.value)
+                self.requests.pop(seq.seq_id, None)
+            touched[seq.seq_id] = request
+        return list(touched.values())
+
+    def _logprobs(self, out: SchedulerOutput, result: SamplerOutput):
+        """seq_id, token -> the Logprob to report (None where not asked)."""
         if result.logprobs is None:
-            return tokens, lambda seq_id, token: None
+            return lambda seq_id, token: None
         index = {c.seq_id: i for i, c in enumerate(out.chunks)}
         lps = result.logprobs.tolist()
         top_ids = result.top_ids.tolist() if result.top_ids is not None else None
@@ -297,7 +362,7 @@ class LLMEngine:
             top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids else None
             return Logprob(token, lps[i], top)
 
-        return tokens, logprob
+        return logprob
 
     def _fail_all(self, exc: BaseException) -> None:
         message = f"engine step failed: {type(exc).__name__}: {exc}"

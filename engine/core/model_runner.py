@@ -19,6 +19,16 @@ import numpy as np
 from kvcache.attention.metadata import CommonAttentionMetadata, bucket
 from kvcache.paged_cache import PagedKVCache
 from scheduler.scheduler import ScheduledChunk, SchedulerOutput
+from scheduler.sequence import PENDING
+
+
+@dataclass
+class InFlightTokens:
+    """The previous step's sampled ids, still on the device (asynchronous
+    scheduling): a PENDING token of sequence s is `tokens[row_of[s]]`."""
+
+    tokens: mx.array        # [rows] int32
+    row_of: dict[str, int]
 
 
 @dataclass
@@ -47,6 +57,8 @@ class ModelRunner:
             token_bucket, width_bucket, chunk_bucket)
         self.real_tokens = 0
         self.padded_tokens = 0
+        self.in_flight: InFlightTokens | None = None  # set by the engine per step
+        self._pending: list[tuple[int, str]] = []  # (packed index, seq id) of PENDING ids
         # Pure-decode steps run one compiled graph per (rows, width) bucket where
         # the backend allows it (CUDA): fewer launches and no per-op Python.
         self._compiled = None
@@ -86,6 +98,8 @@ class ModelRunner:
         slots: list[int] = []
         last: dict[str, int] = {}
         for c in ordered:
+            if c.token_ids[-1] == PENDING:  # only a chunk's last token can be
+                self._pending.append((len(ids) + c.num_tokens - 1, c.seq_id))
             ids.extend(c.token_ids)
             table = c.block_table
             if c.num_tokens == 1:
@@ -98,6 +112,23 @@ class ModelRunner:
                 slots.extend(table[p // bs] * bs + p % bs for p in span)
             last[c.seq_id] = len(ids) - 1
         return ids, pos, slots, last
+
+    def _ids(self, ids: list[int]) -> mx.array:
+        """The packed ids as an MLX array, PENDING ones taken from the step in
+        flight on the device (no wait for it)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return mx.array(ids, dtype=mx.int32)
+        for at, _ in pending:
+            ids[at] = 0
+        source = self.in_flight
+        if source is None:
+            raise RuntimeError("a PENDING token with no step in flight")
+        at = mx.array([a for a, _ in pending], dtype=mx.int32)
+        rows = mx.array([source.row_of[s] for _, s in pending], dtype=mx.int32)
+        packed = mx.array(ids, dtype=mx.int32)
+        packed[at] = source.tokens[rows].astype(mx.int32)
+        return packed
 
     def prepare(self, out: SchedulerOutput) -> Batch:
         chunks = list(out.chunks)
@@ -120,7 +151,7 @@ class ModelRunner:
                               slots, pos, context, len(decode), pad)
         meta = self.backend.build(common)
         logits_index = [last[c.seq_id] for c in chunks]
-        return Batch(mx.array(ids, dtype=mx.int32), mx.array(pos, dtype=mx.int32), meta,
+        return Batch(self._ids(ids), mx.array(pos, dtype=mx.int32), meta,
                      mx.array(logits_index, dtype=mx.int32), n, padded)
 
     def forward(self, batch: Batch) -> mx.array:
@@ -155,7 +186,7 @@ class ModelRunner:
         common = self._common(tables, [1] * rows, slots, pos, context, rows, 0)
         self.real_tokens += n
         self.padded_tokens += rows
-        return Batch(mx.array(ids, dtype=mx.int32), mx.array(pos, dtype=mx.int32),
+        return Batch(self._ids(ids), mx.array(pos, dtype=mx.int32),
                      self.backend.build(common), None, n, rows, compiled=True)
 
     def _decode_graph(self, ids: mx.array, positions: mx.array, *arrays: mx.array) -> mx.array:

@@ -102,7 +102,7 @@ class Request:
     def output(self, delta: bool) -> RequestOutput:
         """The whole result, or only what is new since the last delta. While
         running, a delta holds back text that could still start a stop string."""
-        token_ids = self.sequence.output_token_ids
+        token_ids = self.sequence.settled_output_token_ids
         if delta:
             visible = len(self.text) if self.finished else max(
                 self._sent_chars, len(self.text) - max(0, self._stop_tail - 1))

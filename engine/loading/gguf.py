@@ -1,30 +1,35 @@
-"""Import a llama-architecture GGUF file into a Hugging Face-layout directory.
+"""Import a GGUF file into a Hugging Face-layout directory.
 
 The result (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
-special_tokens_map.json, generation_config.json) loads in Conveyor and in
-`mlx_lm.load`. Quantized GGUF tensors (Q4_0, Q4_1, Q8_0) stay quantized: `mx.load`
-already turns them into MLX affine arrays (weight/scales/biases, group size 32),
-and config.json's "quantization" entry tells the loaders which modules are
-quantized with how many bits.
+special_tokens_map.json, generation_config.json) loads in Conveyor (and, but
+for Q6_K's 16-wide groups, in `mlx_lm.load`). Architectures: llama (and
+Mistral), qwen2, qwen3, gemma2, gemma3 (text) and phi3; their names and
+metadata are mapped in engine/loading/gguf_arch.py.
 
-Three things the GGUF converter changed are undone here:
-- tensor names (blk.N.attn_q -> model.layers.N.self_attn.q_proj, ...);
-- the Q/K row order: llama.cpp permutes the rows of each attention head from
-  HF's (2, head_dim/2) "rotate half" order to (head_dim/2, 2) interleaved pairs;
-- the tokenizer, which GGUF keeps as a vocab + merges list: it is rebuilt with
-  the `tokenizers` library.
+Quantized tensors stay quantized: every GGML type read here (Q4_0, Q4_1,
+Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) is re-laid once as MLX affine codes with
+a scale and offset per group, exactly (engine/loading/gguf_quants.py), which
+the CPU's integer kernel then multiplies as they are; config.json's
+"quantization" entry names each module's bits and group size. F32, F16 and
+BF16 tensors stay as they are.
+
+What llama.cpp's converter changed is undone: tensor names, llama's Q/K row
+order (GGML's interleaved RoPE pairs back to HF's rotate-half halves),
+Gemma's 1 + weight norms, and the tokenizer, rebuilt with the `tokenizers`
+library (engine/loading/gguf_tokenizer.py).
 
 The header is read and bound-checked first (engine/loading/gguf_header.py) and
 the config it describes is checked against the tensors present
-(engine/loading/validate.py), so mx.load only ever sees a consistent file.
-An import writes into a temporary folder next to the target and renames it at
-the end, so an interrupted import never leaves a half-written directory.
+(engine/loading/validate.py) before any tensor data is read. An import writes
+into a temporary folder next to the target and renames it at the end, so an
+interrupted import never leaves a half-written directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -33,65 +38,24 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.errors import ModelLoadError
-from engine.loading.gguf_header import GGUFHeader, read_gguf_header
+from engine.loading.gguf_arch import ARCHITECTURES, TOP_MODULES, GGUFArchitecture, config_sources
+from engine.loading.gguf_header import GGUFHeader, GGUFTensor, read_gguf_header
+from engine.loading.gguf_quants import BLOCKS, pack_codes, scale_dtype, to_affine
+from engine.loading.gguf_tokenizer import build_tokenizer
 from engine.loading.model_store import DEFAULT_LLM, cache_dir, fetch_from_wheel
 from engine.loading.validate import WeightIndex, check_config
 
 # Bump when the output layout changes, so cached imports are redone.
-IMPORT_VERSION = 1
+IMPORT_VERSION = 2
 
-# Types imported as they are: floats stay floats, these three become MLX affine
-# quantized arrays (mx.load's own conversion, group size 32).
-FLOAT_TYPES = {"F32", "F16", "BF16"}
-QUANT_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
-SUPPORTED_TYPES = FLOAT_TYPES | set(QUANT_TYPES)
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+SUPPORTED_TYPES = set(FLOAT_TYPES) | set(BLOCKS)
 
-# GGUF tokenizer token types (llama.cpp's llama_token_type).
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = (
-    1, 2, 3, 4, 5, 6)
-
-_LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# GGUF per-block tensor name -> HF module path inside model.layers.N
-_BLOCK_MODULES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP_MODULES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-# GGUF suffix -> HF suffix ("biases" is MLX's quantization offset, "bias" a real bias)
-_SUFFIXES = {"weight": "weight", "scales": "scales", "biases": "biases", "bias": "bias"}
-# config.json key -> the GGUF metadata key it comes from (for error messages).
-_CONFIG_SOURCES = {
-    "hidden_size": "llama.embedding_length",
-    "num_hidden_layers": "llama.block_count",
-    "intermediate_size": "llama.feed_forward_length",
-    "num_attention_heads": "llama.attention.head_count",
-    "num_key_value_heads": "llama.attention.head_count_kv",
-    "head_dim": "llama.attention.key_length",
-    "vocab_size": "llama.vocab_size",
-    "max_position_embeddings": "llama.context_length",
-    "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon",
-    "rope_theta": "llama.rope.freq_base",
-    "rope_scaling": "llama.rope.scaling",
-    "bos_token_id": "tokenizer.ggml.bos_token_id",
-    "pad_token_id": "tokenizer.ggml.padding_token_id",
-    "eos_token_id": "tokenizer.ggml.eos_token_id",
-}
+# GGUF suffix -> HF suffix
+_SUFFIXES = {"weight": "weight", "bias": "bias"}
 
 
 # ---------------------------------------------------------------------------
@@ -99,7 +63,7 @@ _CONFIG_SOURCES = {
 
 
 def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Convert the llama GGUF at `gguf_path` into a Hugging Face-layout folder
+    """Convert the GGUF at `gguf_path` into a Hugging Face-layout folder
     `out_dir` (replaced if it exists) and return `out_dir`."""
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
@@ -115,28 +79,33 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     header.check_tensor_data(gguf_path)
     meta = header.metadata
 
-    arch = _meta(gguf_path, meta, "general.architecture", str, "")
-    if arch != "llama":
+    name = _meta(gguf_path, meta, "general.architecture", str, "")
+    arch = ARCHITECTURES.get(name)
+    if arch is None:
         raise ModelLoadError(
-            f"{gguf_path}: GGUF architecture {arch or '(none)'!r} is not supported "
-            "(only 'llama')")
+            f"{gguf_path}: GGUF architecture {name or '(none)'!r} is not supported "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})")
 
-    config = _llama_config(gguf_path, meta, header)
-    present = WeightIndex({name: t.shape for name, t in header.tensors.items()},
-                          header.file_size)
-    check_config(config, present, str(gguf_path), names=_CONFIG_SOURCES)
-    _check_llama_supported(gguf_path, meta, header, config)
-    tensors, quant = _convert_tensors(gguf_path, _mx_load(gguf_path), config)
+    with _TensorReader(gguf_path, header) as reader:
+        config = _config(gguf_path, meta, header, name, arch, reader)
+        present = WeightIndex({n: t.shape for n, t in header.tensors.items()},
+                              header.file_size)
+        check_config(config, present, str(gguf_path), names=config_sources(name))
+        _check_supported(gguf_path, meta, header, name, config)
+        tensors, quant = _convert_tensors(gguf_path, header, reader, arch, config)
     if quant is not None:
         config["quantization"] = quant
     try:
-        tokenizer, tok_config, special_map, gen_config = _build_tokenizer(gguf_path, meta,
-                                                                          config)
+        tokenizer, tok_config, special_map = build_tokenizer(
+            gguf_path, lambda key, kind, default: _meta(gguf_path, meta, key, kind, default),
+            config["max_position_embeddings"])
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exception
         raise ModelLoadError(f"{gguf_path}: cannot build its tokenizer: "
                              f"{_first_line(exc)}") from None
+    gen_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if k in config}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -187,13 +156,41 @@ def default_llm_dir() -> Path:
 # Reading
 
 
-def _mx_load(path: Path):
-    import mlx.core as mx
+class _TensorReader:
+    """Tensor data straight from the file (memory-mapped), as numpy arrays
+    that are copied before the map closes."""
 
-    try:
-        return mx.load(str(path))
-    except (RuntimeError, ValueError, OSError) as exc:  # C++ errors surface as these
-        raise ModelLoadError(f"{path}: cannot read GGUF: {_first_line(exc)}") from None
+    def __init__(self, path: Path, header: GGUFHeader):
+        self.path, self.header = path, header
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, "rb")
+            self.buf = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise ModelLoadError(f"{self.path}: cannot read GGUF: {exc.strerror or exc}") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.buf.close()
+        self.file.close()
+
+    def raw(self, t: GGUFTensor) -> np.ndarray:
+        """The tensor's bytes, one row of blocks per row: uint8 [rows, bytes]."""
+        rows = int(np.prod(t.shape[:-1], dtype=np.int64))
+        return np.frombuffer(self.buf, np.uint8, t.nbytes, t.offset).reshape(rows, -1)
+
+    def floats(self, name: str) -> list[float] | None:
+        """A float tensor's values (small config tensors such as rope factors)."""
+        t = self.header.tensors.get(name)
+        if t is None:
+            return None
+        if t.ggml_type not in ("F32", "F16"):
+            raise ModelLoadError(f"{self.path}: tensor {name!r} must be F32 or F16, "
+                                 f"not {t.ggml_type}")
+        dtype = FLOAT_TYPES[t.ggml_type]
+        return np.frombuffer(self.buf, dtype, int(np.prod(t.shape)), t.offset).astype(
+            np.float64).tolist()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -222,34 +219,36 @@ def _meta(path: Path, meta: dict, key: str, kind: type, default: Any = None) -> 
 # config.json
 
 
-def _llama_config(path: Path, meta: dict, header: GGUFHeader) -> dict:
+def _config(path: Path, meta: dict, header: GGUFHeader, name: str, arch: GGUFArchitecture,
+            reader: _TensorReader) -> dict:
     """config.json from the metadata; its values are checked by check_config."""
+    def get(key: str, kind: type, default: Any = None):
+        return _meta(path, meta, key, kind, default)
+
     def number(key: str, kind: type = int, default: Any = None):
-        value = _meta(path, meta, f"llama.{key}", kind, default)
+        value = get(f"{name}.{key}", kind, default)
         if value is None:
-            raise ModelLoadError(f"{path}: GGUF metadata lacks llama.{key}")
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {name}.{key}")
         return value
 
     hidden = number("embedding_length")
-    n_layers = number("block_count")
     n_heads = number("attention.head_count")
     n_kv_heads = number("attention.head_count_kv", default=n_heads)
     # None (for check_config to name the field) when it cannot be derived.
     derived = hidden // n_heads if n_heads > 0 else None
-    head_dim = _meta(path, meta, "llama.attention.key_length", int, derived)
+    head_dim = get(f"{name}.attention.key_length", int, derived)
     if "token_embd.weight" not in header.tensors:
         raise ModelLoadError(f"{path}: GGUF has no token_embd.weight tensor")
-
-    tokens = _meta(path, meta, "tokenizer.ggml.tokens", list)
-    vocab = _meta(path, meta, "llama.vocab_size", int)
+    tokens = get("tokenizer.ggml.tokens", list)
+    vocab = get(f"{name}.vocab_size", int)
     if vocab is None:
         vocab = len(tokens) if tokens is not None else header.tensors["token_embd.weight"].shape[0]
 
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch.hf_class],
+        "model_type": arch.model_type,
         "hidden_size": hidden,
-        "num_hidden_layers": n_layers,
+        "num_hidden_layers": number("block_count"),
         "intermediate_size": number("feed_forward_length"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv_heads,
@@ -262,19 +261,19 @@ def _llama_config(path: Path, meta: dict, header: GGUFHeader) -> dict:
         "tie_word_embeddings": "output.weight" not in header.tensors,
         "attention_bias": "blk.0.attn_q.bias" in header.tensors,
         "mlp_bias": False,
-        "hidden_act": "silu",
+        "hidden_act": arch.hidden_act,
     }
-    scaling = _meta(path, meta, "llama.rope.scaling.type", str)
-    factor = _meta(path, meta, "llama.rope.scaling.factor", float)
-    if factor is None and "llama.rope.scale_linear" in meta:
-        scaling, factor = "linear", _meta(path, meta, "llama.rope.scale_linear", float)
-    if scaling not in (None, "none") and factor not in (None, 0, 1, 1.0):
-        if scaling != "linear":
-            raise ModelLoadError(f"{path}: RoPE scaling {scaling!r} is not supported")
-        config["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": factor}
+    scaling = _rope_scaling(path, meta, name)
+    if scaling:
+        config["rope_scaling"] = scaling
+    rope_dim = get(f"{name}.rope.dimension_count", int, head_dim)
+    if arch.partial_rotary and head_dim and rope_dim != head_dim:
+        config["partial_rotary_factor"] = rope_dim / head_dim
+    if arch.extra is not None:
+        config.update(arch.extra(name, get, config, reader.floats))
     for key, meta_key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
                           ("pad_token_id", "tokenizer.ggml.padding_token_id")):
-        value = _meta(path, meta, meta_key, int)
+        value = get(meta_key, int)
         if value is not None:
             config[key] = value
     eos = _eos_ids(path, meta)
@@ -283,17 +282,37 @@ def _llama_config(path: Path, meta: dict, header: GGUFHeader) -> dict:
     return config
 
 
-def _check_llama_supported(path: Path, meta: dict, header: GGUFHeader, config: dict) -> None:
-    """Valid llama GGUFs that this importer cannot express as a config.json."""
+def _rope_scaling(path: Path, meta: dict, name: str) -> dict | None:
+    kind = _meta(path, meta, f"{name}.rope.scaling.type", str)
+    factor = _meta(path, meta, f"{name}.rope.scaling.factor", float)
+    if factor is None and f"{name}.rope.scale_linear" in meta:
+        kind, factor = "linear", _meta(path, meta, f"{name}.rope.scale_linear", float)
+    if kind in (None, "none") or factor in (None, 0, 1, 1.0):
+        return None
+    if kind == "linear":
+        return {"type": "linear", "rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        original = _meta(path, meta, f"{name}.rope.scaling.original_context_length", int)
+        return {"rope_type": "yarn", "factor": factor,
+                **({"original_max_position_embeddings": original} if original else {})}
+    raise ModelLoadError(f"{path}: RoPE scaling {kind!r} is not supported "
+                         "(supported: linear, yarn)")
+
+
+def _check_supported(path: Path, meta: dict, header: GGUFHeader, name: str,
+                     config: dict) -> None:
+    """Valid GGUFs that this importer cannot express as a config.json."""
     head_dim = config["head_dim"]
-    value_dim = _meta(path, meta, "llama.attention.value_length", int, head_dim)
-    rope_dim = _meta(path, meta, "llama.rope.dimension_count", int, head_dim)
+    value_dim = _meta(path, meta, f"{name}.attention.value_length", int, head_dim)
+    rope_dim = _meta(path, meta, f"{name}.rope.dimension_count", int, head_dim)
+    if "partial_rotary_factor" in config:
+        rope_dim = head_dim
     if value_dim != head_dim or rope_dim != head_dim:
         raise ModelLoadError(
-            f"{path}: llama GGUF with key/value/rope dims {head_dim}/{value_dim}/{rope_dim} "
+            f"{path}: {name} GGUF with key/value/rope dims {head_dim}/{value_dim}/{rope_dim} "
             "is not supported (they must be equal)")
-    if _meta(path, meta, "llama.expert_count", int, 0) > 0:
-        raise ModelLoadError(f"{path}: mixture-of-experts llama GGUFs are not supported")
+    if _meta(path, meta, f"{name}.expert_count", int, 0) > 0:
+        raise ModelLoadError(f"{path}: mixture-of-experts GGUFs are not supported")
     if "rope_freqs.weight" in header.tensors:
         raise ModelLoadError(
             f"{path}: GGUF with rope_freqs (llama3-style RoPE scaling) is not supported")
@@ -326,61 +345,76 @@ def _unpermute_rows(x, n_heads: int):
     return x.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def _hf_name(path: Path, name: str) -> tuple[str, str]:
+def _hf_name(path: Path, arch: GGUFArchitecture, name: str) -> tuple[str, str]:
     """GGUF tensor name -> (HF module path, suffix)."""
     base, _, suffix = name.rpartition(".")
-    if suffix not in _SUFFIXES:
-        raise ModelLoadError(f"{path}: unexpected tensor {name!r} in llama GGUF")
-    if base in _TOP_MODULES:
-        return _TOP_MODULES[base], _SUFFIXES[suffix]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if m and m.group(2) in _BLOCK_MODULES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_MODULES[m.group(2)]}", _SUFFIXES[suffix]
-    raise ModelLoadError(f"{path}: unexpected tensor {name!r} in llama GGUF")
+    if suffix in _SUFFIXES:
+        if base in TOP_MODULES:
+            return TOP_MODULES[base], _SUFFIXES[suffix]
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+        if m and m.group(2) in arch.block:
+            return f"model.layers.{m.group(1)}.{arch.block[m.group(2)]}", _SUFFIXES[suffix]
+    raise ModelLoadError(f"{path}: unexpected tensor {name!r} in {arch.model_type} GGUF")
 
 
-def _convert_tensors(path: Path, weights: dict, config: dict):
-    """Rename, un-permute Q/K, and work out the quantization config."""
-    n_heads = config["num_attention_heads"]
-    n_kv_heads = config["num_key_value_heads"]
+def _tensor(reader: _TensorReader, t: GGUFTensor) -> dict[str, Any]:
+    """One GGUF tensor as MLX arrays: {"weight"} for floats, {"weight",
+    "scales", "biases"} plus "bits" and "group_size" for quantized types."""
+    import mlx.core as mx
+
+    raw = reader.raw(t)
+    if t.ggml_type in FLOAT_TYPES:
+        values = raw.view(FLOAT_TYPES[t.ggml_type]).reshape(t.shape)
+        weight = mx.array(values)
+        return {"weight": weight.view(mx.bfloat16) if t.ggml_type == "BF16" else weight}
+    q = to_affine(t.ggml_type, raw, t.shape[-1])
+    lead = t.shape[:-1]
+    dtype = scale_dtype(t.ggml_type)
+    return {"weight": mx.array(pack_codes(q.codes, q.bits)).reshape(*lead, -1),
+            "scales": mx.array(q.scales.astype(dtype)).reshape(*lead, -1),
+            "biases": mx.array(q.biases.astype(dtype)).reshape(*lead, -1),
+            "bits": q.bits, "group_size": q.group_size}
+
+
+def _convert_tensors(path: Path, header: GGUFHeader, reader: _TensorReader,
+                     arch: GGUFArchitecture, config: dict):
+    """Read, rename and undo the converter's changes; work out the
+    quantization config (each module's bits and group size)."""
+    heads = {"self_attn.q_proj": config["num_attention_heads"],
+             "self_attn.k_proj": config["num_key_value_heads"]}
     out = {}
-    modules: dict[str, dict[str, Any]] = {}
-    for name, value in weights.items():
-        module, suffix = _hf_name(path, name)
-        heads = (n_heads if module.endswith("self_attn.q_proj")
-                 else n_kv_heads if module.endswith("self_attn.k_proj") else None)
-        if heads is not None:
-            if value.shape[0] % (2 * heads):
-                raise ModelLoadError(f"{path}: tensor {name!r} has {value.shape[0]} rows, "
-                                     f"not a pair of halves for each of {heads} heads")
-            value = _unpermute_rows(value, heads)
-        out[f"{module}.{suffix}"] = value
-        modules.setdefault(module, {})[suffix] = value
-
-    # Quantization: bits from the packed width (32-bit words) against the number
-    # of groups; mx.load's GGUF groups are always 32 wide.
     layer_quant: dict[str, Any] = {}
-    for module, parts in modules.items():
-        if not (module in ("model.embed_tokens", "lm_head") or module.endswith("_proj")):
-            continue  # norms: never quantized
-        if "scales" not in parts:
-            layer_quant[module] = False
+    for name, t in header.tensors.items():
+        if name in arch.config_only:
             continue
-        if "biases" not in parts:
-            raise ModelLoadError(f"{path}: quantized tensor {module} has no biases")
-        packed = parts["weight"].shape[-1]
-        groups = parts["scales"].shape[-1]
-        bits = packed // groups  # = packed * 32 / (groups * 32)
-        if packed % groups or bits not in (2, 3, 4, 5, 6, 8):
-            raise ModelLoadError(f"{path}: cannot work out the quantization of {module}")
-        layer_quant[module] = {"group_size": 32, "bits": bits}
+        module, suffix = _hf_name(path, arch, name)
+        parts = _tensor(reader, t)
+        bits, group = parts.pop("bits", None), parts.pop("group_size", None)
+        if suffix == "bias":
+            parts = {"bias": parts["weight"]} if bits is None else None
+            if parts is None:
+                raise ModelLoadError(f"{path}: tensor {name!r} (a bias) must be a float type")
+        n_heads = heads.get(module.split(".", 3)[-1]) if arch.permute_qk else None
+        for part, value in parts.items():
+            if n_heads is not None:
+                if value.shape[0] % (2 * n_heads):
+                    raise ModelLoadError(f"{path}: tensor {name!r} has {value.shape[0]} rows, "
+                                         f"not a pair of halves for each of {n_heads} heads")
+                value = _unpermute_rows(value, n_heads)
+            if arch.norm_shift and module.endswith("norm") and part == "weight":
+                value = value - arch.norm_shift
+            out[f"{module}.{part}"] = value
+        if suffix == "weight" and (module in ("model.embed_tokens", "lm_head")
+                                   or module.endswith("_proj")):
+            layer_quant[module] = {"group_size": group, "bits": bits} if bits else False
     quantized = [q for q in layer_quant.values() if q]
     if not quantized:
         return out, None
-    bits = Counter(q["bits"] for q in quantized).most_common(1)[0][0]
-    quant: dict[str, Any] = {"group_size": 32, "bits": bits}
+    common = Counter((q["group_size"], q["bits"]) for q in quantized).most_common(1)[0][0]
+    default = {"group_size": common[0], "bits": common[1]}
+    quant: dict[str, Any] = dict(default)
     for module, q in sorted(layer_quant.items(), key=lambda kv: _module_order(kv[0])):
-        if q != {"group_size": 32, "bits": bits}:
+        if q != default:
             quant[module] = q
     return out, quant
 
@@ -388,133 +422,6 @@ def _convert_tensors(path: Path, weights: dict, config: dict):
 def _module_order(module: str):
     m = re.match(r"model\.layers\.(\d+)\.(.*)", module)
     return (1, int(m.group(1)), m.group(2)) if m else (0 if "embed" in module else 2, 0, module)
-
-
-# ---------------------------------------------------------------------------
-# Tokenizer
-
-
-def _build_tokenizer(path: Path, meta: dict, config: dict):
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-    )
-
-    kind = _meta(path, meta, "tokenizer.ggml.model", str)
-    if kind != "gpt2":
-        raise ModelLoadError(
-            f"{path}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE)")
-    tokens = _meta(path, meta, "tokenizer.ggml.tokens", list)
-    merges = _meta(path, meta, "tokenizer.ggml.merges", list)
-    if tokens is None or merges is None:
-        raise ModelLoadError(f"{path}: GGUF has no tokenizer vocabulary or merges")
-    token_types = _meta(path, meta, "tokenizer.ggml.token_type", list, [TOKEN_NORMAL] * len(tokens))
-    for key, values, kind_ in (("tokens", tokens, str), ("merges", merges, str),
-                               ("token_type", token_types, int)):
-        if not all(isinstance(v, kind_) and not isinstance(v, bool) for v in values):
-            raise ModelLoadError(f"{path}: GGUF metadata tokenizer.ggml.{key} must hold "
-                                 f"{kind_.__name__} values")
-    pre = _meta(path, meta, "tokenizer.ggml.pre", str, "default")
-
-    vocab: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)  # the first id wins if the GGUF repeats a token
-    merge_pairs = []
-    for m in merges:
-        left, sep, right = m.partition(" ")
-        if not sep:
-            raise ModelLoadError(f"{path}: malformed tokenizer merge {m!r}")
-        merge_pairs.append((left, right))
-
-    if pre in ("smollm",):
-        pre_tok = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
-        ignore_merges = False
-    elif pre in ("default", "gpt-2", "gpt2"):
-        pre_tok = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        ignore_merges = False
-    elif pre in ("llama-bpe", "llama3"):
-        pre_tok = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-        ignore_merges = True
-    else:
-        raise ModelLoadError(
-            f"{path}: GGUF tokenizer pre-tokenizer {pre!r} is not supported "
-            "(supported: smollm, gpt-2, default, llama-bpe)")
-
-    model = models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False,
-                       ignore_merges=ignore_merges)
-    tok = Tokenizer(model)
-    tok.normalizer = None
-    tok.pre_tokenizer = pre_tok
-    tok.decoder = decoders.ByteLevel()
-
-    specials, user_defined = [], []
-    for i, (t, tt) in enumerate(zip(tokens, token_types)):
-        if vocab.get(t) != i:
-            continue
-        if tt == TOKEN_CONTROL:
-            specials.append(AddedToken(t, special=True, normalized=False))
-        elif tt == TOKEN_USER_DEFINED:
-            user_defined.append(AddedToken(t, special=False, normalized=False))
-    if specials:
-        tok.add_special_tokens(specials)
-    if user_defined:
-        tok.add_tokens(user_defined)
-
-    def name_of(key: str) -> str | None:
-        value = _meta(path, meta, key, int)
-        if value is None or not 0 <= value < len(tokens):
-            return None
-        return tokens[value]
-
-    bos, eos = name_of("tokenizer.ggml.bos_token_id"), name_of("tokenizer.ggml.eos_token_id")
-    pad = name_of("tokenizer.ggml.padding_token_id")
-    unk = name_of("tokenizer.ggml.unknown_token_id")
-    add_bos = _meta(path, meta, "tokenizer.ggml.add_bos_token", bool, False)
-    add_eos = _meta(path, meta, "tokenizer.ggml.add_eos_token", bool, False)
-    byte_level = processors.ByteLevel(trim_offsets=False)
-    if (add_bos and bos) or (add_eos and eos):
-        pre_ids = f"{bos}:0 " if add_bos and bos else ""
-        post_ids = f" {eos}:0" if add_eos and eos else ""
-        specials_used = {t: vocab[t] for t in (bos if add_bos else None, eos if add_eos else None)
-                         if t}
-        template = processors.TemplateProcessing(
-            single=f"{pre_ids}$A:0{post_ids}",
-            pair=f"{pre_ids}$A:0{post_ids} {pre_ids.replace(':0', ':1')}$B:1"
-                 f"{post_ids.replace(':0', ':1')}",
-            special_tokens=list(specials_used.items()))
-        tok.post_processor = processors.Sequence([byte_level, template])
-    else:
-        tok.post_processor = byte_level
-
-    special_map = {k: v for k, v in (("bos_token", bos), ("eos_token", eos),
-                                     ("pad_token", pad), ("unk_token", unk)) if v}
-    tok_config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        **special_map,
-        "model_max_length": config["max_position_embeddings"],
-        "clean_up_tokenization_spaces": False,
-    }
-    template_str = _meta(path, meta, "tokenizer.chat_template", str)
-    if template_str:
-        tok_config["chat_template"] = template_str
-    gen_config: dict[str, Any] = {}
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in config:
-            gen_config[key] = config[key]
-    return tok, tok_config, special_map, gen_config
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 import models
 from engine.errors import ModelLoadError
@@ -27,7 +28,7 @@ from engine.platform.base import Platform, WeightFormat
 from engine.platform.int8_linear import Int8Embedding, Int8Linear
 from engine.platform.int8_matmul import Int8Matmul
 from models.layers.embedding import Embedding
-from models.layers.linear import Linear
+from models.layers.linear import QUANTIZE_GROUP_SIZES, Linear
 
 # Architectures that share another's file.
 MODEL_TYPE_ALIASES = {"mistral": "llama"}
@@ -132,13 +133,28 @@ def _quantize(model: nn.Module, config: dict, weights: dict[str, mx.array]) -> N
 
 
 def _dequantized(module: nn.Module, dtype: mx.Dtype, name: str = "",
-                 integer: tuple[Int8Matmul, bool] | None = None) -> nn.Module:
+                 integer: tuple[Int8Matmul, bool] | None = None,
+                 keep: tuple[int, ...] = ()) -> nn.Module:
     """Quantized layers turned into float layers, or, given the CPU's integer
     kernel and whether its activations are wide (int16), into layers that
-    multiply their codes in integers."""
+    multiply their codes in integers; layers whose group size is in `keep`
+    stay as they are."""
     def dense(q) -> mx.array:
-        return mx.dequantize(q.weight, q.scales, q.get("biases"), q.group_size, q.bits
-                             ).astype(dtype)
+        if q.group_size in QUANTIZE_GROUP_SIZES:
+            return mx.dequantize(q.weight, q.scales, q.get("biases"), q.group_size, q.bits
+                                 ).astype(dtype)
+        # Group sizes mx.quantize does not make (GGUF Q6_K's 16), which a
+        # device's kernels may lack: in numpy.
+        codes = int8_matmul.unpack_codes(np.array(q.weight), q.bits).astype(np.float32)
+        rows, groups = q.scales.shape
+        scales, biases = (np.array(a.astype(mx.float32))[:, :, None]
+                          for a in (q.scales, q["biases"]))
+        return mx.array((codes.reshape(rows, groups, -1) * scales + biases).reshape(rows, -1)
+                        ).astype(dtype)
+
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and \
+            module.group_size in keep:
+        return module
 
     def kernel_fits(q) -> bool:
         in_dim = q.scales.shape[1] * q.group_size
@@ -163,17 +179,22 @@ def _dequantized(module: nn.Module, dtype: mx.Dtype, name: str = "",
         return layer
     for key, child in module.items():
         if isinstance(child, nn.Module):
-            module[key] = _dequantized(child, dtype, f"{name}.{key}", integer)
+            module[key] = _dequantized(child, dtype, f"{name}.{key}", integer, keep)
         elif isinstance(child, list):
-            module[key] = [_dequantized(c, dtype, f"{name}.{key}.{i}", integer)
+            module[key] = [_dequantized(c, dtype, f"{name}.{key}.{i}", integer, keep)
                            if isinstance(c, nn.Module) else c for i, c in enumerate(child)]
     return module
 
 
 def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
-    # Quantized tensors (uint32) and their scales keep their own types.
+    # Quantized tensors (uint32) and their scales keep their own types, except
+    # float32 scales (GGUF K-quants') under half-precision activations, which
+    # would otherwise turn every later activation into float32.
     def cast(path: str, a: mx.array) -> mx.array:
-        if mx.issubdtype(a.dtype, mx.floating) and not path.endswith(("scales", "biases")):
+        if not mx.issubdtype(a.dtype, mx.floating):
+            return a
+        if not path.endswith(("scales", "biases")) or (a.dtype == mx.float32
+                                                         and dtype != mx.float32):
             return a.astype(dtype)
         return a
 
@@ -210,7 +231,10 @@ def load_model(path: Path, *, dtype: str | None = None, keep_quantized: bool | N
     fmt: WeightFormat = platform.weight_format(quantized, config, dtype, keep_quantized)
     platform.prepare_memory()
     reason = fmt.reason
-    if quantized and not fmt.keep_quantized:
+    if quantized and fmt.keep_quantized:
+        # Layers in group sizes this device's quantized kernels lack become float.
+        model = _dequantized(model, fmt.dtype, keep=platform.quantized_group_sizes)
+    elif quantized:
         integer = platform.integer_matmul(fmt, cpu_matmul)
         model = _dequantized(model, fmt.dtype, integer=integer)
         if integer is not None:

@@ -34,7 +34,7 @@ MAX_DIMENSION = 2**31 - 1  # MLX shapes are int32
 EPSILONS = ("rms_norm_eps", "layer_norm_eps", "norm_eps", "layer_norm_epsilon")
 TOKEN_IDS = ("bos_token_id", "pad_token_id", "eos_token_id")
 QUANT_BITS = (1, 2, 3, 4, 5, 6, 8)
-QUANT_GROUP_SIZES = (32, 64, 128)
+QUANT_GROUP_SIZES = (16, 32, 64, 128)  # 16: GGUF Q6_K sub-blocks (engine/loading/gguf_quants.py)
 QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
 
 # The model's parameters, counted from the config at the fewest bits a weight

@@ -90,7 +90,10 @@ class Platform:
     profile_tokens: int | None = None  # the plan's dummy step, if shorter than a full one
     max_num_batched_tokens = 2048  # default tokens a step
     compile_decode = False         # compile pure-decode steps (when the backend allows)
+    async_scheduling = False       # plan step N+1 while the device runs step N
     keeps_quantized = True         # quantized weights stay quantized by default
+    # Group sizes MLX's quantized matmul takes here (others are dequantized at load).
+    quantized_group_sizes = (32, 64, 128)
     # Element-wise math (exp, erf, sigmoid) through the vectorised versions in
     # engine/platform/fast_math.py: MLX's CPU evaluates those one scalar at a time.
     fast_math = False

@@ -54,6 +54,7 @@ class CpuPlatform(Platform):
     # A 2048-row step already runs the matmuls at full speed.
     max_num_batched_tokens = 2048
     keeps_quantized = False
+    quantized_group_sizes = (16, 32, 64, 128)  # the CPU's MLX kernels take any
     fast_math = True
 
     def __init__(self, device: mx.Device):

@@ -136,50 +136,74 @@ def bind_embedding(layer, ops: CpuOps):
     return lambda ids: np.array(layer.forward(mx.array(ids)).astype(mx.float32))
 
 
+def _fuse_checkpoint_codes(projections) -> HostMatmul | None:
+    """One matmul over a checkpoint's integer codes of `projections` (same
+    input, no bias), the layers then reading views into the fused copy so
+    each weight stays in memory once; None where their tiles don't line up."""
+    if not all(isinstance(p, Int8Linear) and "bias" not in p for p in projections):
+        return None
+    packed = [p.packed for p in projections]
+    fused_packed = concat(packed)
+    if fused_packed is None:
+        return None
+    for projection, part in zip(projections, parts_of(fused_packed, packed)):
+        projection.share_packed(part)
+    return HostMatmul(fused_packed)
+
+
+def _fuse(projections, codes: int | None) -> tuple[HostMatmul, list[int]] | None:
+    """The projections of one input as one matmul and each one's width, where
+    that keeps one copy of every weight: a checkpoint's integer codes (fused,
+    then viewed by the layers) or 16-bit codes made here (which exist only in
+    the fused form). Float weights are not fused. One wide matmul keeps both
+    cores busy where narrow ones (k, v) left them half idle."""
+    fused = _fuse_checkpoint_codes(projections)
+    if fused is not None:
+        return fused, [p.packed.out_dim for p in projections]
+    if codes is None:
+        return None
+    parts = [_matmul(m, codes) for m in projections]
+    fused = HostMatmul.fused(parts)
+    return None if fused is None else (fused, [p.out_dim for p in parts])
+
+
 def bind_attention(layer: Attention, ops: CpuOps, codes: int | None = None):
     """Attention keeps its generic forward (projections, norms, RoPE, cache),
-    each part on its own binding; q/k/v are fused into one matmul where that
-    holds no second copy of a weight (the narrow k and v alone left the two
-    cores half idle): a checkpoint's integer codes are fused and the layers
-    then read views into the fused copy; 16-bit codes made here (`codes`)
-    exist only in the fused form. Float weights are not fused."""
-    projections = [layer.q_proj, layer.k_proj, layer.v_proj]
-    if all(isinstance(p, Int8Linear) and "bias" not in p for p in projections):
-        packed = [p.packed for p in projections]
-        fused_packed = concat(packed)
-        if fused_packed is None:
-            return None
-        for projection, part in zip(projections, parts_of(fused_packed, packed)):
-            projection.share_packed(part)
-        fused = HostMatmul(fused_packed)
-        widths = [p.out_dim for p in packed]
-    elif codes is not None:
-        parts = [_matmul(m, codes) for m in projections]
-        fused = HostMatmul.fused(parts)
+    each part on its own binding; q/k/v are one matmul where `_fuse` allows,
+    or as the checkpoint has them (`qkv_proj`)."""
+    heads = (layer.n_heads, layer.n_kv_heads, layer.n_kv_heads)
+    if "qkv_proj" in layer:
+        fused = _matmul(layer.qkv_proj, codes)
+        widths = [h * layer.head_dim for h in heads]
+    else:
+        fused = _fuse([layer.q_proj, layer.k_proj, layer.v_proj], codes)
         if fused is None:
             return None
-        widths = [p.out_dim for p in parts]
-    else:
-        return None
-    heads = (layer.n_heads, layer.n_kv_heads, layer.n_kv_heads)
-
-    def project(x):
-        outs = ops.linear_split(fused, x, widths)
-        return tuple(o.reshape(-1, h, layer.head_dim) for o, h in zip(outs, heads))
-    layer.project_host = project
+        fused, widths = fused
+    layer.project_host = _split_projection(ops, fused, widths, heads, layer.head_dim)
     return None
 
 
+def _split_projection(ops: CpuOps, fused: HostMatmul, widths, heads, head_dim: int):
+    """q, k, v from one matmul, each written to its own contiguous array."""
+    def project(x):
+        outs = ops.linear_split(fused, x, widths)
+        return tuple(o.reshape(-1, h, head_dim) for o, h in zip(outs, heads))
+    return project
+
+
 def bind_gated_mlp(layer: GatedMLP, ops: CpuOps, codes: int | None = None):
-    """gate and up fused into one matmul, for 16-bit codes made here (the
-    fused copy is their only one); float and checkpoint weights stay apart."""
-    if codes is None:
-        return None
-    parts = [_matmul(layer.gate_proj, codes), _matmul(layer.up_proj, codes)]
-    fused = HostMatmul.fused(parts)
-    if fused is None:
-        return None
-    widths = [p.out_dim for p in parts]
+    """gate and up as one matmul, the activation written into the gate's
+    fresh output: the checkpoint's own (`gate_up_proj`), or fused where
+    `_fuse` allows."""
+    if "gate_up_proj" in layer:
+        fused = _matmul(layer.gate_up_proj, codes)
+        widths = [fused.out_dim // 2] * 2
+    else:
+        fused = _fuse([layer.gate_proj, layer.up_proj], codes)
+        if fused is None:
+            return None
+        fused, widths = fused
     down, kind = _matmul(layer.down_proj, codes), layer.act.name
 
     def mlp(x):

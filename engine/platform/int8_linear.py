@@ -17,6 +17,7 @@ import numpy as np
 from engine.platform.int8_matmul import Int8Matmul, PackedWeight, pack
 from models.layers.base import Layer
 from models.layers.embedding import ScaledQuantizedEmbedding
+from models.layers.linear import quantizable, with_group_size
 
 
 def _packed_from(module: nn.Module, wide: bool) -> PackedWeight:
@@ -72,8 +73,9 @@ class Int8Embedding(ScaledQuantizedEmbedding):
     @classmethod
     def from_quantized(cls, module: nn.QuantizedEmbedding, kernel: Int8Matmul,
                        wide: bool = False) -> Int8Embedding:
-        layer = cls(module.num_embeddings, module.dims, module.group_size, module.bits,
-                    scale=getattr(module, "scale", None))
+        layer = cls(module.num_embeddings, module.dims, quantizable(module.group_size),
+                    module.bits, scale=getattr(module, "scale", None))
+        with_group_size(layer, module.group_size)
         layer.update(module.parameters())
         # float32 scales: looked-up rows come out in the model's compute dtype
         layer.scales = module.scales.astype(mx.float32)

@@ -40,16 +40,26 @@ class PackedWeight(NamedTuple):
 
 
 def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
-    """MLX's quantized uint32 words [N, K*bits/32] -> codes [N, K] uint8
-    (element j of a word sits at bits [bits*j, bits*(j+1)))."""
-    per_word = 32 // bits
-    shifts = np.arange(per_word, dtype=np.uint32) * bits
-    codes = (packed[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
-    return codes.reshape(packed.shape[0], -1).astype(np.uint8)
+    """MLX's quantized uint32 words [N, K*bits/32] -> codes [N, K] uint8.
+    The words are one little-endian bit stream per row: code j sits at bits
+    [bits*j, bits*(j+1)) of it (for 3, 5 and 6 bits codes straddle words)."""
+    if 32 % bits == 0:
+        per_word = 32 // bits
+        shifts = np.arange(per_word, dtype=np.uint32) * bits
+        codes = (packed[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
+        return codes.reshape(packed.shape[0], -1).astype(np.uint8)
+    stream = np.unpackbits(np.ascontiguousarray(packed).view(np.uint8), axis=1,
+                           bitorder="little")
+    weights = (1 << np.arange(bits)).astype(np.uint8)
+    return (stream.reshape(packed.shape[0], -1, bits) * weights).sum(axis=2, dtype=np.uint8)
+
+
+# Codes of up to 8 bits: the kernel holds one code a byte, whatever its width.
+BITS = (2, 3, 4, 5, 6, 8)
 
 
 def supports(bits: int, group_size: int, in_dim: int, out_dim: int) -> bool:
-    return bits in (4, 8) and group_size % 4 == 0 and in_dim % group_size == 0 and out_dim > 0
+    return bits in BITS and group_size % 4 == 0 and in_dim % group_size == 0 and out_dim > 0
 
 
 def pack(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,

@@ -38,6 +38,17 @@ KV_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 MAX_GROUP = 16  # query heads per KV head the kernel serves (MAX_GROUP in the C source)
 
 
+@dataclass
+class CpuMetadata:
+    """Every packed token i attends to the first context[i] slots of block
+    table tables[table_of[i]] (so prompt chunks are causal by construction)."""
+
+    slots: np.ndarray     # [N] int64 token slot each packed token's K/V is stored at
+    tables: np.ndarray    # [chunks, W] int32
+    table_of: np.ndarray  # [N] int32
+    context: np.ndarray   # [N] int32; 0 for padding (attends nothing)
+
+
 class CpuPagedAttention:
     """Callable over numpy arrays; see cpu_paged_attention.c for layouts."""
 
@@ -89,32 +100,45 @@ class CpuPagedAttention:
         kv_heads, d = k_view.shape[1], self.head_dim
         if q is None:
             q = np.zeros((0, kv_heads, d), np.float32)
+        if k_new is None:
+            k_new = v_new = np.zeros((0, kv_heads, d), np.float32)
+            slots = np.zeros(0, np.int64)
+        meta = self.prepare(slots, tables, qrow, ctx, k_view.shape[0])
+        return self.run(meta, q, k_view, v_view, k_new, v_new, scale)
+
+    def prepare(self, slots: np.ndarray, tables: np.ndarray, qrow: np.ndarray,
+                ctx: np.ndarray, pool_blocks: int) -> CpuMetadata:
+        """A step's arrays checked and laid out for the kernel, once for all
+        layers (per layer, only q/k/v change)."""
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        if len(slots) and (slots.min() < 0 or slots.max() >= pool_blocks * self.block_size):
+            raise ValueError("slots out of the pools' range")
+        return CpuMetadata(slots, np.ascontiguousarray(tables, dtype=np.int32),
+                           np.ascontiguousarray(qrow, dtype=np.int32),
+                           np.ascontiguousarray(ctx, dtype=np.int32))
+
+    def run(self, meta: CpuMetadata, q: np.ndarray, k_view: np.ndarray, v_view: np.ndarray,
+            k_new: np.ndarray, v_new: np.ndarray, scale: float) -> np.ndarray:
+        """One layer's write + attention over prepared metadata."""
+        kv_heads, d = k_view.shape[1], self.head_dim
         q = np.ascontiguousarray(q, dtype=np.float32)
         n, heads, qd = q.shape
         if qd != d:
             raise ValueError(f"kernel set up for head_dim {d}, got {qd}")
-        if k_new is None:
-            k_new = v_new = np.zeros((0, kv_heads, d), np.float32)
-            slots = np.zeros(0, np.int64)
         k_new = np.ascontiguousarray(k_new, dtype=np.float32)
         v_new = np.ascontiguousarray(v_new, dtype=np.float32)
-        slots = np.ascontiguousarray(slots, dtype=np.int64)
-        m = len(slots)
+        m = len(meta.slots)
         if k_new.shape != (m, kv_heads, d) or v_new.shape != k_new.shape:
             raise ValueError(f"new K/V of shape {k_new.shape} do not fit the pools")
-        if m and (slots.min() < 0 or slots.max() >= k_view.shape[0] * self.block_size):
-            raise ValueError("slots out of the pools' range")
-        tables = np.ascontiguousarray(tables, dtype=np.int32)
-        qrow = np.ascontiguousarray(qrow, dtype=np.int32)
-        ctx = np.ascontiguousarray(ctx, dtype=np.int32)
-        out = np.empty_like(q)
         if k_view.dtype != self.kv_dtype or v_view.dtype != self.kv_dtype:
             raise ValueError(f"K/V pools must be {self.kv_dtype}")
+        out = np.empty_like(q)
         rc = self._fn(k_view.ctypes.data, v_view.ctypes.data, k_new.ctypes.data,
-                      v_new.ctypes.data, slots.ctypes.data, m, q.ctypes.data,
-                      tables.ctypes.data, qrow.ctypes.data, ctx.ctypes.data, out.ctypes.data,
-                      n, tables.shape[1], heads, kv_heads, d, self.block_size,
-                      int(self.kv_dtype == np.float16), scale, self.threads)
+                      v_new.ctypes.data, meta.slots.ctypes.data, m, q.ctypes.data,
+                      meta.tables.ctypes.data, meta.table_of.ctypes.data,
+                      meta.context.ctypes.data, out.ctypes.data, n, meta.tables.shape[1], heads,
+                      kv_heads, d, self.block_size, int(self.kv_dtype == np.float16), scale,
+                      self.threads)
         if rc != 0:
             raise RuntimeError("cpu paged attention: bad arguments or out of memory")
         return out
@@ -137,17 +161,6 @@ def unsupported(spec: AttentionSpec) -> str | None:
         return (f"the CPU attention kernel serves at most {MAX_GROUP} query heads per KV head; "
                 f"this model has {spec.group}")
     return None
-
-
-@dataclass
-class CpuMetadata:
-    """Every packed token i attends to the first context[i] slots of block
-    table tables[table_of[i]] (so prompt chunks are causal by construction)."""
-
-    slots: np.ndarray     # [N] int64 token slot each packed token's K/V is stored at
-    tables: np.ndarray    # [chunks, W] int32
-    table_of: np.ndarray  # [N] int32
-    context: np.ndarray   # [N] int32; 0 for padding (attends nothing)
 
 
 class CpuAttention(AttentionBackend):
@@ -174,8 +187,9 @@ class CpuAttention(AttentionBackend):
         table_of = np.repeat(np.arange(common.num_chunks, dtype=np.int32), common.chunk_lens)
         context = common.positions.astype(np.int32) + 1
         context[len(context) - pad:] = 0
-        return CpuMetadata(common.slots.astype(np.int64), common.block_tables.astype(np.int32),
-                           np.concatenate([table_of, np.zeros(pad, np.int32)]), context)
+        return self.kernel.prepare(common.slots, common.block_tables,
+                                   np.concatenate([table_of, np.zeros(pad, np.int32)]), context,
+                                   self.k_host[0].shape[0] if self.k_host else 0)
 
     def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         # The kernel runs outside MLX's graph: evaluate this layer's q/k/v, write
@@ -191,9 +205,7 @@ class CpuAttention(AttentionBackend):
                     scale: float) -> np.ndarray:
         """q [N, heads, D], k/v [N, kv_heads, D] float32 -> [N, heads, D]."""
         meta, layer = view.meta, view.layer
-        return self.kernel(q, self.k_host[layer], self.v_host[layer], meta.tables,
-                           meta.table_of, meta.context, scale, k_new=k, v_new=v,
-                           slots=meta.slots)
+        return self.kernel.run(meta, q, self.k_host[layer], self.v_host[layer], k, v, scale)
 
 
 def _host_view(pool: mx.array) -> np.ndarray:

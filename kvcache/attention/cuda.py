@@ -1,19 +1,36 @@
-"""The CUDA attention backend: decode rows through a kernel that reads K/V
-blocks in place (mx.fast.cuda_kernel); prompt chunks on the portable path.
+"""The CUDA attention backend: one kernel (mx.fast.cuda_kernel) stores every
+packed token's K/V into the pools in place and attends over its blocks in
+place, for decode rows, prompt chunks and mixed steps alike.
 
-The portable path gathers every sequence's context into a new array before
-attention; on an H100 that gather cost ~4x the attention itself. Here one
-thread block handles one (sequence, KV head): its 4 warps walk the block
-table, each warp taking runs of UNROLL tokens (all their loads issued before
-any is used), with an online softmax for all the query heads of the group,
-and the warps' partial results are merged through shared memory at the end.
-K/V rows are read straight from the pools, and the row's new token is
-stored into them by the kernel itself.
+The portable path scatters new K/V into the pools with MLX, which on CUDA
+copies the whole pool on every write (0.25 ms into 0.25 GiB, 0.79 ms into
+1 GiB on an H100), and gathers each context into a new array before SDPA
+(on an H100 that gather cost ~4x the attention itself). Here one thread
+block serves one (packed token, KV head): its 4 warps walk the token's block
+table, each taking runs of UNROLL tokens (all their loads issued before any
+is used), with an online softmax for the query heads of the group, and the
+warps' partial results are merged through shared memory at the end. Keys of
+the token's own chunk come from this step's k/v, older ones from the pools;
+warp 0 stores the token's own k/v into its slot.
 
-The platform (engine/platform/cuda.py) picks this backend only for shapes
-within the kernel's limits (`unsupported`) and once `available()` has
-matched the kernel against the portable path on this device, at the
-model's own shape; everywhere else the portable backend runs.
+Why writing into an input is sound here (MLX arrays are otherwise values):
+- MLX hands a custom kernel the buffer of an evaluated row-contiguous input
+  as it is (only non-contiguous inputs are copied first). The pools are made
+  contiguous and evaluated once (kvcache/paged_cache.py) and no MLX operation
+  ever writes them on this backend, so each pool keeps one buffer for the
+  engine's life and every launch writes that buffer.
+- Order: a layer's pools are read and written only by that layer's launch in
+  a step, and launches on the stream run in order; the step ends with an
+  mx.eval before the next step is built. Within a launch no thread reads a
+  slot written in that launch (a chunk's own keys are read from k_new/v_new;
+  another sequence's blocks are never written: a block shared through the
+  prefix cache is full, and writes go to a sequence's own newest block).
+- `verify` runs the kernel against the reference math at the model's shape
+  before the platform picks it (engine/platform/cuda.py); a mismatch or a
+  compile failure leaves the portable path in use.
+
+The platform picks this backend only for shapes within the kernel's limits
+(`unsupported`) and once `available()` has verified it on this device.
 """
 
 from __future__ import annotations
@@ -24,8 +41,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from kvcache.attention.backend import AttentionBackend
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
-from kvcache.attention.portable import PortableAttention, PortableMetadata, attend_prompts
 
 WARPS = 4
 UNROLL = 4  # tokens a warp loads before computing on them
@@ -34,53 +51,67 @@ SHARED_MEMORY = 48 << 10  # static shared memory a thread block may use
 _SOURCE = """
     constexpr int PER_LANE = D / 32;
     const int bk = blockIdx.x;
-    const int b = bk / KVH;
+    const int i = bk / KVH;  // the packed token this thread block serves
     const int kvh = bk % KVH;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    const int ctx = context_lens[b];
-    const float scale = scale_in[0];
-    const int W = width_in[0];  // data, not a template value: one compile serves all widths
+    const int pos = positions[i];
+    const size_t out_at = ((size_t)i * KVH * G + kvh * G) * D + lane * PER_LANE;
+    if (pos < 0) {  // padding: stores nothing, attends nothing
+        if (warp == 0)
+            for (int g = 0; g < G; ++g)
+                for (int e = 0; e < PER_LANE; ++e) out[out_at + (size_t)g * D + e] = T(0);
+        return;
+    }
+    const float scale = floats_in[0];
+    const float softcap = floats_in[1];
+    const int W = ints_in[0];       // table width: data, so one compile serves all widths
+    const int window = ints_in[1];  // keys within `window` positions (0: all)
+    const int ctx = pos + 1;
+    const int first_t = window > 0 && ctx > window ? ctx - window : 0;
+    const int* table = block_tables + (size_t)table_of[i] * W;
+    // Keys of this token's own chunk (positions p0 .. pos) are this step's:
+    // read from k_new/v_new, never from the pools, which this launch writes.
+    const int first = chunk_start[i];
+    const int p0 = pos - (i - first);
 
     float qv[G][PER_LANE];
     for (int g = 0; g < G; ++g)
-        for (int i = 0; i < PER_LANE; ++i)
-            qv[g][i] = static_cast<float>(q[((size_t)b * KVH * G + kvh * G + g) * D
-                                            + lane * PER_LANE + i]) * scale;
-    // This row's new token (position ctx - 1) is stored into the pools here,
-    // in place: an MLX scatter on CUDA copies the whole pool. Within this
-    // launch it is read from k_new/v_new, never back from the pools.
-    const size_t new_at = ((size_t)b * KVH + kvh) * D + lane * PER_LANE;
+        for (int e = 0; e < PER_LANE; ++e)
+            qv[g][e] = static_cast<float>(q[out_at + (size_t)g * D + e]) * scale;
+    // This token's K/V are stored into the pools here, in place (see the
+    // module docstring for why that is sound).
+    const size_t new_at = ((size_t)i * KVH + kvh) * D + lane * PER_LANE;
     if (warp == 0) {
-        const int t = ctx - 1;
-        const int block = block_tables[(size_t)b * W + t / BS];
-        const size_t row = ((size_t)(block * BS + t % BS) * KVH + kvh) * D + lane * PER_LANE;
+        const int block = table[pos / BS];
+        const size_t row = ((size_t)(block * BS + pos % BS) * KVH + kvh) * D + lane * PER_LANE;
         T* k_out = (T*)k_pool;
         T* v_out = (T*)v_pool;
-        for (int i = 0; i < PER_LANE; ++i) {
-            k_out[row + i] = k_new[new_at + i];
-            v_out[row + i] = v_new[new_at + i];
+        for (int e = 0; e < PER_LANE; ++e) {
+            k_out[row + e] = k_new[new_at + e];
+            v_out[row + e] = v_new[new_at + e];
         }
     }
     float m[G], l[G], acc[G][PER_LANE];
     for (int g = 0; g < G; ++g) {
         m[g] = -INFINITY; l[g] = 0.f;
-        for (int i = 0; i < PER_LANE; ++i) acc[g][i] = 0.f;
+        for (int e = 0; e < PER_LANE; ++e) acc[g][e] = 0.f;
     }
     // Each warp takes UNROLL consecutive tokens at a time and issues all their
     // K/V loads (one vector load per lane and row) before using any: more
-    // bytes in flight per warp, which is what decode attention waits on.
+    // bytes in flight per warp, which is what attention over a cache waits on.
     struct alignas(sizeof(T) * PER_LANE) Lanes { T v[PER_LANE]; };
-    for (int t0 = warp * UNROLL; t0 < ctx; t0 += NWARPS * UNROLL) {
+    for (int t0 = first_t + warp * UNROLL; t0 < ctx; t0 += NWARPS * UNROLL) {
         Lanes kl[UNROLL], vl[UNROLL];
         for (int u = 0; u < UNROLL; ++u) {
             const int t = t0 + u < ctx ? t0 + u : ctx - 1;
-            const int block = block_tables[(size_t)b * W + t / BS];
-            const size_t row = ((size_t)(block * BS + t % BS) * KVH + kvh) * D
-                               + lane * PER_LANE;
-            const bool fresh = t == ctx - 1;
-            kl[u] = *reinterpret_cast<const Lanes*>(fresh ? k_new + new_at : k_pool + row);
-            vl[u] = *reinterpret_cast<const Lanes*>(fresh ? v_new + new_at : v_pool + row);
+            const bool fresh = t >= p0;
+            const int block = table[(fresh ? 0 : t) / BS];
+            const size_t row = fresh
+                ? ((size_t)(first + t - p0) * KVH + kvh) * D + lane * PER_LANE
+                : ((size_t)(block * BS + t % BS) * KVH + kvh) * D + lane * PER_LANE;
+            kl[u] = *reinterpret_cast<const Lanes*>((fresh ? k_new : k_pool) + row);
+            vl[u] = *reinterpret_cast<const Lanes*>((fresh ? v_new : v_pool) + row);
         }
         // Scores of the run first, then one softmax rescale for the whole run
         // (not one a token): a quarter of the exps and accumulator rescales.
@@ -88,9 +119,10 @@ _SOURCE = """
         for (int u = 0; u < UNROLL; ++u)
             for (int g = 0; g < G; ++g) {
                 float s = 0.f;
-                for (int i = 0; i < PER_LANE; ++i)
-                    s += qv[g][i] * static_cast<float>(kl[u].v[i]);
+                for (int e = 0; e < PER_LANE; ++e)
+                    s += qv[g][e] * static_cast<float>(kl[u].v[e]);
                 for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+                if (softcap > 0.f) s = softcap * tanhf(s / softcap);
                 sc[u][g] = t0 + u < ctx ? s : -INFINITY;
             }
         for (int g = 0; g < G; ++g) {
@@ -98,12 +130,12 @@ _SOURCE = """
             for (int u = 0; u < UNROLL; ++u) m_new = fmaxf(m_new, sc[u][g]);
             const float corr = __expf(m[g] - m_new);
             l[g] *= corr;
-            for (int i = 0; i < PER_LANE; ++i) acc[g][i] *= corr;
+            for (int e = 0; e < PER_LANE; ++e) acc[g][e] *= corr;
             for (int u = 0; u < UNROLL; ++u) {
                 const float p = __expf(sc[u][g] - m_new);
                 l[g] += p;
-                for (int i = 0; i < PER_LANE; ++i)
-                    acc[g][i] += p * static_cast<float>(vl[u].v[i]);
+                for (int e = 0; e < PER_LANE; ++e)
+                    acc[g][e] += p * static_cast<float>(vl[u].v[e]);
             }
             m[g] = m_new;
         }
@@ -113,7 +145,7 @@ _SOURCE = """
     __shared__ float sm_acc[NWARPS][G][D];
     for (int g = 0; g < G; ++g) {
         if (lane == 0) { sm_m[warp][g] = m[g]; sm_l[warp][g] = l[g]; }
-        for (int i = 0; i < PER_LANE; ++i) sm_acc[warp][g][lane * PER_LANE + i] = acc[g][i];
+        for (int e = 0; e < PER_LANE; ++e) sm_acc[warp][g][lane * PER_LANE + e] = acc[g][e];
     }
     __syncthreads();
     if (warp == 0) {
@@ -126,11 +158,10 @@ _SOURCE = """
                 wts[w] = sm_l[w][g] > 0.f ? __expf(sm_m[w][g] - mx_) : 0.f;
                 denom += sm_l[w][g] * wts[w];
             }
-            for (int i = 0; i < PER_LANE; ++i) {
+            for (int e = 0; e < PER_LANE; ++e) {
                 float o = 0.f;
-                for (int w = 0; w < NWARPS; ++w) o += sm_acc[w][g][lane * PER_LANE + i] * wts[w];
-                out[((size_t)b * KVH * G + kvh * G + g) * D + lane * PER_LANE + i] =
-                    static_cast<T>(o / denom);
+                for (int w = 0; w < NWARPS; ++w) o += sm_acc[w][g][lane * PER_LANE + e] * wts[w];
+                out[out_at + (size_t)g * D + e] = static_cast<T>(o / denom);
             }
         }
     }
@@ -143,31 +174,57 @@ def _get_kernel():
     global _kernel
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(
-            name="conveyor_paged_decode_attention",
+            name="conveyor_paged_attention",
             input_names=["q", "k_pool", "v_pool", "k_new", "v_new", "block_tables",
-                         "context_lens", "scale_in", "width_in"],
+                         "table_of", "positions", "chunk_start", "floats_in", "ints_in"],
             output_names=["out"], source=_SOURCE)
     return _kernel
 
 
-def paged_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, k_new: mx.array,
-                           v_new: mx.array, block_tables: mx.array, context_lens: mx.array,
-                           scale: float, block_size: int, n_kv_heads: int) -> mx.array:
-    """q: [B, H, D]; pools: [slots * Hkv, D]; k_new, v_new: [B, Hkv, D], each
-    row's new token, which the kernel stores into the pools *in place* at
-    position context_lens - 1 (MLX does not see that write: the pools must be
-    live, contiguous arrays); block_tables: [B, W] int32; context_lens: [B]
-    int32 (tokens to attend, the new one included)."""
-    batch, heads, dim = q.shape
-    width = block_tables.shape[1]
+def paged_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, k_new: mx.array,
+                    v_new: mx.array, meta: CudaMetadata, scale: float, block_size: int,
+                    n_kv_heads: int, softcap: float = 0.0, window: int = 0) -> mx.array:
+    """Store every packed token's k_new, v_new [N, Hkv, D] into the pools
+    ([slots * Hkv, D]) *in place* and attend q [N, H, D]: token i sees
+    positions up to meta.positions[i] (the last `window` of them if window >
+    0) of block table meta.tables[meta.table_of[i]]; its own chunk's keys
+    come from k_new/v_new. Padding (position -1) gets zeros. The pools must
+    be evaluated, contiguous arrays (MLX does not see the write)."""
+    n, heads, dim = q.shape
+    width = meta.tables.shape[1]
     return _get_kernel()(
         inputs=[q, k_pool, v_pool, k_new.astype(k_pool.dtype), v_new.astype(v_pool.dtype),
-                block_tables, context_lens,
-                mx.array([scale], dtype=mx.float32), mx.array([width], dtype=mx.int32)],
+                meta.tables, meta.table_of, meta.positions, meta.chunk_start,
+                mx.array([scale, softcap], dtype=mx.float32),
+                mx.array([width, window], dtype=mx.int32)],
         template=[("T", q.dtype), ("D", dim), ("G", heads // n_kv_heads), ("KVH", n_kv_heads),
                   ("BS", block_size), ("NWARPS", WARPS), ("UNROLL", UNROLL)],
-        grid=(batch * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
-        output_shapes=[(batch, heads, dim)], output_dtypes=[q.dtype])[0]
+        grid=(n * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
+        output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
+
+
+@dataclass
+class CudaMetadata:
+    """Per packed token: its sequence's block-table row, its position (-1 for
+    padding) and the packed index of its chunk's first token."""
+
+    tables: mx.array       # [chunks, W] int32
+    table_of: mx.array     # [N] int32
+    positions: mx.array    # [N] int32
+    chunk_start: mx.array  # [N] int32
+
+    @classmethod
+    def from_common(cls, common: CommonAttentionMetadata) -> CudaMetadata:
+        n, pad = len(common.slots), common.num_padding
+        real, lens = n - pad, common.chunk_lens
+        table_of = np.zeros(n, np.int32)
+        table_of[:real] = np.repeat(np.arange(common.num_chunks, dtype=np.int32), lens)
+        chunk_start = np.zeros(n, np.int32)
+        chunk_start[:real] = np.repeat(common.query_start[:-1], lens)
+        positions = common.positions.astype(np.int32)
+        positions[real:] = -1
+        return cls(mx.array(common.block_tables.astype(np.int32)), mx.array(table_of),
+                   mx.array(positions), mx.array(chunk_start))
 
 
 # The shape gpu_check reports on: a Llama-style group of 4, head_dim 128.
@@ -197,93 +254,103 @@ def available(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
 
 
 def verify(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
-    """Compare with gather + SDPA on random data; any error means 'no'."""
+    """Compare with the portable path's math (scatter, then attention over
+    each token's gathered context) on random data: decode rows, prompt chunks
+    continuing a context, and padding; the pools must then hold every new
+    token, written in place. Any error means 'no'."""
     try:
-        rng = np.random.default_rng(0)
-        dtype, bs, kvh, g, d = (spec.kv_dtype, spec.block_size, spec.num_kv_heads,
-                                spec.group, spec.head_dim)
-        lens = np.array([1, 17, 33, 90, 96], dtype=np.int32)
-        batch, width = len(lens), -(-int(lens.max()) // bs)
-        blocks = batch * width + 2
-        k_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
-        v_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
-        tables = rng.permutation(blocks)[:batch * width].reshape(batch, width).astype(np.int32)
-        q = mx.array(rng.normal(size=(batch, kvh * g, d)), dtype=dtype)
-        k_new = mx.array(rng.normal(size=(batch, kvh, d)), dtype=dtype)
-        v_new = mx.array(rng.normal(size=(batch, kvh, d)), dtype=dtype)
-        slots = (tables[:, :, None] * bs + np.arange(bs)).reshape(batch, -1)
-        new_rows = (slots[np.arange(batch), lens - 1][:, None] * kvh + np.arange(kvh)).reshape(-1)
-        # The reference sees the new tokens written the portable way.
-        k_ref, v_ref = mx.array(k_pool), mx.array(v_pool)
-        k_ref[mx.array(new_rows)] = k_new.reshape(-1, d)
-        v_ref[mx.array(new_rows)] = v_new.reshape(-1, d)
-        mx.eval(k_pool, v_pool, k_ref, v_ref)
-        got = paged_decode_attention(q, k_pool, v_pool, k_new, v_new, mx.array(tables),
-                                     mx.array(lens), d**-0.5, bs, kvh)
-        mx.eval(got)
-        rows = slots[:, None, :] * kvh + np.arange(kvh)[None, :, None]
-        mask = np.arange(slots.shape[1])[None, :] < lens[:, None]
-        ref = mx.fast.scaled_dot_product_attention(
-            q[:, :, None, :], k_ref[mx.array(rows)], v_ref[mx.array(rows)], scale=d**-0.5,
-            mask=mx.array(mask[:, None, None, :]))[:, :, 0, :]
-        err = mx.abs(got.astype(mx.float32) - ref.astype(mx.float32)).max().item()
-        # ... and the pools now hold the new tokens, written in place.
-        stored = mx.abs(k_pool[mx.array(new_rows)] - k_new.reshape(-1, d)).max().item() + \
-            mx.abs(v_pool[mx.array(new_rows)] - v_new.reshape(-1, d)).max().item()
-        return err < 2e-2 and stored == 0
+        return _verify(spec) < 2e-2
     except Exception as exc:  # a compile or launch failure: fall back
         print(f"conveyor: CUDA paged attention unavailable ({type(exc).__name__}: {exc})",
               file=sys.stderr)
         return False
 
 
-@dataclass
-class CudaMetadata(PortableMetadata):
-    """The portable metadata, with the decode rows' arrays for the kernel."""
+def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0) -> float:
+    """The largest difference from the reference (inf if a stored row differs)."""
+    rng = np.random.default_rng(0)
+    dtype, bs, kvh, g, d = (spec.kv_dtype, spec.block_size, spec.num_kv_heads, spec.group,
+                            spec.head_dim)
+    # (tokens already cached, tokens this step): decode rows first, then chunks.
+    chunks = [(0, 1), (16, 1), (89, 1), (0, 23), (40, 17)]
+    lengths = [n for _, n in chunks]
+    width = -(-max(c + n for c, n in chunks) // bs)
+    blocks = len(chunks) * width + 2
+    tables = rng.permutation(blocks)[:len(chunks) * width].reshape(len(chunks), width)
+    pad = 3
+    n = sum(lengths) + pad
+    positions = np.concatenate([np.arange(c, c + k) for c, k in chunks] + [np.full(pad, -1)])
+    table_of = np.concatenate([np.full(k, j) for j, (_, k) in enumerate(chunks)]
+                              + [np.zeros(pad, int)])
+    starts = np.cumsum([0] + lengths)[:-1]
+    chunk_start = np.concatenate([np.full(k, s) for s, k in zip(starts, lengths)]
+                                 + [np.zeros(pad, int)])
+    meta = CudaMetadata(mx.array(tables.astype(np.int32)), mx.array(table_of.astype(np.int32)),
+                        mx.array(positions.astype(np.int32)),
+                        mx.array(chunk_start.astype(np.int32)))
+    k_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
+    v_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
+    q = mx.array(rng.normal(size=(n, kvh * g, d)), dtype=dtype)
+    k_new = mx.array(rng.normal(size=(n, kvh, d)), dtype=dtype)
+    v_new = mx.array(rng.normal(size=(n, kvh, d)), dtype=dtype)
+    real = positions >= 0
+    slots = tables[table_of, positions // bs] * bs + positions % bs
+    new_rows = (slots[real][:, None] * kvh + np.arange(kvh)).reshape(-1)
+    # The reference sees the new tokens written the portable way.
+    k_ref, v_ref = mx.array(k_pool), mx.array(v_pool)
+    k_ref[mx.array(new_rows)] = k_new[:int(real.sum())].reshape(-1, d)
+    v_ref[mx.array(new_rows)] = v_new[:int(real.sum())].reshape(-1, d)
+    mx.eval(k_pool, v_pool, k_ref, v_ref)
+    got = paged_attention(q, k_pool, v_pool, k_new, v_new, meta, d**-0.5, bs, kvh,
+                          softcap, window)
+    mx.eval(got)
+    err = 0.0
+    for i in range(n):
+        if positions[i] < 0:
+            err = max(err, mx.abs(got[i].astype(mx.float32)).max().item())
+            continue
+        first = max(0, positions[i] + 1 - window) if window else 0
+        ts = np.arange(first, positions[i] + 1)
+        rows = (tables[table_of[i], ts // bs] * bs + ts % bs)[:, None] * kvh + np.arange(kvh)
+        keys = k_ref[mx.array(rows)].astype(mx.float32)       # [T, Hkv, D]
+        values = v_ref[mx.array(rows)].astype(mx.float32)
+        qi = q[i].astype(mx.float32).reshape(kvh, g, d)
+        scores = mx.einsum("hgd,thd->hgt", qi, keys) * d**-0.5
+        if softcap:
+            scores = softcap * mx.tanh(scores / softcap)
+        ref = mx.einsum("hgt,thd->hgd", mx.softmax(scores, axis=-1), values).reshape(-1, d)
+        err = max(err, mx.abs(got[i].astype(mx.float32) - ref).max().item())
+    # ... and the pools now hold the new tokens, written in place.
+    stored = mx.abs(k_pool[mx.array(new_rows)] - k_ref[mx.array(new_rows)]).max().item() + \
+        mx.abs(v_pool[mx.array(new_rows)] - v_ref[mx.array(new_rows)]).max().item()
+    return err if stored == 0 else float("inf")
 
-    decode_block_tables: mx.array | None = None  # [Bd, W] int32
-    decode_context_lens: mx.array | None = None  # [Bd] int32, the new token included
 
-
-class CudaAttention(PortableAttention):
-    """Decode rows through the in-place kernel, the rest through the portable path."""
+class CudaAttention(AttentionBackend):
+    """Every packed token (decode rows, prompt chunks, padding) through the
+    in-place kernel: no MLX scatter into a pool and no gather of a context."""
 
     name = "cuda"
     # Kernel rows may be padding (they read and write the scratch block), so a
     # decode step can be padded to a bucket of rows and compiled once per bucket.
     compiled_decode = True
-    metadata_class = CudaMetadata
 
     def build(self, common: CommonAttentionMetadata) -> CudaMetadata:
-        meta = self._common_part(common)
-        nd = common.num_decode
-        if nd:
-            meta.decode_block_tables = mx.array(common.tables(0, nd).astype(np.int32))
-            meta.decode_context_lens = mx.array(common.context_lens[:nd].astype(np.int32))
-        return meta
+        return CudaMetadata.from_common(common)
 
     def decode_graph_inputs(self, meta: CudaMetadata) -> tuple[mx.array, ...]:
         """The arrays a compiled decode step takes (see decode_metadata)."""
-        return meta.decode_block_tables, meta.decode_context_lens
+        return meta.tables, meta.positions
 
-    def decode_metadata(self, rows: int, tables: mx.array, context_lens: mx.array,
+    def decode_metadata(self, rows: int, tables: mx.array, positions: mx.array,
                         ) -> CudaMetadata:
-        """Metadata of a decode-only step of `rows` rows, inside a compiled graph."""
-        return CudaMetadata(None, num_decode=rows, decode_block_tables=tables,
-                            decode_context_lens=context_lens)
+        """Metadata of a decode-only step of `rows` rows (row i is token i, its
+        own chunk), inside a compiled graph."""
+        index = mx.arange(rows, dtype=mx.int32)
+        return CudaMetadata(tables, index, positions, index)
 
     def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-        meta, cache = view.meta, view.cache
-        nd, hkv = meta.num_decode, cache.n_kv_heads
-        if nd < k.shape[0]:
-            # Decode rows store their K/V inside the kernel; the rest (prompt
-            # chunks, padding) through MLX first, so the kernel gets the live pools.
-            cache.write(view.layer, meta.write_rows[nd * hkv:], k[nd:], v[nd:])
-        outs = []
-        if nd:
-            od = paged_decode_attention(
-                q[:nd].astype(cache.dtype), cache.k[view.layer], cache.v[view.layer], k[:nd],
-                v[:nd], meta.decode_block_tables, meta.decode_context_lens, scale,
-                cache.block_size, hkv)
-            outs.append(od.astype(q.dtype))
-        return attend_prompts(view, q, scale, outs)
+        cache = view.cache
+        out = paged_attention(q.astype(cache.dtype), cache.k[view.layer], cache.v[view.layer],
+                              k, v, view.meta, scale, cache.block_size, cache.n_kv_heads)
+        return out.astype(q.dtype)

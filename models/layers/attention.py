@@ -19,15 +19,18 @@ class Attention(Layer):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                  rope: RoPE | None, bias: bool = False, out_bias: bool | None = None,
                  qk_norm_eps: float | None = None, qk_norm_offset: float = 0.0,
-                 scale: float | None = None):
+                 scale: float | None = None, fused_qkv: bool = False):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"{n_heads} attention heads do not share {n_kv_heads} KV heads")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale
-        self.q_proj = Linear(dim, n_heads * head_dim, bias=bias)
-        self.k_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        if fused_qkv:  # one projection whose rows are q's, then k's, then v's (Phi-3)
+            self.qkv_proj = Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
+        else:
+            self.q_proj = Linear(dim, n_heads * head_dim, bias=bias)
+            self.k_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
+            self.v_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = Linear(n_heads * head_dim, dim, bias=bias if out_bias is None else out_bias)
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, qk_norm_offset)
@@ -39,10 +42,16 @@ class Attention(Layer):
         if self.project_host is not None and is_host(x):
             return self.project_host(x)
         n = x.shape[0]
-        q = self.q_proj(x).reshape(n, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(n, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(n, self.n_kv_heads, self.head_dim)
-        return q, k, v
+        if "qkv_proj" in self:
+            qkv = self.qkv_proj(x)
+            q_end = self.n_heads * self.head_dim
+            k_end = q_end + self.n_kv_heads * self.head_dim
+            q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.reshape(n, self.n_heads, self.head_dim),
+                k.reshape(n, self.n_kv_heads, self.head_dim),
+                v.reshape(n, self.n_kv_heads, self.head_dim))
 
     def forward(self, x, positions, cache=None):
         n = x.shape[0]

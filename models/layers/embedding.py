@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from models.layers.base import Layer
+from models.layers.linear import quantizable, with_group_size
 
 
 class Embedding(Layer):
@@ -48,10 +49,11 @@ class ScaledQuantizedEmbedding(Layer, nn.QuantizedEmbedding):
     def from_embedding(cls, embedding: Embedding, group_size=None, bits=None,
                        mode: str = "affine"):
         num, dims = embedding.weight.shape
-        layer = cls(num, dims, group_size, bits, mode, embedding.scale)
-        quantized = nn.QuantizedEmbedding.from_embedding(embedding, group_size, bits, mode)
+        made = quantizable(group_size, mode)
+        layer = cls(num, dims, made, bits, mode, embedding.scale)
+        quantized = nn.QuantizedEmbedding.from_embedding(embedding, made, bits, mode)
         layer.update(quantized.parameters())
-        return layer
+        return with_group_size(layer, group_size)
 
     def forward(self, ids: mx.array) -> mx.array:
         x = nn.QuantizedEmbedding.__call__(self, ids)

@@ -81,16 +81,17 @@ static void quantize_rows(const float *x, long ldx, int M, int Mp, int K, int G,
 static inline void tile(const uint8_t *w0, const uint8_t *w1, const float *s0, const float *s1,
                         const float *b0, const float *b1, const void *qx, const float *dx,
                         const float *xs, int K, int G, float *y, long ldy, int rows,
-                        __mmask16 m0, __mmask16 m1, int accumulate, const int wide) {
+                        __mmask16 m0, __mmask16 m1, int accumulate, const int wide,
+                        const int R) {
     int groups = K / G, lanes = wide ? 2 : 4, steps = G / lanes, bytes = 16 * lanes;
     __m512 f0[ROWS], f1[ROWS];
-    for (int r = 0; r < ROWS; r++) { f0[r] = _mm512_setzero_ps(); f1[r] = _mm512_setzero_ps(); }
+    for (int r = 0; r < R; r++) { f0[r] = _mm512_setzero_ps(); f1[r] = _mm512_setzero_ps(); }
     const int32_t *xr[ROWS];  /* one 32-bit word holds a lane's inputs */
-    for (int r = 0; r < ROWS; r++)
+    for (int r = 0; r < R; r++)
         xr[r] = (const int32_t *)((const char *)qx + (long)r * K * (wide ? 2 : 1));
     for (int g = 0; g < groups; g++) {
         __m512i a0[ROWS], a1[ROWS];
-        for (int r = 0; r < ROWS; r++) { a0[r] = _mm512_setzero_si512(); a1[r] = _mm512_setzero_si512(); }
+        for (int r = 0; r < R; r++) { a0[r] = _mm512_setzero_si512(); a1[r] = _mm512_setzero_si512(); }
         const uint8_t *p0 = w0 + (long)g * steps * bytes, *p1 = w1 + (long)g * steps * bytes;
         int word = g * steps;
         for (int kk = 0; kk < steps; kk++) {
@@ -102,7 +103,7 @@ static inline void tile(const uint8_t *w0, const uint8_t *w1, const float *s0, c
                 W0 = _mm512_load_si512((const void *)(p0 + kk * 64));
                 W1 = _mm512_load_si512((const void *)(p1 + kk * 64));
             }
-            for (int r = 0; r < ROWS; r++) {
+            for (int r = 0; r < R; r++) {
                 __m512i X = _mm512_set1_epi32(xr[r][word + kk]);
                 if (wide) {
                     a0[r] = _mm512_dpwssd_epi32(a0[r], W0, X);
@@ -115,7 +116,7 @@ static inline void tile(const uint8_t *w0, const uint8_t *w1, const float *s0, c
         }
         __m512 S0 = _mm512_load_ps(s0 + g * 16), S1 = _mm512_load_ps(s1 + g * 16);
         __m512 B0 = _mm512_load_ps(b0 + g * 16), B1 = _mm512_load_ps(b1 + g * 16);
-        for (int r = 0; r < ROWS; r++) {
+        for (int r = 0; r < R; r++) {
             __m512 D = _mm512_set1_ps(dx[(long)r * groups + g]);
             __m512 XS = _mm512_set1_ps(xs[(long)r * groups + g]);
             f0[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a0[r]), D), S0, f0[r]);
@@ -172,12 +173,17 @@ int int8_matmul(const float *x, long ldx, int M, int K, const uint8_t *codes,
                     float *yr = y + (long)r * ldy + t0 * 16;
                     long g0 = (long)r * groups;
                     const char *xq = (const char *)qx + (long)r * K * width;
-                    if (wide)
-                        tile(c0w, c1w, s0, s1, b0, b1, xq, dx + g0, xs + g0, K, G, yr, ldy,
-                             rows, m0, m1, accumulate, 1);
-                    else
-                        tile(c0w, c1w, s0, s1, b0, b1, xq, dx + g0, xs + g0, K, G, yr, ldy,
-                             rows, m0, m1, accumulate, 0);
+                    /* Constant `wide` and row counts let the compiler emit one loop
+                     * each; a one-row step (single stream) then does no work for
+                     * the padding rows (ROWS-1 of every ROWS multiply-adds). */
+#define TILE(W, R) tile(c0w, c1w, s0, s1, b0, b1, xq, dx + g0, xs + g0, K, G, yr, ldy, \
+                        rows, m0, m1, accumulate, W, R)
+                    if (wide) {
+                        if (rows == 1) TILE(1, 1); else TILE(1, ROWS);
+                    } else {
+                        if (rows == 1) TILE(0, 1); else TILE(0, ROWS);
+                    }
+#undef TILE
                 }
             }
         }

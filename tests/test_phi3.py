@@ -1,0 +1,154 @@
+"""Phi-3 (models/phi3.py) against mlx-lm's phi3 on tiny random-weight
+checkpoints written here: fused q/k/v and gate/up projections, LongRoPE with
+its magnitude, partial rotary dims. Greedy tokens must be identical to
+mlx-lm's, alone and batched, on the CPU fast path and the portable path;
+logits agree within 1e-4 (float32 throughout)."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tiny_models import write_byte_tokenizer, write_quantized
+
+from engine import LLM, SamplingParams
+from engine.loading.loader import load_model
+from engine.platform.int8_linear import Int8Linear
+
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+HIDDEN, HEADS, KV_HEADS, FF = 64, 4, 2, 96
+
+TINY_PHI3 = {
+    "model_type": "phi3", "hidden_size": HIDDEN, "num_hidden_layers": 2,
+    "intermediate_size": FF, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+    "rms_norm_eps": 1e-5, "vocab_size": 320, "rope_theta": 10000.0,
+    "max_position_embeddings": 8192, "original_max_position_embeddings": 1024,
+    "tie_word_embeddings": False, "bos_token_id": 257, "eos_token_id": 258,
+    "torch_dtype": "float32",
+}
+
+
+def longrope(rotated_dims: int) -> dict:
+    rng = np.random.default_rng(7)
+    pairs = rotated_dims // 2
+    return {"type": "longrope", "long_factor": (1 + 3 * rng.random(pairs)).tolist(),
+            "short_factor": (1 + rng.random(pairs)).tolist()}
+
+
+def write_tiny_phi3(path, seed=0, **overrides):
+    """A phi3 checkpoint in Hugging Face's names (qkv_proj, gate_up_proj)."""
+    config = {**TINY_PHI3, **overrides}
+    rng = np.random.default_rng(seed)
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd = d // config["num_attention_heads"]
+    qkv = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * hd
+
+    def w(*shape, scale=0.08):
+        return mx.array(rng.normal(0, scale, size=shape).astype(np.float32))
+
+    weights = {"model.embed_tokens.weight": w(v, d, scale=0.5), "model.norm.weight": w(d) + 1}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights.update({
+            p + "self_attn.qkv_proj.weight": w(qkv, d),
+            p + "self_attn.o_proj.weight": w(d, d),
+            p + "mlp.gate_up_proj.weight": w(2 * f, d), p + "mlp.down_proj.weight": w(d, f),
+            p + "input_layernorm.weight": w(d) + 1,
+            p + "post_attention_layernorm.weight": w(d) + 1,
+        })
+    if not config["tie_word_embeddings"]:
+        weights["lm_head.weight"] = w(v, d, scale=0.3)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    write_byte_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_phi3(tmp_path_factory):
+    return write_tiny_phi3(tmp_path_factory.mktemp("phi3") / "m",
+                           rope_scaling=longrope(HIDDEN // HEADS))
+
+
+@pytest.fixture(scope="module")
+def tiny_phi4_mini(tmp_path_factory):
+    """Phi-4-mini's shape: 3/4 of each head rotated, tied embeddings."""
+    rotated = int(HIDDEN // HEADS * 0.75)
+    return write_tiny_phi3(tmp_path_factory.mktemp("phi4") / "m", seed=1,
+                           partial_rotary_factor=0.75, tie_word_embeddings=True,
+                           rope_scaling=longrope(rotated))
+
+
+def mlx_lm_greedy(model, prompt, n):
+    from mlx_lm.generate import generate_step
+
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
+
+
+def check_against_mlx_lm(path):
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    theirs, _ = mlx_lm_load(path)
+    ours, _ = load_model(path)
+    ids = np.random.default_rng(0).integers(0, 320, size=50).astype(np.int32)
+    want = np.array(theirs(mx.array(ids)[None]))[0]
+    np.testing.assert_allclose(np.array(ours(mx.array(ids))), want, rtol=1e-4, atol=1e-4)
+
+    prompts = [list(range(5, 5 + n)) for n in (3, 40, 130)]
+    fast = LLM(str(path), kv_cache_bytes=16 << 20)
+    assert fast.engine.runner.host_forward is not None
+    attn = fast.engine.model.layers[0].self_attn
+    assert attn.project_host is not None and fast.engine.model.layers[0].mlp.host is not None
+    portable = LLM(str(path), kv_cache_bytes=16 << 20, host_forward=False)
+    batched = [o.outputs[0].token_ids for o in fast.generate(prompts, GREEDY, use_tqdm=False)]
+    alone = [fast.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+             for p in prompts]
+    slow = [o.outputs[0].token_ids for o in portable.generate(prompts, GREEDY, use_tqdm=False)]
+    oracle = [mlx_lm_greedy(theirs, p, 20) for p in prompts]
+    assert batched == alone == slow == oracle
+
+
+def test_phi3_longrope_matches_mlx_lm(tiny_phi3):
+    model, _ = load_model(tiny_phi3)
+    rope = model.layers[0].self_attn.rope
+    assert rope.kind == "longrope" and rope.mscale > 1.0  # 8192 positions over 1024
+    check_against_mlx_lm(tiny_phi3)
+
+
+def test_phi4_mini_partial_rotary_matches_mlx_lm(tiny_phi4_mini):
+    model, _ = load_model(tiny_phi4_mini)
+    assert model.layers[0].self_attn.rope.dims == 12
+    check_against_mlx_lm(tiny_phi4_mini)
+
+
+def test_fused_projections_keep_one_copy_on_the_fast_path(tiny_phi3, tmp_path):
+    """The checkpoint's fused weights are multiplied as they are: the bound
+    kernels read the layer's own memory (float) or its own codes (integer)."""
+    from engine.platform import cpu_ops, int8_matmul
+    from engine.platform.host_forward import bind
+
+    model, _ = load_model(tiny_phi3)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert "q_proj" not in attn and "gate_proj" not in mlp
+    assert bind(model, cpu_ops.load()) is None
+    closure = {c.cell_contents for c in attn.project_host.__closure__
+               if hasattr(c.cell_contents, "keep")}
+    (fused,) = closure
+    assert np.shares_memory(fused.keep[0], np.array(attn.qkv_proj.weight, copy=False))
+
+    if int8_matmul.load() is None:
+        pytest.skip("no AVX-512 VNNI: quantized weights run as float32 here")
+    quantized = write_quantized(tiny_phi3, tmp_path / "q")
+    llm = LLM(str(quantized), kv_cache_bytes=16 << 20)
+    layer = llm.engine.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Int8Linear)
+    assert isinstance(layer.mlp.gate_up_proj, Int8Linear)
+    (fused,) = {c.cell_contents for c in layer.self_attn.project_host.__closure__
+                if hasattr(c.cell_contents, "keep")}
+    assert fused.packed is layer.self_attn.qkv_proj.packed
+    prompts = [list(range(5, 5 + n)) for n in (3, 40)]
+    fast = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    portable = LLM(str(quantized), kv_cache_bytes=16 << 20, host_forward=False)
+    slow = [o.outputs[0].token_ids for o in portable.generate(prompts, GREEDY, use_tqdm=False)]
+    assert fast == slow

@@ -61,9 +61,11 @@ def main() -> None:
     print("compiled == uncompiled:", tokens == uncompiled, flush=True)
     _, portable = run(model, config, prompts, kv_cache_bytes=1 << 30, paged_kernel=False)
     print("kernel == portable path:", tokens == portable, flush=True)
-    # 40 blocks of 16 tokens: less than the 8 prompts need at once.
+    # 40 blocks of 16 tokens: less than the 8 prompts need at once (and more
+    # than one sequence of max_model_len, as the memory plan requires).
     per_block = 16 * 30 * 3 * 64 * 4 * 2
-    tight, preempted = run(model, config, prompts, kv_cache_bytes=40 * per_block)
+    tight, preempted = run(model, config, prompts, kv_cache_bytes=40 * per_block,
+                           max_model_len=512)
     print("preempted run equal:", tokens == preempted, "preemptions:",
           tight.stats().preemptions, flush=True)
     # Seeded sampling (the sampler's MLX path on a GPU): alone == batched.

@@ -54,7 +54,7 @@ def test_same_tokens_as_one_step_at_a_time(tiny_llama_dir, case):
 
 def test_preemption_and_prefix_cache(tiny_llama_dir):
     # 19 blocks of 8 KiB: preempts (see test_engine); a shared prefix hits the cache.
-    sync, fast = engines(tiny_llama_dir, kv_cache_bytes=19 * 8192)
+    sync, fast = engines(tiny_llama_dir, kv_cache_bytes=19 * 8192, max_model_len=128)
     shared = list(range(40, 80))
     ps = [shared + p[:10] for p in prompts(10, seed=4)]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)

@@ -561,7 +561,7 @@ def test_real_models_chat_and_embeddings(tmp_path, smollm_dir):
     ])
     summary = run_batch_file(inp, tmp_path / "out.jsonl", model=str(smollm_dir),
                              served_model_name="SmolLM2", max_num_seqs=4, progress=False,
-                             engine_args={"kv_cache_bytes": 64 << 20})
+                             engine_args={"kv_cache_bytes": 64 << 20, "max_model_len": 1024})
     assert (summary.done, summary.failed) == (2, 0)
     out = by_id(tmp_path / "out.jsonl")
     chat = out["chat"]["response"]["body"]

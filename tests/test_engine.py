@@ -56,7 +56,7 @@ def test_preemption_gives_the_same_tokens(tiny_llama_dir):
     big = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20)
     # 2 layers x 2 kv heads x 16 dims x 4 bytes x 2 (K,V) x 16 tokens = 8 KiB a block;
     # 19 blocks hold about three 100-token sequences.
-    small = LLM(str(tiny_llama_dir), kv_cache_bytes=19 * 8192)
+    small = LLM(str(tiny_llama_dir), kv_cache_bytes=19 * 8192, max_model_len=128)
     expected = big.generate(prompts, params, use_tqdm=False)
     got = small.generate(prompts, params, use_tqdm=False)
     assert token_ids(got) == token_ids(expected)
@@ -158,8 +158,8 @@ def test_too_long_request_is_rejected_and_others_run(tiny_llama_dir):
     llm = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, max_model_len=128)
     with pytest.raises(RequestError, match="context of 128"):
         llm.generate([[1] * 200], SamplingParams(max_tokens=4))
-    small = LLM(str(tiny_llama_dir), kv_cache_bytes=4 * 8192)  # 64 tokens in all
-    with pytest.raises(RequestError, match="KV cache"):
+    small = LLM(str(tiny_llama_dir), kv_cache_bytes=4 * 8192, max_model_len=64)  # 64 tokens
+    with pytest.raises(RequestError, match="context of 64"):
         small.generate([[1] * 60], SamplingParams(max_tokens=10))
     ok = small.generate([[1] * 20], SamplingParams(max_tokens=10, **GREEDY), use_tqdm=False)
     assert len(ok[0].outputs[0].token_ids) == 10

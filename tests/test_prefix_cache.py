@@ -171,7 +171,7 @@ def test_preemption_reuses_its_own_cached_blocks(tiny_llama_dir):
 
     per_block = PagedKVCache.bytes_per_block(2, EngineArgs().block_size, 2, 16,
                                              roomy.engine.cache.dtype)
-    tight = LLM(str(tiny_llama_dir), kv_cache_bytes=14 * per_block)
+    tight = LLM(str(tiny_llama_dir), kv_cache_bytes=14 * per_block, max_model_len=128)
     assert outputs(tight, params, prompts) == outputs(roomy, params, prompts)
     stats = tight.stats()
     assert stats.preemptions > 0 and stats.prefix_cache_hits > 0

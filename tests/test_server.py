@@ -565,8 +565,8 @@ def test_default_models_end_to_end(smollm, minilm_dir):
     """`conveyor serve` with no model arguments: SmolLM2 and MiniLM."""
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     want = _chat_reference(smollm, messages, 24)
-    with _serve("--kv-cache-bytes", str(256 << 20)) as url, openai.OpenAI(
-            base_url=url + "/v1", api_key="unused", max_retries=0) as c:
+    with _serve("--kv-cache-bytes", str(256 << 20), "--max-model-len", "2048") as url, \
+            openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as c:
         assert {m.id for m in c.models.list().data} == {"SmolLM2-135M-Instruct",
                                                         "all-MiniLM-L6-v2"}
         got = c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages,

@@ -155,7 +155,7 @@ def test_preemption_and_abort_keep_matchers_right(tiny_llama_dir):
     prompts = [f"row {i} " * 6 for i in range(6)]
     roomy = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20)
     want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
-    tight = LLM(str(tiny_llama_dir), kv_cache_bytes=64 * 1024, block_size=16)
+    tight = LLM(str(tiny_llama_dir), kv_cache_bytes=64 * 1024, block_size=16, max_model_len=128)
     got = tight.generate(prompts, params, use_tqdm=False)
     assert tight.stats().preemptions > 0
     assert [o.outputs[0].token_ids for o in got] == want

@@ -6,20 +6,23 @@ import gc
 import itertools
 import random
 from dataclasses import dataclass
+from typing import Annotated
 
 import mlx.core as mx
 import msgspec
 
+from engine.core.memory_plan import MemoryPlan, PoolShape, plan_memory
 from engine.core.model_runner import InFlightTokens, ModelRunner
 from engine.core.outputs import Logprob
+from engine.core.profile_step import dummy_lengths, dummy_step
 from engine.core.request import Request
 from engine.core.sampler import SamplerOutput, SamplingRow, TokenMask, sample
 from engine.core.sampling_params import SamplingParams
 from engine.core.structured_output import StructuredOutputs
-from engine.errors import RequestError
+from engine.errors import ConveyorError, RequestError
 from engine.loading.tokenizer import Tokenizer
 from engine.platform import current_platform
-from engine.platform.base import DTYPES, Platform
+from engine.platform.base import DTYPES, Platform, log
 from kvcache.attention.metadata import AttentionSpec
 from kvcache.block_manager import BlockManager
 from kvcache.paged_cache import PagedKVCache
@@ -40,7 +43,11 @@ class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None
     dtype: str | None = None
     keep_quantized: bool | None = None
-    kv_cache_bytes: int | None = None  # None: the platform's default budget
+    # The KV pool: kv_cache_bytes as given, or what the memory plan leaves of
+    # gpu_memory_utilization x the device's memory (engine/core/memory_plan.py;
+    # None: 0.9 on a GPU, 0.5 of the available RAM on the CPU).
+    kv_cache_bytes: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: the platform's (CPU 2048, GPU 8192)
@@ -105,6 +112,15 @@ class EngineStats:
             if self.prefix_cache_queries else 0.0
 
 
+def _checked(args: EngineArgs) -> EngineArgs:
+    """`args` with every field's type and range checked (the constructor
+    checks nothing; LLM(...) and the CLI build EngineArgs that way)."""
+    try:
+        return msgspec.convert(msgspec.structs.asdict(args), EngineArgs)
+    except msgspec.ValidationError as exc:
+        raise ConveyorError(f"invalid engine argument: {exc}") from None
+
+
 def _compute_dtype(embedding) -> mx.Dtype:
     """The dtype activations (and so K/V) have: a quantized embedding yields
     rows in its scales' dtype."""
@@ -119,7 +135,8 @@ class LLMEngine:
     def __init__(self, model, tokenizer: Tokenizer, config: dict, args: EngineArgs,
                  platform: Platform | None = None):
         """`platform` (None: the current device's) answers every device
-        question: KV budget, attention backend, compiled steps, sampler."""
+        question: memory, attention backend, compiled steps, sampler."""
+        args = _checked(args)
         self.model, self.tokenizer, self.config, self.args = model, tokenizer, config, args
         self.platform = platform = platform or current_platform()
         margs = model.args
@@ -130,40 +147,36 @@ class LLMEngine:
                 raise RequestError(f"unknown kv_cache_dtype {args.kv_cache_dtype!r}; choose "
                                    f"from {', '.join(DTYPES)}")
             dtype = DTYPES[args.kv_cache_dtype]
-        per_block = PagedKVCache.bytes_per_block(
-            margs.num_hidden_layers, args.block_size, margs.num_key_value_heads,
-            margs.head_dim, dtype)
-        budget = args.kv_cache_bytes or platform.default_kv_cache_bytes()
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise RequestError(f"kv_cache_bytes={budget} is smaller than one KV block "
-                               f"({per_block} bytes)")
+        bs = args.block_size
+        shape = PoolShape(bs, PagedKVCache.bytes_per_block(
+            margs.num_hidden_layers, bs, margs.num_key_value_heads, margs.head_dim, dtype),
+            max_len, args.max_num_seqs,
+            args.max_num_batched_tokens or platform.max_num_batched_tokens)
         layers = [m for _, m in model.named_modules() if isinstance(m, Attention)]
         windows = [layer.window for layer in layers]
         spec = AttentionSpec(margs.num_attention_heads, margs.num_key_value_heads,
-                             margs.head_dim, args.block_size, dtype,
+                             margs.head_dim, bs, dtype,
                              sliding_window=any(w is not None for w in windows),
                              softcap=any(layer.softcap is not None for layer in layers))
         backend = platform.attention_backend(spec, args.paged_kernel)
-        self.cache = PagedKVCache(margs.num_hidden_layers, num_blocks, args.block_size,
-                                  margs.num_key_value_heads, margs.head_dim, dtype, backend)
+        host_forward = platform.host_forward(model, backend, args.host_forward)
+        self.sampler_kernels = platform.sampler_kernels()
+        self.memory_plan: MemoryPlan = self._plan_memory(shape, spec, host_forward)
+        num_blocks = self.memory_plan.num_blocks
+        self.cache = self._new_cache(spec, num_blocks, backend)
         # Blocks behind every layer's window go back to the pool as sequences advance.
-        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching,
+        self.blocks = BlockManager(num_blocks, bs, args.enable_prefix_caching,
                                    max(windows) if windows and None not in windows else None)
         self.scheduler = Scheduler(
-            SchedulerConfig(args.max_num_seqs,
-                            args.max_num_batched_tokens or platform.max_num_batched_tokens,
-                            max_len),
+            SchedulerConfig(args.max_num_seqs, shape.max_num_batched_tokens, max_len),
             self.blocks)
         compile_decode = platform.compile_decode if args.compile is None else args.compile
         self.runner = ModelRunner(model, self.cache, compile_decode=compile_decode,
-                                  host_forward=platform.host_forward(model, backend,
-                                                                     args.host_forward))
+                                  host_forward=host_forward)
         self.async_scheduling = self.runner.host_forward is None and (
             platform.async_scheduling if args.async_scheduling is None
             else args.async_scheduling)
         self._in_flight: _LaunchedStep | None = None
-        self.sampler_kernels = platform.sampler_kernels()
         self.structured = StructuredOutputs(tokenizer, model.args.vocab_size)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -174,6 +187,29 @@ class LLMEngine:
         # as the engine: keep it out of the cyclic collector's full passes,
         # which otherwise stall steps at random (seen: +-10% on an H200), as vLLM does.
         gc.freeze()
+
+    def _new_cache(self, spec: AttentionSpec, num_blocks: int, backend=None) -> PagedKVCache:
+        """Pools of `num_blocks` blocks for this model, served by `backend`
+        (None: a new one of the platform's)."""
+        if backend is None:
+            backend = self.platform.attention_backend(spec, self.args.paged_kernel)
+        return PagedKVCache(self.model.args.num_hidden_layers, num_blocks, spec.block_size,
+                            spec.num_kv_heads, spec.head_dim, spec.kv_dtype, backend)
+
+    def _plan_memory(self, shape: PoolShape, spec: AttentionSpec, host_forward) -> MemoryPlan:
+        """The KV pool's plan (engine/core/memory_plan.py), made once before the
+        first step and printed; entry points size their work from it."""
+        def step_of(tokens: int):
+            lengths = dummy_lengths(tokens, shape.max_num_batched_tokens, shape.max_num_seqs,
+                                    shape.max_model_len)
+            return dummy_step(self.model, lambda n: self._new_cache(spec, n), spec.block_size,
+                              host_forward, self.sampler_kernels, lengths)
+
+        plan = plan_memory(shape, self.platform, self.args.kv_cache_bytes,
+                           self.args.gpu_memory_utilization, step_of)
+        for line in plan.describe():
+            log(line)
+        return plan
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> LLMEngine:

@@ -49,7 +49,8 @@ from scheduler.embedding_batcher import plan_embedding_batches
 
 # Engine arguments that mean nothing for an encoder (LLM(task="embed") passes
 # the generation engine's keyword arguments through).
-_IGNORED_ENGINE_ARGS = ("kv_cache_bytes", "enable_prefix_caching", "block_size")
+_IGNORED_ENGINE_ARGS = ("kv_cache_bytes", "gpu_memory_utilization", "enable_prefix_caching",
+                        "block_size")
 # How the CPU fast path multiplies Linear weights: float32 (sgemm) or 16-bit
 # codes with int16 activations (the integer kernel; the platform binds them).
 CPU_MATMULS = ("float32", "int16")

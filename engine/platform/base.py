@@ -13,6 +13,7 @@ cannot do falls back to the portable pieces defined here, said once.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +30,16 @@ _logged: set[str] = set()
 _detected: dict[str, Platform] = {}
 
 
+def log(message: str) -> None:
+    """Print `conveyor: message` to stderr, as every start-up line is."""
+    print(f"conveyor: {message}", file=sys.stderr, flush=True)
+
+
 def log_once(message: str) -> None:
-    """Print `conveyor: message` to stderr the first time it is seen."""
+    """`log(message)` the first time it is seen."""
     if message not in _logged:
         _logged.add(message)
-        print(f"conveyor: {message}", file=sys.stderr)
+        log(message)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,17 @@ class SamplerKernels:
 PORTABLE_SAMPLING = SamplerKernels()
 
 
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What the memory plan (engine/core/memory_plan.py) counts on, in bytes:
+    the KV pool may take utilization x `capacity`, less `in_use` and a step's
+    activations."""
+
+    capacity: int
+    in_use: int
+    name: str  # as the printed plan names it ("GPU memory", "available RAM")
+
+
 def dtype_name(dtype: mx.Dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
@@ -65,7 +82,12 @@ class Platform:
     """Portable MLX: correct on any device, with no device-specific tricks."""
 
     name = "portable"
-    kv_cache_bytes = 2 << 30       # default KV budget
+    kv_cache_bytes = 2 << 30       # the KV budget where the device's memory is unknown
+    # Share of device_memory().capacity the engine may fill (vLLM's
+    # gpu_memory_utilization): weights, a step's activations and the KV pool.
+    memory_utilization = 0.9
+    kv_cache_ceiling: int | None = None  # the most KV a default plan gives (None: no limit)
+    profile_tokens: int | None = None  # the plan's dummy step, if shorter than a full one
     max_num_batched_tokens = 2048  # default tokens a step
     compile_decode = False         # compile pure-decode steps (when the backend allows)
     async_scheduling = False       # plan step N+1 while the device runs step N
@@ -146,8 +168,25 @@ class Platform:
         """Tune MLX's allocator before a model runs (nothing by default)."""
 
     # -- the engine --------------------------------------------------------
-    def default_kv_cache_bytes(self) -> int:
-        return self.kv_cache_bytes
+    def device_memory(self) -> DeviceMemory | None:
+        """The device's memory now, or None where it is unknown (the plan then
+        takes the fixed `kv_cache_bytes`)."""
+        return None
+
+    def peak_bytes_during(self, prepare: Callable[[], Callable[[], None]]) -> int:
+        """The most bytes a dummy step held at once beyond what was held before
+        it ran, by MLX's allocator: `prepare()` allocates what the step needs
+        beforehand (its pool) and returns what runs it. All of it goes back to
+        the device afterwards, before the real pool is allocated."""
+        run = prepare()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        run()
+        peak = mx.get_peak_memory() - base
+        del run  # the dummy pool with it
+        mx.clear_cache()
+        return max(0, peak)
 
     def attention_backend(self, spec: AttentionSpec,
                           paged_kernel: bool | None = None) -> AttentionBackend:

@@ -11,13 +11,15 @@ Conveyor's own kernel.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 
 from engine.errors import ModelLoadError, RequestError
-from engine.platform import blas
+from engine.platform import blas, host_memory
 from engine.platform.base import (
+    DeviceMemory,
     Platform,
     SamplerKernels,
     WeightFormat,
@@ -32,7 +34,23 @@ BUFFER_CACHE_BYTES = 2 << 30
 
 class CpuPlatform(Platform):
     name = "cpu"
-    kv_cache_bytes = 2 << 30        # a fixed 2 GiB
+    kv_cache_bytes = 2 << 30        # where the available RAM is unknown
+    # RAM is shared with the OS, its page cache, other processes and this
+    # one's Python heap (which grows with the requests in flight): the KV pool
+    # takes half of what is available once the weights are loaded, so the
+    # other half stays free for them.
+    memory_utilization = 0.5
+    # ... and at most this much unless a utilization is given: MLX writes
+    # zeros over the whole pool at start-up (every page touched: ~0.5 s a GiB
+    # on the 2-core development box), and 4 GiB already holds 93k tokens of
+    # the default model (45 KiB a token in float32), 91 requests of 1,024.
+    kv_cache_ceiling = 4 << 30
+    # The memory plan's dummy step, scaled up to a full one: the CPU path's
+    # activations grow linearly with the tokens (its attention kernel reads
+    # the pools in place: no tokens x context scores). For the default model
+    # 64 tokens scale to ~205 MiB against 188 MiB measured over a whole
+    # 2048-token step, which would add seconds to every start.
+    profile_tokens = 64
     # A 2048-row step already runs the matmuls at full speed.
     max_num_batched_tokens = 2048
     keeps_quantized = False
@@ -94,6 +112,17 @@ class CpuPlatform(Platform):
         previous = mx.set_cache_limit(limit)
         if previous > limit:
             mx.set_cache_limit(previous)
+
+    def device_memory(self) -> DeviceMemory | None:
+        """The RAM available now, after the weights were loaded (so nothing
+        counts as in use): the plan gives the KV pool its share of it."""
+        available = host_memory.available_bytes()
+        return None if available is None else DeviceMemory(available, 0, "available RAM")
+
+    def peak_bytes_during(self, prepare: Callable[[], Callable[[], None]]) -> int:
+        """The host forward's buffers are numpy's, which MLX's allocator does
+        not see: the rise of this process's resident memory instead."""
+        return host_memory.resident_growth(prepare()) or 0
 
     def fast_attention(self, spec: AttentionSpec) -> tuple[AttentionBackend | None, str | None]:
         why_not = cpu_attention.unsupported(spec)

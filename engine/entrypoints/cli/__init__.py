@@ -61,6 +61,11 @@ def run_generate(args: argparse.Namespace) -> int:
         inputs = [chat(p) for p in prompts]
     else:
         inputs = [tok.encode(p) for p in prompts]
+    # The plan printed at start-up counts a typical request; this run's are known.
+    length = sum(map(len, inputs)) // len(inputs) + args.max_tokens
+    print(f"conveyor: memory plan: holds {llm.engine.memory_plan.sequences_at(length):,} "
+          f"sequences of this run's average {length:,} tokens (prompt + --max-tokens) at once",
+          file=sys.stderr)
 
     start = time.perf_counter()
     if len(inputs) == 1:

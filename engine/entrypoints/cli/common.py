@@ -17,7 +17,14 @@ def add_engine_args(p, model_help: str = DEFAULT_MODEL_HELP) -> None:
                    help="compute dtype (default: float32 on the CPU, the model's on a GPU)")
     p.add_argument("--keep-quantized", action="store_true", default=None,
                    help="keep quantized weights quantized (default on a GPU only)")
-    p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
+    p.add_argument("--kv-cache-bytes", type=int,
+                   help="KV cache budget in bytes (default: planned from the device's memory "
+                        "after loading, printed at start-up)")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="share of the GPU's memory the engine may fill: weights, a step's "
+                        "activations and the KV cache (default 0.9); on the CPU, the share of "
+                        "the RAM available after loading that the KV cache takes (default 0.5, "
+                        "at most 4 GiB unless given)")
     p.add_argument("--kv-cache-dtype", choices=["float32", "float16", "bfloat16"],
                    help="K/V storage (default: the model's dtype; float16 halves what "
                         "attention reads)")
@@ -49,6 +56,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineArgs keyword arguments from the flags above (model excluded)."""
     kwargs = {"dtype": args.dtype, "keep_quantized": args.keep_quantized,
               "kv_cache_bytes": args.kv_cache_bytes, "max_num_seqs": args.max_num_seqs,
+              "gpu_memory_utilization": args.gpu_memory_utilization,
               "max_num_batched_tokens": args.max_num_batched_tokens,
               "max_model_len": args.max_model_len, "paged_kernel": args.paged_kernel,
               "kv_cache_dtype": args.kv_cache_dtype, "cpu_matmul": args.cpu_matmul,
@@ -57,6 +65,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     for name in ("kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
         if kwargs[name] is not None and kwargs[name] < 1:
             raise ConveyorError(f"--{name.replace('_', '-')} must be at least 1")
+    share = kwargs["gpu_memory_utilization"]
+    if share is not None and not 0 < share <= 1:
+        raise ConveyorError("--gpu-memory-utilization must be in (0, 1]")
     return kwargs
 
 

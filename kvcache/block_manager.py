@@ -27,6 +27,21 @@ from collections import OrderedDict
 
 from kvcache.prefix_hash import ROOT, chain_keys
 
+
+def most_blocks_held(num_tokens: int, chunk: int, block_size: int,
+                     sliding_window: int | None) -> int:
+    """The most blocks a sequence of `num_tokens` tokens holds at once when
+    computed `chunk` tokens at most a step: all of them, or with a sliding
+    window on every layer those of the window and two steps' chunks (with
+    asynchronous scheduling a step's blocks are released only once the next
+    one is planned), in a span that may straddle one block more."""
+    every = -(-num_tokens // block_size)
+    if sliding_window is None:
+        return every
+    span = sliding_window - 1 + 2 * min(chunk, num_tokens)
+    return min(every, -(-span // block_size) + 1)
+
+
 FREED = -1  # a table entry whose block went back to the pool behind a sliding window
 
 
@@ -150,15 +165,8 @@ class BlockManager:
 
     def most_blocks_held(self, num_tokens: int, chunk: int) -> int:
         """The most blocks a sequence of `num_tokens` tokens holds at once
-        when computed `chunk` tokens at most a step: all of them, or with a
-        sliding window those of the window and two steps' chunks (with
-        asynchronous scheduling a step's blocks are released only once the
-        next one is planned), in a span that may straddle one block more."""
-        every = self.blocks_for(num_tokens)
-        if self.sliding_window is None:
-            return every
-        span = self.sliding_window - 1 + 2 * min(chunk, num_tokens)
-        return min(every, self.blocks_for(span) + 1)
+        when computed `chunk` tokens at most a step (see `most_blocks_held`)."""
+        return most_blocks_held(num_tokens, chunk, self.block_size, self.sliding_window)
 
     def release_behind_window(self, seq_id: str, next_position: int) -> int:
         """Give back the blocks of `seq_id` that no layer reads again once its

@@ -27,7 +27,7 @@ PROMPTS = [[5, 9, 200], list(range(20, 33)), [int(t) for t in
                                               np.random.default_rng(2).integers(3, 300, 45)]]
 NEW_TOKENS = 12
 LOGPROB_TOLERANCE = 2e-4  # engine log-probabilities against the oracle's, every path
-ENGINE = dict(kv_cache_bytes=4 << 20, block_size=4, max_num_batched_tokens=16)
+ENGINE = dict(kv_cache_bytes=4 << 20, block_size=4, max_num_batched_tokens=16, max_model_len=512)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -148,12 +148,14 @@ class LLMEngine:
                                    f"from {', '.join(DTYPES)}")
             dtype = DTYPES[args.kv_cache_dtype]
         bs = args.block_size
+        layers = [m for _, m in model.named_modules() if isinstance(m, Attention)]
+        windows = [layer.window for layer in layers]
+        # Blocks behind every layer's window go back to the pool as sequences advance.
+        window = max(windows) if windows and None not in windows else None
         shape = PoolShape(bs, PagedKVCache.bytes_per_block(
             margs.num_hidden_layers, bs, margs.num_key_value_heads, margs.head_dim, dtype),
             max_len, args.max_num_seqs,
-            args.max_num_batched_tokens or platform.max_num_batched_tokens)
-        layers = [m for _, m in model.named_modules() if isinstance(m, Attention)]
-        windows = [layer.window for layer in layers]
+            args.max_num_batched_tokens or platform.max_num_batched_tokens, window)
         spec = AttentionSpec(margs.num_attention_heads, margs.num_key_value_heads,
                              margs.head_dim, bs, dtype,
                              sliding_window=any(w is not None for w in windows),
@@ -164,9 +166,7 @@ class LLMEngine:
         self.memory_plan: MemoryPlan = self._plan_memory(shape, spec, host_forward)
         num_blocks = self.memory_plan.num_blocks
         self.cache = self._new_cache(spec, num_blocks, backend)
-        # Blocks behind every layer's window go back to the pool as sequences advance.
-        self.blocks = BlockManager(num_blocks, bs, args.enable_prefix_caching,
-                                   max(windows) if windows and None not in windows else None)
+        self.blocks = BlockManager(num_blocks, bs, args.enable_prefix_caching, window)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, shape.max_num_batched_tokens, max_len),
             self.blocks)

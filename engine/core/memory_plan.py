@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from engine.errors import RequestError
 from engine.platform.base import DeviceMemory, Platform
+from kvcache.block_manager import most_blocks_held
 
 # The request length the printed plan counts sequences at besides
 # max_model_len: a chat turn's prompt and reply (DESIGN.md's mixed workload
@@ -39,9 +40,15 @@ class PoolShape:
     max_model_len: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    sliding_window: int | None = None  # on every layer: old blocks go back to the pool
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
+
+    def blocks_per_sequence(self) -> int:
+        """The most blocks one sequence of max_model_len holds at once."""
+        return most_blocks_held(self.max_model_len, self.max_num_batched_tokens,
+                                self.block_size, self.sliding_window)
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ def plan_memory(shape: PoolShape, platform: Platform, kv_cache_bytes: int | None
     else:
         budget, basis = _measured_budget(shape, platform, memory, utilization, dummy_step)
     plan = MemoryPlan(shape, budget // shape.bytes_per_block, basis)
-    if plan.num_tokens < shape.max_model_len:
+    if plan.num_blocks < shape.blocks_per_sequence():
         raise_ = ("--kv-cache-bytes" if kv_cache_bytes
                   else "--gpu-memory-utilization or give --kv-cache-bytes")
         fits = f" (to {plan.num_tokens:,} at most)" if plan.num_tokens else ""

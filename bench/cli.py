@@ -57,6 +57,8 @@ def _add_common(p) -> None:
     add_cpu_matmul_arg(p)
     p.add_argument("--no-host-forward", dest="host_forward", action="store_false", default=None,
                    help="Conveyor runs its CPU forward as an MLX graph")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   default=None, help="Conveyor runs one step at a time (for comparison)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
 
@@ -78,7 +80,7 @@ def _build(args):
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_bytes=args.kv_cache_bytes, paged_kernel=args.paged_kernel,
                        kv_cache_dtype=args.kv_cache_dtype, cpu_matmul=args.cpu_matmul,
-                       host_forward=args.host_forward)
+                       host_forward=args.host_forward, async_scheduling=args.async_scheduling)
     if args.synthetic:
         from bench.synthetic import NullTokenizer, synthetic_model
         from engine.platform import current_platform

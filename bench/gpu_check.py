@@ -12,6 +12,7 @@ window and cap checked at start-up, greedy tokens against mlx-lm given
 transformers' window masks, and Mistral's blocks given back behind its window.
 """
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -92,7 +93,15 @@ def check_sliding_window_family(name: str, tmp: Path) -> None:
     eng, tokens = run(model, config, prompts, kv_cache_bytes=64 << 20)
     print(f"{name}: decode kernel in use:", eng.cache.backend.name == "cuda")
     reference = oracle(path, windows)
-    same = sum(oracle_greedy(reference, p, 24)[0] == ours for p, ours in zip(prompts, tokens))
+    same = 0
+    for prompt, ours in zip(prompts, tokens):
+        theirs, logprobs = oracle_greedy(reference, prompt, 24)
+        same += theirs == ours
+        if theirs != ours:  # a near-tie (float rounding) or a real difference?
+            at = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+            gap = logprobs[at][theirs[at]] - logprobs[at][ours[at]]
+            print(f"{name}: prompt of {len(prompt)} differs at token {at}: oracle's "
+                  f"log-prob lead over ours {gap:.2e}", flush=True)
     print(f"{name}: greedy equal to mlx-lm with transformers' windows: {same}/{len(prompts)}",
           flush=True)
     hf = transformers_greedy(path, prompts, 24)
@@ -119,8 +128,16 @@ def transformers_greedy(path: Path, prompts: list[list[int]], n: int):
         from transformers import AutoModelForCausalLM
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        # transformers wants one model.safetensors (or an index) next to config.json.
+        hf_dir = path / "transformers"
+        hf_dir.mkdir(exist_ok=True)
+        shutil.copy(path / "config.json", hf_dir / "config.json")
+        weights = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            weights.update(mx.load(str(shard)))
+        mx.save_safetensors(str(hf_dir / "model.safetensors"), weights)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager").to(device).eval()
+            hf_dir, dtype=torch.float32, attn_implementation="eager").to(device).eval()
         outs = []
         for prompt in prompts:
             tokens = list(prompt)

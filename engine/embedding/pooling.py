@@ -101,7 +101,8 @@ def _read_pooling_config(path: Path) -> tuple[str, ...]:
 
 
 def pool(hidden: mx.array, attention_mask: mx.array, pooling: Pooling) -> mx.array:
-    """[B, T, D] hidden states and a [B, T] 0/1 mask (right padding) -> [B, D']."""
+    """[B, T, D] hidden states and a [B, T] 0/1 mask -> [B, D']. Padding on
+    the right ("cls" reads position 0); "lasttoken" also takes left padding."""
     mask = attention_mask.astype(hidden.dtype)[..., None]  # [B, T, 1]
     count = mx.maximum(mask.sum(axis=1), 1e-9)  # [B, 1]
     parts = []
@@ -116,7 +117,7 @@ def pool(hidden: mx.array, attention_mask: mx.array, pooling: Pooling) -> mx.arr
         elif mode == "mean_sqrt_len":
             parts.append((hidden * mask).sum(axis=1) / mx.sqrt(count))
         elif mode == "lasttoken":
-            last = mx.maximum(attention_mask.astype(mx.int32).sum(axis=1) - 1, 0)
+            last = _last_real(attention_mask != 0, mx)
             parts.append(mx.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
     out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     if pooling.normalize:
@@ -145,14 +146,23 @@ def pool_host(hidden: np.ndarray, attention_mask: np.ndarray, pooling: Pooling) 
         elif mode == "mean_sqrt_len":
             parts.append(summed / np.sqrt(np.maximum(count, 1e-9)))
         elif mode == "lasttoken":
-            last = np.maximum(keep.sum(axis=1) - 1, 0)
-            parts.append(hidden[np.arange(hidden.shape[0]), last])
+            parts.append(hidden[np.arange(hidden.shape[0]), _last_real(keep, np)])
     out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
     out = out.astype(np.float32, copy=False)
     if pooling.normalize:
         norm = np.sqrt((out * out).sum(axis=-1, keepdims=True))
         out = out / np.maximum(norm, 1e-12)
     return out
+
+
+def _last_real(keep, lib):
+    """Index of each row's last real token, for right or left padding alike
+    (a decoder's last token is the one that has seen the whole text)."""
+    t = keep.shape[1]
+    positions = lib.arange(1, t + 1, dtype=lib.int32)[None]
+    # Highest position (1-based) holding a real token; 0 for an empty row.
+    last = lib.where(keep, positions, 0).max(axis=1)
+    return lib.maximum(last - 1, 0)
 
 
 def pooled_dim(hidden_size: int, pooling: Pooling) -> int:

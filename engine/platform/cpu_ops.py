@@ -96,7 +96,7 @@ class CpuOps:
         lib.ops_act_mul.argtypes = [p, p, L, i, i]
         lib.ops_linear.restype = lib.ops_linear_split.restype = lib.ops_act_mul.restype = i
         lib.ops_rms_norm.restype = lib.ops_layer_norm.restype = lib.ops_rope.restype = None
-        lib.ops_encoder_attention.argtypes = [p, p, p, p, i, i, p, i, i, i, f, i]
+        lib.ops_encoder_attention.argtypes = [p, p, p, p, i, i, p, i, i, i, f, i, i]
         lib.ops_encoder_attention.restype = i
         # Packed integer weights run only where the integer kernel was built
         # for this CPU (AVX-512 VNNI).
@@ -162,11 +162,12 @@ class CpuOps:
         return g
 
     def encoder_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: int,
-                          length: int, lengths: np.ndarray | None, scale: float) -> np.ndarray:
+                          length: int, lengths: np.ndarray | None, scale: float, *,
+                          causal: bool = False) -> np.ndarray:
         """Bidirectional attention over a right-padded batch: q [batch*length,
         heads, head_dim], k/v [batch*length, kv_heads, head_dim]; row b's first
-        lengths[b] tokens (all `length` if None) see each other, padding gets
-        zeros."""
+        lengths[b] tokens (all `length` if None) see each other (`causal`: each
+        sees those up to itself), padding gets zeros."""
         q, k, v = _f32(q), _f32(k), _f32(v)
         n, heads, head_dim = q.shape
         if n != batch * length or k.shape != v.shape or k.shape[0] != n \
@@ -181,7 +182,7 @@ class CpuOps:
         rc = self.lib.ops_encoder_attention(
             q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, batch, length,
             None if lengths is None else lengths.ctypes.data, heads, k.shape[1], head_dim,
-            scale, self.threads)
+            scale, int(causal), self.threads)
         if rc == -2:
             raise ValueError(f"encoder attention: {heads} heads over {k.shape[1]} KV heads "
                              f"of {head_dim} dims")

@@ -216,8 +216,9 @@ int ops_act_mul(float *g, const float *u, long n, int kind, int threads) {
  * Bidirectional attention over a right-padded batch, for encoders (BERT):
  * q, out [batch * length, heads, head_dim] and k, v [batch * length, kv_heads,
  * head_dim], row b's tokens at b * length + t. Each real token of row b
- * (t < lengths[b]) attends to the row's lengths[b] real keys; padding
- * queries get zeros. One (row, head) pair is one unit of work: its keys are
+ * (t < lengths[b]) attends to the row's lengths[b] real keys (`causal`: to
+ * those up to itself, for a decoder run as an encoder); padding queries get
+ * zeros. One (row, head) pair is one unit of work: its keys are
  * copied transposed ([head_dim, keys]) so a tile of up to QUERY_TILE queries
  * by KEY_TILE keys accumulates in registers, and its values are read in place.
  */
@@ -243,12 +244,12 @@ static float *attention_scratch(size_t n) {
     return buf;
 }
 
-/* Scores of tq queries qs [tq][d] (scaled) against keys kt [d][padded] into
- * s [tq][padded], KEY_TILE keys at a time. */
+/* Scores of tq queries qs [tq][d] (scaled) against the first `keys` keys of
+ * kt [d][padded] into s [tq][padded], KEY_TILE keys at a time. */
 static inline __attribute__((always_inline)) void tile_scores(const float *qs, const float *kt,
-                                                               int padded, float *s, const int d,
-                                                               const int tq) {
-    for (int j0 = 0; j0 < padded; j0 += KEY_TILE) {
+                                                               int padded, int keys, float *s,
+                                                               const int d, const int tq) {
+    for (int j0 = 0; j0 < keys; j0 += KEY_TILE) {
         vf16 acc[QUERY_TILE];
         for (int r = 0; r < tq; r++) acc[r] = (vf16){0};
         for (int c = 0; c < d; c++) {
@@ -259,43 +260,47 @@ static inline __attribute__((always_inline)) void tile_scores(const float *qs, c
     }
 }
 
-/* One (row, head): n real tokens; q/o rows `ldq` floats apart, k/v `ldk`.
+/* One (row, head): n real tokens; q/o rows `ldq` floats apart, k/v `ldk`;
+ * `causal`: query i sees keys 0..i only.
  * kt [d][padded] and s [tq][padded] are scratch. `d` and `tq` (queries per
  * tile) are constants at the specialised call sites, so the loops over them
  * unroll and the accumulators stay in registers; the weighted sum of values
  * runs 16 dims at a time where d is a multiple of 16. */
 static inline __attribute__((always_inline)) void attend_row_head(
     const float *q, const float *k, const float *v, float *o, int n, long ldq, long ldk,
-    float scale, float *kt, float *s, const int d, const int tq) {
+    float scale, int causal, float *kt, float *s, const int d, const int tq) {
     int padded = (n + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
     for (int j = 0; j < padded; j++)
         for (int c = 0; c < d; c++) kt[(long)c * padded + j] = j < n ? k[j * ldk + c] : 0.f;
     float qs[QUERY_TILE * 256];
     for (int i0 = 0; i0 < n; i0 += tq) {
         int rows = n - i0 < tq ? n - i0 : tq;
+        int keys = causal ? i0 + rows : n;  /* keys this tile of queries may see */
         for (int r = 0; r < tq; r++)
             for (int c = 0; c < d; c++)
                 qs[r * d + c] = r < rows ? q[(i0 + r) * ldq + c] * scale : 0.f;
-        tile_scores(qs, kt, padded, s, d, tq);
+        tile_scores(qs, kt, padded, keys, s, d, tq);
         float inv[QUERY_TILE];
         for (int r = 0; r < tq; r++) {
             float *row = s + (long)r * padded, m = row[0], sum = 0.f;
             if (r >= rows) {  /* a missing query: weights 0, nothing written */
-                memset(row, 0, sizeof(float) * n);
+                memset(row, 0, sizeof(float) * keys);
                 continue;
             }
-            for (int j = 1; j < n; j++) m = row[j] > m ? row[j] : m;
-            for (int j = 0; j < n; j++) {
+            int seen = causal ? i0 + r + 1 : n;
+            for (int j = 1; j < seen; j++) m = row[j] > m ? row[j] : m;
+            for (int j = 0; j < seen; j++) {
                 row[j] = expf(row[j] - m);
                 sum += row[j];
             }
+            for (int j = seen; j < keys; j++) row[j] = 0.f;
             inv[r] = 1.f / sum;
         }
         if (d % 16 == 0 && d / 16 <= MAX_DIM_VECTORS) {
             vf16 acc[QUERY_TILE][MAX_DIM_VECTORS];
             for (int r = 0; r < tq; r++)
                 for (int t = 0; t < d / 16; t++) acc[r][t] = (vf16){0};
-            for (int j = 0; j < n; j++) {
+            for (int j = 0; j < keys; j++) {
                 const float *vr = v + j * ldk;
                 for (int t = 0; t < d / 16; t++) {
                     vf16 val = vload(vr + 16 * t);
@@ -309,7 +314,7 @@ static inline __attribute__((always_inline)) void attend_row_head(
             for (int r = 0; r < rows; r++) {
                 float *out = o + (i0 + r) * ldq;
                 memset(out, 0, sizeof(float) * d);
-                for (int j = 0; j < n; j++) {
+                for (int j = 0; j < keys; j++) {
                     float p = s[(long)r * padded + j] * inv[r];
                     for (int c = 0; c < d; c++) out[c] += p * v[j * ldk + c];
                 }
@@ -321,7 +326,7 @@ static inline __attribute__((always_inline)) void attend_row_head(
 /* Returns 0, -1 when scratch memory could not be had, -2 on bad arguments. */
 int ops_encoder_attention(const float *q, const float *k, const float *v, float *out,
                           int batch, int length, const int *lengths, int heads, int kv_heads,
-                          int head_dim, float scale, int threads) {
+                          int head_dim, float scale, int causal, int threads) {
     if (kv_heads <= 0 || heads % kv_heads || head_dim <= 0 || head_dim > 256) return -2;
     int group = heads / kv_heads, jobs = batch * heads, failed = 0;
     long ldq = (long)heads * head_dim, ldk = (long)kv_heads * head_dim;
@@ -345,10 +350,10 @@ int ops_encoder_attention(const float *q, const float *k, const float *v, float 
         switch (head_dim) {
         /* 8 queries a tile doubled the speed at head_dim 32 (4 left the FMA
          * units waiting on key loads); at 128 the accumulators would spill */
-        case 32: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, kt, s, 32, 8); break;
-        case 64: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, kt, s, 64, 8); break;
-        case 128: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, kt, s, 128, 4); break;
-        default: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, kt, s, head_dim, 4); break;
+        case 32: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, causal, kt, s, 32, 8); break;
+        case 64: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, causal, kt, s, 64, 8); break;
+        case 128: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, causal, kt, s, 128, 4); break;
+        default: attend_row_head(qb, kb, vb, ob, n, ldq, ldk, scale, causal, kt, s, head_dim, 4); break;
         }
     }
     return failed ? -1 : 0;

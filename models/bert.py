@@ -39,14 +39,15 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self):
         if self.position_embedding_type != "absolute":
             raise ValueError(
-                f"bert: position_embedding_type {self.position_embedding_type!r} "
+                f"{self.model_type}: position_embedding_type {self.position_embedding_type!r} "
                 "is not supported (only 'absolute')")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError("bert: hidden_size must be a multiple of num_attention_heads")
+            raise ValueError(f"{self.model_type}: hidden_size must be a multiple of "
+                             "num_attention_heads")
         try:
             canonical_activation(self.hidden_act)
         except ValueError as exc:
-            raise ValueError(f"bert: hidden_act: {exc}") from None
+            raise ValueError(f"{self.model_type}: hidden_act: {exc}") from None
 
 
 class Embeddings(nn.Module):
@@ -100,6 +101,12 @@ _DROP = re.compile(r"^(pooler\.|cls\.|embeddings\.position_ids$|.*\.num_batches_
 class Model(nn.Module):
     """A BERT encoder: `model(input_ids, attention_mask)` -> hidden states [B, T, D]."""
 
+    causal = False  # every token sees its whole row
+    generates = False  # no LM head: an embedding model only
+    # Position of a row's first token in the position table (RoBERTa's
+    # numbering starts after its padding index).
+    position_offset = 0
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -124,8 +131,8 @@ class Model(nn.Module):
             view = EncoderAttentionView.for_batch(input_ids, attention_mask)
         b, t = input_ids.shape
         ids = input_ids.reshape(-1)
-        x = self.embeddings(ids, view.positions, view.zeros if token_type_ids is None
-                            else token_type_ids.reshape(-1))
+        x = self.embeddings(ids, view.positions + self.position_offset,
+                            view.zeros if token_type_ids is None else token_type_ids.reshape(-1))
         yield x.reshape(b, t, -1)
         for layer in self.layers:
             x = layer(x, view)
@@ -134,6 +141,11 @@ class Model(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.args.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        """The most tokens a row may have: the position table's rows left."""
+        return self.args.max_position_embeddings - self.position_offset
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map Hugging Face BertModel names onto this module tree."""

@@ -146,9 +146,21 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
+    @property
+    def generates(self) -> bool:
+        """False for a checkpoint without an LM head (an embedding model)."""
+        return self.args.tie_word_embeddings or "lm_head" in self
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        # A bare decoder saved without its wrapper (Qwen3-Embedding's
+        # checkpoints) names its weights without the "model." prefix.
+        if not any(k.startswith("model.") for k in weights):
+            weights = {k if k.startswith("lm_head.") else f"model.{k}": v
+                       for k, v in weights.items()}
         # Rotary tables are computed, never loaded; tied heads have no lm_head.
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
         if self.args.tie_word_embeddings:
             weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        elif not any(k.startswith("lm_head.") for k in weights):
+            del self.lm_head  # headless: it embeds (engine/embedding), never generates
         return weights

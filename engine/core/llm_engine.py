@@ -19,7 +19,7 @@ from engine.core.request import Request
 from engine.core.sampler import SamplerOutput, SamplingRow, TokenMask, sample
 from engine.core.sampling_params import SamplingParams
 from engine.core.structured_output import StructuredOutputs
-from engine.errors import ConveyorError, RequestError
+from engine.errors import ConveyorError, ModelLoadError, RequestError
 from engine.loading.tokenizer import Tokenizer
 from engine.platform import current_platform
 from engine.platform.base import DTYPES, Platform, log
@@ -219,6 +219,9 @@ class LLMEngine:
         path = resolve_model_path(args.model)
         model, config = load_model(path, dtype=args.dtype, keep_quantized=args.keep_quantized,
                                    cpu_matmul=args.cpu_matmul, platform=platform)
+        if not getattr(model, "generates", True):
+            raise ModelLoadError(f"{path} ({config['model_type']}) is an embedding model (it has "
+                                 "no LM head): load it with task='embed' / `conveyor embed`")
         return cls(model, Tokenizer.from_dir(path), config, args, platform)
 
     # -- requests ----------------------------------------------------------

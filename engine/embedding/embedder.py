@@ -1,4 +1,5 @@
-"""Sentence embeddings with a BERT-family encoder.
+"""Sentence embeddings with an encoder (BERT, XLM-RoBERTa) or a decoder run
+as one (last-token embedders such as Qwen3-Embedding, engine/embedding/decoder.py).
 
 texts → tokens (truncated to the model's limit, reported per text) → batches
 from scheduler.embedding_batcher (length-sorted, bounded by a token budget) →
@@ -40,6 +41,7 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import Tokenizer
 
+from engine.embedding.decoder import DecoderEncoder, is_decoder
 from engine.embedding.pooling import Pooling, pool, pool_host, pooled_dim, read_pooling
 from engine.errors import ModelLoadError, RequestError
 from engine.platform import current_platform
@@ -82,6 +84,9 @@ class Embedder:
         self.max_length = max_length
         self.dim = pooled_dim(hidden_size, pooling)
         self.pad_token_id = pad_token_id
+        # A decoder's tokens see only those before them (right padding keeps
+        # every real token's view exact).
+        self.causal = bool(getattr(model, "causal", False))
         self.batch_tokens = batch_tokens
         self.max_batch_size = max_batch_size
         self.name = name
@@ -135,6 +140,8 @@ class Embedder:
         path = resolve_embedding_model(model)
         net, config = load_model(path, dtype=dtype, keep_quantized=keep_quantized,
                                  platform=platform)
+        if is_decoder(net):
+            net = DecoderEncoder(net)
         if not hasattr(net, "hidden_size"):
             raise ModelLoadError(f"{path} ({config.get('model_type')}) is not an encoder model")
         tokenizer_file = path / "tokenizer.json"
@@ -146,7 +153,7 @@ class Embedder:
             raise ModelLoadError(f"cannot read {tokenizer_file}: {exc}") from None
         return cls(
             net, tokenizer, read_pooling(path, mode=pooling, normalize=normalize),
-            max_length=_max_length(path, config), hidden_size=net.hidden_size,
+            max_length=_max_length(path, net.max_length), hidden_size=net.hidden_size,
             pad_token_id=int(config.get("pad_token_id") or 0),
             batch_tokens=batch_tokens or max_num_batched_tokens or 2048,
             max_batch_size=max_batch_size or max_num_seqs or 256,
@@ -212,7 +219,8 @@ class Embedder:
         for batch in batches:
             ids_np, mask_np = self._padded([ids[i] for i in batch.indices], batch.padded_length)
             view = EncoderAttentionView.for_batch(ids_np, mask_np,
-                                                  host_kernel=self._ops.encoder_attention)
+                                                  host_kernel=self._ops.encoder_attention,
+                                                  causal=self.causal)
             hidden = self.model(ids_np, mask_np, view=view)
             vectors[list(batch.indices)] = pool_host(hidden, mask_np, self.pooling)
             done += batch.rows
@@ -301,10 +309,9 @@ def resolve_embedding_model(model: str | Path | None) -> Path:
     return resolve_model_path(model)
 
 
-def _max_length(path: Path, config: dict) -> int:
+def _max_length(path: Path, limit: int) -> int:
     """sentence-transformers' max_seq_length, else the tokenizer's limit, both
-    capped by the position table."""
-    limit = int(config.get("max_position_embeddings") or 512)
+    capped by the model's (its position table's) `limit`."""
     for name, key in (("sentence_bert_config.json", "max_seq_length"),
                       ("tokenizer_config.json", "model_max_length")):
         try:

@@ -30,8 +30,9 @@ from engine.platform.int8_matmul import Int8Matmul
 from models.layers.embedding import Embedding
 from models.layers.linear import QUANTIZE_GROUP_SIZES, Linear
 
-# Architectures that share another's file (none now: mistral has its own).
-MODEL_TYPE_ALIASES: dict[str, str] = {}
+# Architectures that share another's file (config model_types that are not
+# identifiers, or the same network under another name).
+MODEL_TYPE_ALIASES = {"xlm-roberta": "xlm_roberta", "roberta": "xlm_roberta"}
 
 
 def supported_model_types() -> list[str]:

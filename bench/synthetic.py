@@ -24,17 +24,23 @@ class NullTokenizer:
     chat_template = None
 
 
-def synthetic_config(name: str) -> dict:
-    return {"model_type": "llama", "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
-            **SHAPES[name]}
+def synthetic_config(name: str, model_type: str = "llama") -> dict:
+    """The config of shape `name` for a llama-shaped architecture (`model_type`
+    "llama" or "qwen3": the same matrices, plus Qwen3's q/k norms)."""
+    config = {"model_type": model_type, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+              **SHAPES[name]}
+    # Qwen3 configs state head_dim; the same value keeps the shapes identical.
+    config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    return config
 
 
-def synthetic_model(name: str, dtype: mx.Dtype):
-    """Conveyor's llama with small random weights in `dtype`."""
-    from models.llama import Model, ModelArgs
+def synthetic_model(name: str, dtype: mx.Dtype, model_type: str = "llama"):
+    """Conveyor's `model_type` architecture with small random weights in `dtype`."""
+    import importlib
 
-    config = synthetic_config(name)
-    model = Model(ModelArgs.from_dict(config))
+    module = importlib.import_module(f"models.{model_type}")
+    config = synthetic_config(name, model_type)
+    model = module.Model(module.ModelArgs.from_dict(config))
     # Small weights keep activations finite in half precision. Cast module by
     # module so the fp32 initial values of an 8B model never all exist at once.
     for _, module in model.named_modules():

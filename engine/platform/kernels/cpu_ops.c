@@ -37,6 +37,10 @@ typedef struct {
  * at 64 rows for the default model's shapes; ~10% slower at 2048 rows). */
 #define FEW_ROWS 512
 #define PAR_ROWS 256 /* element-wise loops use the team from this many rows */
+/* ... or, where rows may be short (a per-head q/k norm's are head_dim long),
+ * from this many values: 32 decode rows of 9 heads were 288 rows of tiny
+ * work, and waking the team cost more than the norm. */
+#define PAR_VALUES (256L * 512)
 
 /* A buffer of at least n floats, kept and grown across calls; per calling
  * thread, since engines may step in several threads. */
@@ -124,7 +128,7 @@ int ops_linear_split(const Matmul *fused, const float *x, int rows, float **outs
 /* out = x / rms(x) * w, per row of dim values. */
 void ops_rms_norm(const float *x, long rows, int dim, const float *w, float eps, float *out,
                   int threads) {
-#pragma omp parallel for num_threads(threads) if (rows >= PAR_ROWS)
+#pragma omp parallel for num_threads(threads) if (rows * dim >= PAR_VALUES)
     for (long r = 0; r < rows; r++) {
         const float *xr = x + r * dim;
         float *o = out + r * dim;

@@ -17,3 +17,6 @@ run cpu_decode_heavy_int8 conveyor bench throughput --cpu-matmul int8
 run cpu_matmul_quality python -m bench.cpu_matmul_quality
 run cpu_latency conveyor bench latency --n 16
 run cpu_mixed conveyor bench throughput --workload mixed --n 32
+# Issue 13: Qwen3 against llama of SmolLM2's shape, same dtype, same run (bound 0.8x).
+run cpu_arch_speed python -m bench.arch_speed --rounds 3 --steps 50
+run cpu_arch_speed_q4 python -m bench.arch_speed --rounds 3 --steps 50 --bits 4

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import TINY_QWEN3, write_tiny_llama
+from tiny_models import TINY_GEMMA2, TINY_MISTRAL, TINY_QWEN3, write_tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 import engine  # noqa: F401  (preloads the BLAS before mlx)
@@ -176,6 +176,26 @@ def test_headless_qwen3_checkpoint_embeds_and_refuses_to_generate(qwen3_embeddin
     assert cos.min() >= FLOAT32
     with pytest.raises(ModelLoadError, match="is an embedding model .*task='embed'"):
         LLM(str(headless))
+
+
+def test_sliding_window_decoder_cuts_texts_to_its_window(tmp_path):
+    """Inside its window a sliding layer sees the whole text, so a Mistral-
+    style embedder cuts texts there (flagged) and is exact on what it keeps;
+    soft-capped attention (Gemma 2) is refused at load, in one line."""
+    from engine.embedding.embedder import Embedder
+
+    path = write_tiny_llama(tmp_path / "mistral", **TINY_MISTRAL)
+    write_sentence_transformers_files(path, "lasttoken", TINY_MISTRAL["hidden_size"])
+    emb = Embedder.load(path, cpu_matmul="float32")
+    assert emb.max_length == TINY_MISTRAL["sliding_window"]
+    result = emb.embed(DECODER_TEXTS)
+    ids, truncated = emb.tokenize(DECODER_TEXTS)
+    assert result.truncated == truncated and truncated[0] and not truncated[1]
+    cos = _cosines(result.vectors, _mlx_lm_last_tokens(path, ids))
+    assert cos.min() >= FLOAT32
+    gemma = write_tiny_llama(tmp_path / "gemma2", **TINY_GEMMA2)
+    with pytest.raises(ModelLoadError, match="soft-capped attention cannot embed"):
+        Embedder.load(gemma)
 
 
 def test_llm_embed_serves_decoder_embeddings(qwen3_embedding):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import mlx.nn as nn
 
+from engine.errors import ModelLoadError
+from models.layers import Attention
 from models.layers.encoder_attention import EncoderAttentionView
 
 
@@ -27,7 +29,14 @@ class DecoderEncoder(nn.Module):
         super().__init__()
         self.model = decoder.model  # embeddings, blocks, final norm; no LM head
         self.hidden_size = int(decoder.args.hidden_size)
-        self.max_length = int(decoder.args.max_position_embeddings)
+        layers = [m for _, m in self.model.named_modules() if isinstance(m, Attention)]
+        if any(layer.softcap is not None for layer in layers):
+            raise ModelLoadError("a decoder with soft-capped attention cannot embed here "
+                                 "(the encoder attention kernel has no soft-capping)")
+        # Texts are cut to the narrowest sliding window, inside which every
+        # layer sees the whole text, as it would without a window.
+        windows = [layer.window for layer in layers if layer.window is not None]
+        self.max_length = min([int(decoder.args.max_position_embeddings), *windows])
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                  view: EncoderAttentionView | None = None):

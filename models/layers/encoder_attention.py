@@ -46,7 +46,7 @@ class EncoderAttentionView:
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float,
                window: int | None = None, softcap: float | None = None) -> mx.array:
-        _bidirectional_only(window, softcap)
+        self._check(window, softcap)
         b, t = self.batch, self.length
 
         def rows(a):
@@ -63,7 +63,7 @@ class EncoderAttentionView:
     def attend_host(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
                     window: int | None = None, softcap: float | None = None) -> np.ndarray:
         """The same on host arrays (numpy, float32)."""
-        _bidirectional_only(window, softcap)
+        self._check(window, softcap)
         b, t = self.batch, self.length
         if self.host_kernel is not None:
             return self.host_kernel(q, k, v, b, t, self.lengths, scale, causal=self.causal)
@@ -85,8 +85,10 @@ class EncoderAttentionView:
         out = np.einsum("bhqk,bkhd->bqhd", weights, vs).astype(np.float32)
         return out.reshape(b * t, q.shape[1], q.shape[2])
 
-
-def _bidirectional_only(window, softcap) -> None:
-    # No encoder has either; refusing them beats attending the wrong way.
-    if window is not None or softcap is not None:
-        raise ValueError("encoder attention has no sliding window or soft-capping")
+    def _check(self, window, softcap) -> None:
+        # No encoder has either. A decoder's sliding window at least as long
+        # as the rows changes nothing (the embedder cuts texts to it);
+        # otherwise refusing beats attending the wrong way.
+        if softcap is not None or (window is not None and window < self.length):
+            raise ValueError("encoder attention has no soft-capping, nor a sliding "
+                             "window shorter than its rows")

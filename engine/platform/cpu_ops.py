@@ -78,6 +78,17 @@ class HostMatmul:
         return None
 
 
+def address(a: np.ndarray) -> int:
+    """The data address of a C-contiguous array. ctypes.c_char.from_buffer
+    costs about a quarter of `a.ctypes.data` (which builds a helper object
+    each time), and a one-row decode step takes ~400 addresses; read-only or
+    empty arrays take the slow way."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError, BufferError):
+        return a.ctypes.data
+
+
 def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
@@ -106,7 +117,7 @@ class CpuOps:
         """x [..., in] @ W.T (+ bias) -> [..., out]."""
         rows = _f32(x).reshape(-1, m.in_dim)
         y = np.empty((rows.shape[0], m.out_dim), np.float32)
-        _check(self.lib.ops_linear(m.ref, rows.ctypes.data, rows.shape[0], y.ctypes.data, 0,
+        _check(self.lib.ops_linear(m.ref, address(rows), rows.shape[0], address(y), 0,
                                    self.threads))
         return y.reshape(*x.shape[:-1], m.out_dim)
 
@@ -115,9 +126,9 @@ class CpuOps:
         rows = _f32(x).reshape(-1, fused.in_dim)
         n = rows.shape[0]
         outs = [np.empty((n, w), np.float32) for w in widths]
-        pointers = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
+        pointers = (ctypes.c_void_p * len(outs))(*[address(o) for o in outs])
         c_widths = (ctypes.c_int * len(widths))(*widths)
-        _check(self.lib.ops_linear_split(fused.ref, rows.ctypes.data, n, pointers, c_widths,
+        _check(self.lib.ops_linear_split(fused.ref, address(rows), n, pointers, c_widths,
                                          len(widths), self.threads))
         return outs
 
@@ -125,8 +136,8 @@ class CpuOps:
         x = _f32(x)
         out = np.empty_like(x)
         dim = x.shape[-1]
-        self.lib.ops_rms_norm(x.ctypes.data, x.size // dim, dim, weight.ctypes.data, eps,
-                              out.ctypes.data, self.threads)
+        self.lib.ops_rms_norm(address(x), x.size // dim, dim, address(weight), eps,
+                              address(out), self.threads)
         return out
 
     def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
@@ -134,9 +145,9 @@ class CpuOps:
         x = _f32(x)
         out = np.empty_like(x)
         dim = x.shape[-1]
-        self.lib.ops_layer_norm(x.ctypes.data, x.size // dim, dim, weight.ctypes.data,
-                                None if bias is None else bias.ctypes.data, eps,
-                                out.ctypes.data, self.threads)
+        self.lib.ops_layer_norm(address(x), x.size // dim, dim, address(weight),
+                                None if bias is None else address(bias), eps,
+                                address(out), self.threads)
         return out
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rot_dims: int,
@@ -145,8 +156,8 @@ class CpuOps:
         contiguous float32 array, which is rotated in place)."""
         x = _f32(x)
         n, heads, head_dim = x.shape
-        self.lib.ops_rope(x.ctypes.data, n, heads, head_dim, rot_dims, cos.ctypes.data,
-                          sin.ctypes.data, int(traditional), self.threads)
+        self.lib.ops_rope(address(x), n, heads, head_dim, rot_dims, address(cos),
+                          address(sin), int(traditional), self.threads)
         return x
 
     def act_mul(self, kind: str, g: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
@@ -157,7 +168,7 @@ class CpuOps:
             u = _f32(u)
             if u.shape != g.shape:
                 raise ValueError(f"gate {g.shape} and up {u.shape} differ")
-        _check(self.lib.ops_act_mul(g.ctypes.data, None if u is None else u.ctypes.data,
+        _check(self.lib.ops_act_mul(address(g), None if u is None else address(u),
                                     g.size, ACTIVATION_KINDS[kind], self.threads))
         return g
 
@@ -180,8 +191,8 @@ class CpuOps:
                 raise ValueError(f"lengths {lengths.shape} for {batch} rows")
         out = np.empty_like(q)
         rc = self.lib.ops_encoder_attention(
-            q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data, batch, length,
-            None if lengths is None else lengths.ctypes.data, heads, k.shape[1], head_dim,
+            address(q), address(k), address(v), address(out), batch, length,
+            None if lengths is None else address(lengths), heads, k.shape[1], head_dim,
             scale, int(causal), self.threads)
         if rc == -2:
             raise ValueError(f"encoder attention: {heads} heads over {k.shape[1]} KV heads "

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from engine.platform.cpu_ops import address
 from kvcache.attention.backend import AttentionBackend
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
 
@@ -139,10 +140,10 @@ class CpuPagedAttention:
         if k_view.dtype != self.kv_dtype or v_view.dtype != self.kv_dtype:
             raise ValueError(f"K/V pools must be {self.kv_dtype}")
         out = np.empty_like(q)
-        rc = self._fn(k_view.ctypes.data, v_view.ctypes.data, k_new.ctypes.data,
-                      v_new.ctypes.data, meta.slots.ctypes.data, m, q.ctypes.data,
-                      meta.tables.ctypes.data, meta.table_of.ctypes.data,
-                      meta.context.ctypes.data, out.ctypes.data, n, meta.tables.shape[1], heads,
+        rc = self._fn(address(k_view), address(v_view), address(k_new),
+                      address(v_new), address(meta.slots), m, address(q),
+                      address(meta.tables), address(meta.table_of),
+                      address(meta.context), address(out), n, meta.tables.shape[1], heads,
                       kv_heads, d, self.block_size, int(self.kv_dtype == np.float16), scale,
                       window or 0, softcap or 0.0,
                       self.threads)

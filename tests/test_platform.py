@@ -2,6 +2,7 @@
 engine/platform/ and kvcache/attention/ only; attention backends fall back
 to the portable one when a model does not fit their kernels."""
 
+import os
 import re
 from pathlib import Path
 
@@ -83,6 +84,32 @@ def test_engine_takes_every_device_answer_from_its_platform(tiny_llama_dir):
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert [r.sequence.output_token_ids for r in reqs] == want
 
+
+
+def test_a_platform_of_one_thread_gives_every_kernel_of_its_engine_one_thread(tiny_llama_dir):
+    """Processes sharing the cores (Ray actors of one CPU) lower `threads`;
+    a kernel left on every core would oversubscribe them."""
+    from engine.platform import native
+
+    if native.load().library is None:
+        pytest.skip(native.load().reason)
+    one = CpuPlatform(mx.cpu)
+    one.threads = 1
+    model, config = load_model(tiny_llama_dir, platform=one)
+    llm = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20)
+    eng = LLMEngine(model, llm.tokenizer, config, EngineArgs(kv_cache_bytes=16 << 20), one)
+    assert eng.runner.host_forward is not None and eng.sampler_kernels.host is not None
+    assert eng.runner.host_forward.ops.threads == 1
+    assert eng.cache.backend.kernel.threads == 1
+    assert eng.sampler_kernels.host.threads == 1
+    # The shared platform keeps every core.
+    assert llm.engine.runner.host_forward.ops.threads == (os.cpu_count() or 1)
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    req = eng.add_request([5, 6, 7, 8], params)
+    while eng.has_unfinished():
+        eng.step()
+    want = llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert req.sequence.output_token_ids == want
 
 def greedy_oracle(model, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens by recomputing the whole sequence each step (no cache)."""

@@ -59,6 +59,9 @@ class CpuPlatform(Platform):
 
     def __init__(self, device: mx.Device):
         super().__init__(device)
+        # OpenMP threads of every kernel an engine built here uses (attention,
+        # layers, integer matmuls, sampler); processes sharing the cores (Ray
+        # actors of one CPU each) lower it before building their engine.
         self.threads = os.cpu_count() or 1
         self._memory_prepared = False
 
@@ -88,7 +91,7 @@ class CpuPlatform(Platform):
             return None
         from engine.platform import int8_matmul
 
-        kernel = int8_matmul.load()
+        kernel = int8_matmul.load(self.threads)
         if kernel is None:
             if choice is not None:
                 raise ModelLoadError(f"cpu_matmul={choice} needs a CPU with AVX-512 VNNI and a "
@@ -154,7 +157,7 @@ class CpuPlatform(Platform):
         if not backend.host_attention:
             forward, why = None, "the attention backend has no host path"
         else:
-            forward, why = HostForward.build(model, cpu_ops.load())
+            forward, why = HostForward.build(model, cpu_ops.load(self.threads))
         if forward is None:
             if wanted:
                 raise RequestError(f"host_forward: {why}")
@@ -174,7 +177,7 @@ class CpuPlatform(Platform):
         from engine.platform import cpu_ops
         from engine.platform.host_forward import bind
 
-        ops = cpu_ops.load()
+        ops = cpu_ops.load(self.threads)
         why = "the CPU kernels are not available (no native library or no BLAS)"
         if ops is not None:
             choices = [cpu_matmul] if cpu_matmul else ["int16", "float32"] \
@@ -197,4 +200,4 @@ class CpuPlatform(Platform):
     def sampler_kernels(self) -> SamplerKernels:
         from engine.platform import cpu_sampling
 
-        return SamplerKernels(fast_exp=self.fast_math, host=cpu_sampling.load())
+        return SamplerKernels(fast_exp=self.fast_math, host=cpu_sampling.load(self.threads))

@@ -208,13 +208,14 @@ def _check(rc: int) -> None:
         raise MemoryError("CPU kernel: no scratch memory")
 
 
-@functools.lru_cache(maxsize=1)
-def load() -> CpuOps | None:
+@functools.lru_cache(maxsize=4)
+def load(threads: int | None = None) -> CpuOps | None:
     """The CPU operations of the native library (engine/platform/native.py),
-    or None where it is missing or has no BLAS for float32 matmuls."""
+    or None where it is missing or has no BLAS for float32 matmuls; their
+    OpenMP loops use `threads` threads (default: every core)."""
     from engine.platform import blas, native
 
     lib = native.library()
     if lib is None or blas.sgemm_address() is None:
         return None
-    return CpuOps(lib, os.cpu_count() or 1)
+    return CpuOps(lib, threads or os.cpu_count() or 1)

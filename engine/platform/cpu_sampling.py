@@ -56,10 +56,11 @@ class CpuSampling:
         return ids
 
 
-@functools.lru_cache(maxsize=1)
-def load() -> CpuSampling | None:
-    """The helpers, or None where there are no native kernels."""
+@functools.lru_cache(maxsize=4)
+def load(threads: int | None = None) -> CpuSampling | None:
+    """The helpers on `threads` threads (default: every core), or None where
+    there are no native kernels."""
     from engine.platform import native
 
     library = native.library()
-    return None if library is None else CpuSampling(library, os.cpu_count() or 1)
+    return None if library is None else CpuSampling(library, threads or os.cpu_count() or 1)

@@ -295,8 +295,9 @@ class HostForward:
     """The model runner's CPU forward: packed numpy inputs and the cache's
     per-layer views (which offer `attend_host`), logits out as MLX."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, ops: CpuOps):
         self.model = model
+        self.ops = ops  # what the layers were bound to (its `threads` among them)
 
     @classmethod
     def build(cls, model: nn.Module, ops: CpuOps | None) -> tuple[HostForward | None, str]:
@@ -304,7 +305,7 @@ class HostForward:
         if ops is None:
             return None, "the CPU kernels are not available"
         why = bind(model, ops)
-        return (None, why) if why else (cls(model), "")
+        return (None, why) if why else (cls(model, ops), "")
 
     def __call__(self, input_ids: np.ndarray, positions: np.ndarray, views,
                  logits_index: np.ndarray) -> mx.array:

@@ -173,13 +173,14 @@ def reference(x: np.ndarray, w: PackedWeight, codes: np.ndarray, scales: np.ndar
             + np.einsum("ng,mg->mn", biases.astype(np.float64), xg.sum(axis=2)))
 
 
-@functools.lru_cache(maxsize=1)
-def load() -> Int8Matmul | None:
-    """The kernel for this CPU, or None (no native kernels, or no AVX-512 VNNI)."""
+@functools.lru_cache(maxsize=4)
+def load(threads: int | None = None) -> Int8Matmul | None:
+    """The kernel for this CPU on `threads` threads (default: every core), or
+    None (no native kernels, or no AVX-512 VNNI)."""
     from engine.platform import native
 
     library = native.library()
     if library is None:
         return None
-    matmul = Int8Matmul(library, threads=os.cpu_count() or 1)
+    matmul = Int8Matmul(library, threads=threads or os.cpu_count() or 1)
     return matmul if matmul.supported else None

@@ -1,7 +1,9 @@
 """Batch jobs on Ray: the actor pool answers a batch file exactly as the
 single-process runner does, every custom_id once even when an actor or the
 driver is killed with SIGKILL, and Ray Data datasets through build_processor.
-A local two-CPU Ray cluster is started once for the module."""
+A local two-CPU Ray cluster is started once for the module. The streaming
+feed (an actor's batch never drains between calls) and its bookkeeping
+(restarted actors, lines sent twice) are also tested without Ray."""
 
 from __future__ import annotations
 
@@ -13,12 +15,16 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from engine.entrypoints.batch.batch_job import BatchJob  # noqa: E402
-from engine.entrypoints.ray.engine_worker import WorkerConfig  # noqa: E402
+from engine.entrypoints.batch.batch_file import OutputFile  # noqa: E402
+from engine.entrypoints.batch.batch_job import BatchJob, BatchSummary  # noqa: E402
+from engine.entrypoints.ray import ray_batch  # noqa: E402
+from engine.entrypoints.ray.actor_pool import ActorPool  # noqa: E402
+from engine.entrypoints.ray.engine_worker import EngineWorker, Pumped, WorkerConfig  # noqa: E402
 from engine.entrypoints.ray.ray_batch import run_ray_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,3 +235,150 @@ def test_a_model_the_actors_cannot_load_is_one_job_error(tmp_path, cluster):
         run_ray_batch(inp, tmp_path / "out.jsonl", config, address=cluster, workers=1,
                       progress=False)
     assert (tmp_path / "out.jsonl").read_text() == ""
+
+
+def test_pumped_lines_join_the_running_batch_and_are_answered_once(tmp_path, tiny_llama_dir):
+    """The streaming feed: lines sent while others run join the same batch
+    (no drain between calls), and every line comes back once, with the
+    single-process runner's answer."""
+    inp = _input(tmp_path / "in.jsonl", 8, max_tokens=12)
+    reference = _single_process(tmp_path, tiny_llama_dir, inp)
+    raw = [(n, line.encode()) for n, line in enumerate(inp.read_text().splitlines(), start=1)]
+    worker = EngineWorker(msgspec.structs.replace(_config(tiny_llama_dir), max_num_seqs=8))
+    first = worker.pump(raw[:4], 0.0)  # the first lines run a step (prefill), no more
+    assert first.records == [] and first.waiting == 0
+    second = worker.pump(raw[4:], 0.0)
+    engine = worker.job.serving.generation.engine
+    assert engine.stats().running == 8  # the new lines joined the unfinished ones
+    records = first.records + second.records
+    again = worker.pump(raw[:2], 0.0)  # lines still in flight are not taken twice
+    records += again.records
+    while len(records) < 8:
+        pumped = worker.pump([], 0.05)
+        assert pumped.incarnation == first.incarnation
+        records += pumped.records
+    lines = [n for n, _ in records]
+    assert sorted(lines) == list(range(1, 9))
+    assert not engine.has_unfinished()
+    results = {r["custom_id"]: _answer(r) for r in (json.loads(b) for _, b in records)}
+    assert results == reference
+
+
+class _StubWorker:
+    """An engine actor in miniature: runs up to `SEQS` lines, finishes the
+    oldest two a call, reports its queue; built anew on each (re)start. It
+    also sends each call's last record again with the next call's, as a
+    line answered twice (sent to an actor before and after its restart)."""
+
+    built = 0
+
+    def __init__(self, config):
+        type(self).built += 1
+        self.incarnation = f"incarnation-{type(self).built}"
+        self.lines: dict[int, bytes] = {}
+        self.most_held = 0
+        self.again: list[tuple[int, bytes]] = []
+
+    def where(self):
+        return "host", 1, self.incarnation
+
+    def pump(self, lines, seconds):
+        for n, raw in lines:
+            self.lines.setdefault(n, raw)
+        self.most_held = max(self.most_held, len(self.lines))
+        done = sorted(self.lines)[:2]
+        records = [(n, json.dumps({"id": f"batch_req_{n}", "custom_id": json.loads(
+            self.lines.pop(n))["custom_id"], "response": None, "error": None}).encode())
+            for n in done]
+        repeated, self.again = self.again, records[-1:]
+        return Pumped(self.incarnation, max(0, len(self.lines) - SEQS), records + repeated)
+
+
+class _FakeRay:
+    """Just enough of Ray for ActorPool: calls run in the order they were
+    sent when waited on; `crash_at` call numbers kill the actor first, and
+    Ray's restart and retry are played (a new worker runs the call)."""
+
+    def __init__(self, crash_at=()):
+        self.crash_at, self.calls, self.workers = set(crash_at), 0, []
+
+    def remote(self, **_):
+        fake = self
+
+        class Remote:
+            def options(self, **_):
+                return self
+
+            def remote(self, config):
+                index = len(fake.workers)
+                fake.workers.append(_StubWorker(config))
+                return _FakeActor(fake, index, config)
+
+        return lambda cls: Remote()
+
+    def wait(self, refs, num_returns):
+        ref = min(refs, key=lambda r: r.order)
+        return [ref], [r for r in refs if r is not ref]
+
+    def get(self, refs):
+        if isinstance(refs, list):
+            return [self.get(r) for r in refs]
+        if refs.result is None:
+            self.calls += 1
+            assert self.calls < 2000, "the stream never ends: lines were lost"
+            if self.calls in self.crash_at:
+                self.workers[refs.actor] = _StubWorker(refs.config)
+            worker = self.workers[refs.actor]
+            refs.result = getattr(worker, refs.method)(*refs.args)
+        return refs.result
+
+    def kill(self, actor):
+        pass
+
+
+class _FakeRef:
+    sent = 0
+
+    def __init__(self, actor, method, args):
+        _FakeRef.sent += 1
+        self.order, self.actor, self.config = _FakeRef.sent, actor.index, actor.config
+        self.method, self.args, self.result = method, args, None
+
+
+class _FakeActor:
+    def __init__(self, fake, index, config):
+        self.fake, self.index, self.config = fake, index, config
+
+    def __getattr__(self, method):
+        actor = self
+
+        class Method:
+            def remote(self, *args):
+                return _FakeRef(actor, method, args)
+
+        return Method()
+
+
+def test_the_stream_answers_every_line_once_across_restarted_actors(tmp_path):
+    n = 60
+    inp = _input(tmp_path / "in.jsonl", n)
+    with inp.open("a") as f:
+        f.write(_line("req-7", "/v1/completions", {"prompt": "again"}) + "\n")
+    fake = _FakeRay(crash_at={3, 4, 11, 30})
+    built = _StubWorker.built
+    pool = ActorPool(fake, WorkerConfig(max_num_seqs=SEQS), workers=2, cpus_per_worker=1,
+                     first_fill=SEQS)
+    pool.where()
+    summary = BatchSummary()
+    out_path = tmp_path / "out.jsonl"
+    with OutputFile.open(out_path) as out:
+        ray_batch._drive(ray_batch.read_lines(inp, "openai", "prompt", {}, 1 << 20), out, pool,
+                         summary)
+    records = _by_id(out_path)
+    assert sorted(records) == sorted([f"req-{i}" for i in range(n)] + ["batch_req_61"])
+    assert (summary.done, summary.failed) == (n, 1)
+    assert len(fake.workers) == 2 and _StubWorker.built - built == 2 + 4  # 4 restarts
+    assert not any(pool.held) and not pool.calls
+    # Each actor held what its engine runs plus a small queue (a restart's
+    # resend may briefly add to it), never a large part of the input.
+    assert max(w.most_held for w in fake.workers) <= 2 * (SEQS + pool.reserve) < n // 3

@@ -95,6 +95,11 @@ class InputLine:
         return f"batch_req_{self.line}"
 
 
+def record_line(record_id: str) -> int:
+    """The input line number of a record id made by `InputLine.record_id`."""
+    return int(record_id.removeprefix("batch_req_"))
+
+
 class _Probe(msgspec.Struct):
     custom_id: Any = None
 

@@ -163,6 +163,30 @@ class BatchJob:
             self._out = None
             self._lines.clear()
 
+    def pump(self, lines: Iterable[InputLine], out: Any, seconds: float) -> None:
+        """Admit `lines` (already triaged by whoever feeds this job), then run
+        the loop for about `seconds`, or until nothing is left to run,
+        finished records going to `out`. Unlike `answer`, unfinished requests
+        stay in the engine between calls, so a job fed in small batches of
+        lines keeps its batch full instead of draining it at every call. A
+        line already in flight is not admitted twice (a feeder that lost
+        track of it may send it again)."""
+        self._out = out
+        try:
+            for line in lines:
+                if line.line not in self._lines:
+                    self._submit(line)
+            deadline = time.monotonic() + seconds
+            while self._turn(exhausted=True) and time.monotonic() < deadline:
+                pass
+        finally:
+            self._out = None
+
+    @property
+    def waiting(self) -> int:
+        """Engine requests admitted but not yet running (the engine's queue)."""
+        return self._runs.engine.stats().waiting if self._runs is not None else 0
+
     def _count_prefix_cache(self) -> None:
         generation = self.serving.generation
         if generation is not None and generation.loaded:
@@ -180,18 +204,24 @@ class BatchJob:
                     exhausted = True
                 else:
                     self._admit(line)
-            engine_busy = self._runs is not None and self._runs.engine.has_unfinished()
-            if self._embeds and (exhausted or not engine_busy
-                                 or self._embed_texts >= self.embed_batch_texts):
-                self._flush_embeddings()
-            if engine_busy:
-                for number, prepared, outputs in self._runs.step():
-                    self._finish_generation(self._lines.pop(number), prepared, outputs)
-            elif self._in_flight:  # a bug, not a user error: never spin forever
-                raise RuntimeError(f"{self._in_flight} requests in flight but the engine "
-                                   "has none")
-            elif exhausted and not self._embeds:
+            if not self._turn(exhausted) and exhausted:
                 return
+
+    def _turn(self, exhausted: bool) -> bool:
+        """One turn of the loop: the embedding batch when it is due, one
+        engine step. False when there was nothing to run. `exhausted`: no
+        more lines are coming for now."""
+        engine_busy = self._runs is not None and self._runs.engine.has_unfinished()
+        flush = self._embeds and (exhausted or not engine_busy
+                                  or self._embed_texts >= self.embed_batch_texts)
+        if flush:
+            self._flush_embeddings()
+        if engine_busy:
+            for number, prepared, outputs in self._runs.step():
+                self._finish_generation(self._lines.pop(number), prepared, outputs)
+        elif self._in_flight:  # a bug, not a user error: never spin forever
+            raise RuntimeError(f"{self._in_flight} requests in flight but the engine has none")
+        return bool(engine_busy or flush)
 
     # -- one input line -------------------------------------------------------------
     def _admit(self, line: InputLine) -> None:
@@ -201,6 +231,10 @@ class BatchJob:
         if verdict is DUPLICATE:
             return self._fail(line, f"line {line.line}: custom_id {line.custom_id!r} appears "
                               "earlier in the input", DUPLICATE_CUSTOM_ID)
+        return self._submit(line)
+
+    def _submit(self, line: InputLine) -> None:
+        """Hand a triaged line to the engine, the embedder or an error record."""
         if line.request is None:
             return self._fail(line, line.error, line.code)
         # A model that cannot load raises a ConveyorError that is not a

@@ -1,14 +1,18 @@
-"""One engine behind the batch runner's own loop, answering batch lines that
-arrive in chunks: the body of a Ray actor (Ray Data UDF or batch-file actor).
+"""One engine behind the batch runner's own loop, answering batch lines:
+the body of a Ray actor (Ray Data UDF or batch-file actor).
 
-A chunk is a list of (line number, raw line bytes); the answer is the encoded
-output records, one per line, exactly what the single-process runner would
-append for those lines. The worker never touches the output file: whoever
-drove it decides what is written, so a killed worker loses only its chunk.
+Lines are (line number, raw line bytes); the answers are the encoded output
+records, exactly what the single-process runner would append for those
+lines. Two ways in: `answer(chunk)` runs a chunk to its end (Ray Data's
+batches), `pump(lines)` streams (the batch-file driver: new lines join the
+running batch, finished records come back every fraction of a second). The
+worker never touches the output file: whoever drove it decides what is
+written, so a killed worker loses only the lines it held.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from engine.entrypoints.batch.batch_file import (
     BatchOutputLine,
     ResumeIndex,
     parse_input_line,
+    record_line,
 )
 from engine.entrypoints.batch.batch_job import BatchJob
 from engine.entrypoints.serving.limits import ServingLimits
@@ -39,25 +44,36 @@ class WorkerConfig(msgspec.Struct, kw_only=True, frozen=True):
     cpu_threads: int | None = None
 
 
+class Pumped(msgspec.Struct, frozen=True):
+    """What one `pump` call returns."""
+
+    incarnation: str                  # new each time the worker is built
+    waiting: int                      # lines its engine has queued, not yet running
+    records: list[tuple[int, bytes]]  # (line number, encoded record) of lines that finished
+
+
 class _Records:
-    """OutputFile's stand-in: keeps the encoded records of one chunk."""
+    """OutputFile's stand-in: keeps the encoded records of one call, each
+    with its input line number."""
 
     def __init__(self):
         self.index = ResumeIndex()   # resuming is the driver's business
-        self.lines: list[bytes] = []
+        self.lines: list[tuple[int, bytes]] = []
         self._encoder = msgspec.json.Encoder()
 
     def write(self, record: BatchOutputLine) -> None:
-        self.lines.append(self._encoder.encode(record))
+        self.lines.append((record_line(record.id), self._encoder.encode(record)))
 
 
 class EngineWorker:
-    """A BatchJob kept across chunks (the model loads at the first line that
-    needs it, once)."""
+    """A BatchJob kept across calls (the model loads at the first line that
+    needs it, once). `incarnation` is new each time the worker is built, so
+    a driver can tell that a restarted actor lost the lines it held."""
 
     def __init__(self, config: WorkerConfig,
                  load_llm: Callable[[], Any] | None = None,
                  load_embedder: Callable[[], Any] | None = None):
+        self.incarnation = uuid.uuid4().hex
         engine_args = {k: v for k, v in config.engine_args.items() if v is not None}
         if config.cpu_threads:
             _limit_cpu_threads(config.cpu_threads)
@@ -83,7 +99,15 @@ class EngineWorker:
         """The encoded output record of each line of `chunk` (any order)."""
         records = _Records()
         self.job.answer((parse_input_line(n, raw) for n, raw in chunk), records)
-        return records.lines
+        return [record for _, record in records.lines]
+
+    def pump(self, lines: Sequence[tuple[int, bytes]], seconds: float) -> Pumped:
+        """Take `lines` (triaged by the driver) into the running batch, run it
+        for about `seconds`, and return the records of the lines that
+        finished meanwhile."""
+        records = _Records()
+        self.job.pump((parse_input_line(n, raw) for n, raw in lines), records, seconds)
+        return Pumped(self.incarnation, self.job.waiting, records.lines)
 
     def summary(self) -> dict:
         """Token counts so far (for the driver's summary)."""

@@ -1,21 +1,21 @@
 """`conveyor batch --ray`: one batch file answered by a pool of engine actors.
 
     driver: lines ─► triage (resume skip, duplicates, bad lines ─► error record)
-              │ requests, in chunks                        ▲ records, appended
+              │ requests, as each actor has room           ▲ records, appended
               ▼                                            │ (the driver owns the file)
-    actors:  EngineWorker.answer(chunk) ── BatchJob loop ──┘ (serving layer + engine)
+    actors:  EngineWorker.pump(lines) ── BatchJob loop ────┘ (serving layer + engine)
 
 The guarantee is the single-process runner's: the output file is the job's
 only state and only the driver writes it, one whole line a record, under its
-lock. An actor killed mid-chunk is restarted by Ray and the chunk run again
-(its records were never written); a killed driver leaves the records it
-wrote, and a re-run skips them. At most `chunks_per_worker` chunks wait per
-actor, so the driver's memory does not grow with the input.
+lock. An actor killed mid-job is restarted by Ray and the lines it held are
+sent to it again (their records were never written); a killed driver leaves
+the records it wrote, and a re-run skips them. Each actor holds about what
+its engine runs plus a small queue (actor_pool.py), so the driver's memory
+does not grow with the input.
 """
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -35,14 +35,11 @@ from engine.entrypoints.batch.batch_file import (
     triage,
 )
 from engine.entrypoints.batch.batch_job import BatchSummary
-from engine.entrypoints.ray.cluster import actor_resources, connect
-from engine.entrypoints.ray.engine_worker import EngineWorker, WorkerConfig
+from engine.entrypoints.ray.actor_pool import MAX_ACTOR_RESTARTS, ActorPool
+from engine.entrypoints.ray.cluster import connect
+from engine.entrypoints.ray.engine_worker import WorkerConfig
 from engine.entrypoints.ray.input_rows import count_rows, read_lines
 from engine.errors import ConveyorError
-
-# An actor restarted more often than this is failing on its input, not being
-# killed: the job stops (a re-run resumes it).
-MAX_ACTOR_RESTARTS = 4
 
 
 class _Usage(msgspec.Struct):
@@ -67,50 +64,9 @@ class _Tally(msgspec.Struct):
 _TALLY = msgspec.json.Decoder(_Tally)
 
 
-class _ActorPool:
-    """The engine actors, each fed up to `depth` chunks at once."""
-
-    def __init__(self, ray, config: WorkerConfig, workers: int, cpus_per_worker: int,
-                 depth: int):
-        remote = ray.remote(max_restarts=MAX_ACTOR_RESTARTS,
-                            max_task_retries=MAX_ACTOR_RESTARTS)(_RayWorker)
-        options = actor_resources(cpus_per_worker)
-        self.ray = ray
-        self.actors = [remote.options(**options).remote(config) for _ in range(workers)]
-        self.depth = depth
-        self.pending: dict[Any, int] = {}   # object ref -> actor index
-        self._load = [0] * workers
-
-    def where(self) -> list[tuple[str, int]]:
-        """(host, pid) of each actor, once each has started."""
-        return self.ray.get([a.where.remote() for a in self.actors])
-
-    def has_room(self) -> bool:
-        return min(self._load) < self.depth
-
-    def submit(self, chunk: list[tuple[int, bytes]]) -> None:
-        i = self._load.index(min(self._load))
-        self.pending[self.actors[i].answer.remote(chunk)] = i
-        self._load[i] += 1
-
-    def next_done(self) -> list[bytes]:
-        """The records of the next chunk to finish."""
-        ready, _ = self.ray.wait(list(self.pending), num_returns=1)
-        ref = ready[0]
-        self._load[self.pending.pop(ref)] -= 1
-        return self.ray.get(ref)
-
-
-class _RayWorker(EngineWorker):
-    def where(self) -> tuple[str, int]:
-        import os
-
-        return socket.gethostname(), os.getpid()
-
-
 def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
                   address: str | None = "auto", workers: int = 2, cpus_per_worker: int = 1,
-                  chunk_lines: int | None = None, input_format: str = "openai",
+                  input_format: str = "openai",
                   prompt_column: str = "prompt", sampling: dict | None = None,
                   progress: bool = True) -> BatchSummary:
     """Answer `input_path` into `output_path` on a Ray cluster (see the
@@ -130,11 +86,11 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
     start = time.monotonic()
     with OutputFile.open(output_path) as out:
         summary.repaired_bytes = out.repaired_bytes
-        if chunk_lines is None:
-            todo = count_rows(input_path, input_format) - out.index.records
-            chunk_lines = _chunk_lines(todo, workers, config.max_num_seqs)
+        # A small job is split evenly, so that every actor gets a share.
+        todo = count_rows(input_path, input_format) - out.index.records
+        first_fill = min(config.max_num_seqs, -(-todo // workers))
         ray = connect(address)
-        pool = _ActorPool(ray, config, workers, cpus_per_worker, depth=2)
+        pool = ActorPool(ray, config, workers, cpus_per_worker, first_fill)
         where = pool.where()  # waits for every actor to start
         if progress:
             for i, (host, pid) in enumerate(where):
@@ -143,7 +99,7 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
             print(f"conveyor: ray and {workers} actors started in "
                   f"{time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
         try:
-            _drive(lines, out, pool, chunk_lines, summary)
+            _drive(lines, out, pool, summary)
         except ray.exceptions.RayTaskError as exc:
             # An actor's error, e.g. a model that cannot load: the job's error.
             cause = exc.cause if isinstance(exc.cause, ConveyorError) else exc
@@ -153,38 +109,31 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
             raise ConveyorError(f"an engine actor died more than {MAX_ACTOR_RESTARTS} times "
                                 f"({exc.__class__.__name__}); run again to resume") from None
         finally:
-            for actor in pool.actors:
-                ray.kill(actor)
+            pool.kill()
             summary.elapsed = time.monotonic() - start
     return summary
 
 
-def _chunk_lines(todo: int, workers: int, max_num_seqs: int) -> int:
-    """Lines a chunk: large chunks keep each engine's batch full (a chunk's
-    tail runs at a falling batch size), but a small job is split evenly so
-    that every actor gets a share."""
-    return max(1, min(4 * max_num_seqs, -(-todo // workers)))
-
-
-def _drive(lines: Iterator[InputLine], out: OutputFile, pool: _ActorPool, chunk_lines: int,
+def _drive(lines: Iterator[InputLine], out: OutputFile, pool: ActorPool,
            summary: BatchSummary) -> None:
     seen: set[str] = set()
-    chunk: list[tuple[int, bytes]] = []
     exhausted = False
     while True:
-        while not exhausted and pool.has_room():
-            line = next(lines, None)
-            if line is None:
-                exhausted = True
-            elif (request := _admit(line, seen, out, summary)) is not None:
-                chunk.append(request)
-                if len(chunk) < chunk_lines:
-                    continue
-            if chunk and (exhausted or len(chunk) >= chunk_lines):
-                pool.submit(chunk)
-                chunk = []
-        if not pool.pending:
-            return
+        for i in range(len(pool.actors)):
+            batch: list[tuple[int, bytes]] = []
+            room = pool.room(i)
+            while not exhausted and len(batch) < room:
+                line = next(lines, None)
+                if line is None:
+                    exhausted = True
+                elif (request := _admit(line, seen, out, summary)) is not None:
+                    batch.append(request)
+            if batch or pool.wants_call(i):
+                pool.send(i, batch)
+        if not pool.calls:
+            if exhausted:
+                return
+            continue  # every line pulled was answered here (skipped, refused)
         for record in pool.next_done():
             out.write_encoded(record)
             _count(record, summary)

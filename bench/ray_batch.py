@@ -1,19 +1,28 @@
 """The Ray path's overhead against the single-process batch runner, on the
 same cores: the decode-heavy workload (64 × 128 → 128, ignore_eos) as an
 OpenAI batch file, run by `conveyor batch` (one process, every core) and by
-`conveyor batch --ray auto --ray-workers N` (N actors of one CPU each).
+`conveyor batch --ray ... --ray-workers N` (N actors of one CPU each).
 
-    python bench/ray_batch.py [--model M] [--n 64] [--workers 2]
+    python bench/ray_batch.py [--model M] [--n 64] [--workers 2] [--rounds 2]
 
-Each run is a fresh command, so both times include loading the model; the
-Ray run also includes starting a local Ray and its actors, reported apart.
+Three runners, alternated round after round (a shared box drifts):
+  1 process     `conveyor batch`
+  ray, cold     `--ray auto` with no Ray running: the driver starts a local
+                Ray, so the wall time includes Ray's own start
+  ray, running  `--ray ADDRESS` of a Ray this script started beforehand (as
+                a cluster would be): the job alone
+Every run is a fresh command, so each time includes loading the model (each
+actor loads its own copy, in parallel). The last lines give the ratios
+against the single process, the median over rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import workloads  # noqa: E402
+
+BOUND = 1.15  # issue 18: the Ray path's overhead at most 15%
 
 
 def write_batch(path: Path, n: int, input_len: int, output_len: int) -> None:
@@ -35,10 +46,17 @@ def write_batch(path: Path, n: int, input_len: int, output_len: int) -> None:
                                 "url": "/v1/completions", "body": body}) + "\n")
 
 
-def run(cmd: list[str]) -> tuple[float, str]:
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[3:6])}... failed:\n{proc.stderr[-2000:]}")
     return time.monotonic() - start, proc.stderr
+
+
+def _seconds(pattern: str, text: str) -> float:
+    found = re.search(pattern, text)
+    return float(found.group(1)) if found else 0.0
 
 
 def main() -> int:
@@ -48,28 +66,55 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    import ray
+
+    # The drivers this script starts join its Ray without an auth token.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     model = ["--model", args.model] if args.model else []
+    tokens = args.n * args.output_len
+    walls: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "decode_heavy.jsonl"
         write_batch(inp, args.n, args.input_len, args.output_len)
         base = [sys.executable, "-m", "engine.entrypoints.cli", "batch", "-i", str(inp), *model]
-        rows = [("1 process", base + ["-o", f"{tmp}/single.jsonl"]),
-                (f"ray, {args.workers} actors x 1 CPU",
-                 base + ["-o", f"{tmp}/ray.jsonl", "--ray", "auto",
-                         "--ray-workers", str(args.workers)])]
-        tokens = args.n * args.output_len
-        print(f"# decode-heavy batch file: {args.n} x {args.input_len} -> {args.output_len}")
-        print("| runner | wall s | out tok/s (wall) | Ray start s | job s after it (model "
-              "load included) | out tok/s (job) |")
-        print("|---|---|---|---|---|---|")
-        for name, cmd in rows:
-            wall, err = run(cmd)
-            job = float(re.search(r"tokens in ([\d.]+) s", err).group(1))
-            started = re.search(r"actors started in ([\d.]+) s", err)
-            ray_start = float(started.group(1)) if started else 0.0
-            print(f"| {name} | {wall:.1f} | {tokens / wall:.1f} | {ray_start:.1f} | "
-                  f"{job - ray_start:.1f} | {tokens / (job - ray_start):.1f} |", flush=True)
+        ray_args = ["--ray-workers", str(args.workers)]
+        print(f"# decode-heavy batch file: {args.n} x {args.input_len} -> {args.output_len}; "
+              f"{args.workers} Ray actors x 1 CPU; {os.cpu_count()} cores")
+        print("| round | runner | wall s | out tok/s (wall) | Ray ready s | actors started s "
+              "| load 1-min |")
+        print("|---|---|---|---|---|---|---|")
+        for r in range(1, args.rounds + 1):
+            for name in ("1 process", "ray, cold", "ray, running"):
+                out = f"{tmp}/{r}-{name.replace(', ', '-').replace(' ', '')}.jsonl"
+                cmd = base + ["-o", out]
+                if name == "ray, cold":
+                    cmd += ["--ray", "auto", *ray_args]
+                elif name == "ray, running":
+                    context = ray.init(num_cpus=args.workers, include_dashboard=False,
+                                       log_to_driver=False)
+                    cmd += ["--ray", context.address_info["gcs_address"], *ray_args]
+                load = os.getloadavg()[0]
+                try:
+                    wall, err = run(cmd, env)
+                finally:
+                    if ray.is_initialized():
+                        ray.shutdown()
+                walls.setdefault(name, []).append(wall)
+                ready = _seconds(r"ray ready in ([\d.]+) s", err)
+                actors = _seconds(r"actors started in ([\d.]+) s", err)
+                print(f"| {r} | {name} | {wall:.1f} | {tokens / wall:.1f} | {ready:.1f} | "
+                      f"{actors:.1f} | {load:.1f} |", flush=True)
+    single = statistics.median(walls["1 process"])
+    for name, label in (("ray, running", "job, Ray already running"),
+                        ("ray, cold", "wall, Ray's start included")):
+        ratios = [w / s for w, s in zip(walls[name], walls["1 process"], strict=True)]
+        ratio = statistics.median(walls[name]) / single
+        verdict = "within" if ratio <= BOUND else "over"
+        print(f"ray/single ({label}): {ratio:.2f} ({verdict} the {BOUND:.2f} bound; "
+              f"per round {', '.join(f'{x:.2f}' for x in ratios)})")
     return 0
 
 

@@ -103,6 +103,18 @@ def _pin_mkl_threading(lib: ctypes.CDLL, mkl: Path) -> None:
     _openmp = str(mkl.parent / "libiomp5.so")
 
 
+def limit_threads(threads: int) -> None:
+    """Cap the BLAS's own threads (MKL's; other libraries are left as they
+    are), for a process that shares the machine's cores with others."""
+    path = loaded()
+    if path is None or "mkl" not in Path(path).name:
+        return
+    try:
+        ctypes.CDLL(path).MKL_Set_Num_Threads(ctypes.c_int(threads))
+    except AttributeError:
+        pass
+
+
 def openmp_runtime() -> str | None:
     """The OpenMP runtime loaded for MKL and the kernels to share, if any."""
     return _openmp

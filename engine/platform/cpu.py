@@ -60,10 +60,16 @@ class CpuPlatform(Platform):
     def __init__(self, device: mx.Device):
         super().__init__(device)
         # OpenMP threads of every kernel an engine built here uses (attention,
-        # layers, integer matmuls, sampler); processes sharing the cores (Ray
-        # actors of one CPU each) lower it before building their engine.
+        # layers, integer matmuls, sampler): see limit_threads.
         self.threads = os.cpu_count() or 1
         self._memory_prepared = False
+
+    def limit_threads(self, threads: int) -> None:
+        """Run on `threads` threads, kernels and BLAS alike: for a process
+        sharing the cores with others (a Ray actor of one CPU), before an
+        engine is built here."""
+        self.threads = threads
+        blas.limit_threads(threads)
 
     def describe(self) -> str:
         where = "cpu" + (" + " + blas.loaded().rsplit("/", 1)[-1] if blas.loaded() else "")

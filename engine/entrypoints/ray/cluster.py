@@ -38,13 +38,11 @@ def connect(address: str | None) -> Any:
 
 def actor_resources(cpus_per_worker: int = 1) -> dict[str, Any]:
     """Ray resources of one engine actor: a GPU when the engine would run on
-    one here, else `cpus_per_worker` CPUs (with as many BLAS threads, so two
-    actors on one machine do not fight over its cores)."""
+    one here, else `cpus_per_worker` CPUs. The actor itself runs its kernels
+    and BLAS on that many threads (EngineWorker); a runtime_env setting
+    thread variables instead made Ray start every actor 2-4 s later."""
     from engine.platform import current_platform
 
     if current_platform().name in ("cuda", "metal"):
         return {"num_gpus": 1, "num_cpus": 1}
-    threads = str(cpus_per_worker)
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-           "OPENBLAS_NUM_THREADS": threads}
-    return {"num_cpus": cpus_per_worker, "runtime_env": {"env_vars": env}}
+    return {"num_cpus": cpus_per_worker}

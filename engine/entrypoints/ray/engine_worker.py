@@ -116,10 +116,10 @@ class EngineWorker:
 
 
 def _limit_cpu_threads(threads: int) -> None:
-    """Give the CPU platform's kernels `threads` threads (before an engine is
-    built on it: the platform is made once per device and shared)."""
+    """Run the CPU platform on `threads` threads (before an engine is built
+    on it: the platform is made once per device and shared)."""
     from engine.platform import current_platform
 
     platform = current_platform()
     if platform.name == "cpu":
-        platform.threads = threads
+        platform.limit_threads(threads)

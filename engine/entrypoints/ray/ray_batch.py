@@ -90,14 +90,16 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
         todo = count_rows(input_path, input_format) - out.index.records
         first_fill = min(config.max_num_seqs, -(-todo // workers))
         ray = connect(address)
+        connected = time.monotonic()
         pool = ActorPool(ray, config, workers, cpus_per_worker, first_fill)
         where = pool.where()  # waits for every actor to start
         if progress:
             for i, (host, pid) in enumerate(where):
                 print(f"conveyor: ray worker {i}: pid {pid} on {host}", file=sys.stderr,
                       flush=True)
-            print(f"conveyor: ray and {workers} actors started in "
-                  f"{time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+            print(f"conveyor: ray ready in {connected - start:.1f} s, {workers} actors "
+                  f"started in {time.monotonic() - connected:.1f} s more", file=sys.stderr,
+                  flush=True)
         try:
             _drive(lines, out, pool, summary)
         except ray.exceptions.RayTaskError as exc:

@@ -37,8 +37,9 @@ torn last line is cut off first, so every custom_id ends up answered once.
 One run per output file at a time: a second run on the same output exits 2.
 
 On Ray (--ray): the driver reads the input and alone writes the output, as
-above; engine actors answer chunks of lines. A killed actor is restarted and
-its chunk answered again; a killed driver is resumed by running it again.
+above; engine actors answer the lines as a stream (new lines join each
+actor's running batch). A killed actor is restarted and the lines it held
+answered again; a killed driver is resumed by running it again.
 "--ray auto" with no Ray running starts a local one that lives as long as
 the driver; for long jobs start one first (ray start --head) so that a
 killed driver leaves no Ray processes behind.

@@ -103,7 +103,7 @@ def main() -> int:
                     if ray.is_initialized():
                         ray.shutdown()
                 walls.setdefault(name, []).append(wall)
-                ready = _seconds(r"ray ready in ([\d.]+) s", err)
+                ready = _seconds(r" ready in ([\d.]+) s", err)
                 actors = _seconds(r"actors started in ([\d.]+) s", err)
                 print(f"| {r} | {name} | {wall:.1f} | {tokens / wall:.1f} | {ready:.1f} | "
                       f"{actors:.1f} | {load:.1f} |", flush=True)

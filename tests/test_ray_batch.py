@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,7 +154,8 @@ def _start_driver(inp: Path, out: Path, tiny_llama_dir, cluster) -> subprocess.P
            "-o", str(out), "--model", str(tiny_llama_dir), "--served-model-name", "tiny",
            "--kv-cache-bytes", str(KV_BYTES), "--max-num-seqs", str(SEQS),
            "--ray", cluster, "--ray-workers", "2"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
@@ -200,6 +202,22 @@ def test_kill_9_of_an_actor_then_of_the_driver_answers_every_id_once(
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert f"{written} skipped" in err
+    assert {k: _answer(v) for k, v in _by_id(out).items()} == reference
+
+
+def test_ray_auto_starts_a_ray_of_its_own_beside_another_programs(tmp_path, tiny_llama_dir,
+                                                                   cluster):
+    """`--ray auto` joins a cluster `ray start` made, else starts its own: not
+    (Ray's own "auto") whatever Ray runs here, such as this module's, whose
+    end would take the job down with it."""
+    inp = _input(tmp_path / "in.jsonl", 6)
+    reference = _single_process(tmp_path, tiny_llama_dir, inp)
+    out = tmp_path / "out.jsonl"
+    proc = _start_driver(inp, out, tiny_llama_dir, "auto")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    joined = re.search(r"ray at (\S+) ready", err).group(1)
+    assert joined != cluster
     assert {k: _answer(v) for k, v in _by_id(out).items()} == reference
 
 

@@ -40,9 +40,10 @@ On Ray (--ray): the driver reads the input and alone writes the output, as
 above; engine actors answer the lines as a stream (new lines join each
 actor's running batch). A killed actor is restarted and the lines it held
 answered again; a killed driver is resumed by running it again.
-"--ray auto" with no Ray running starts a local one that lives as long as
-the driver; for long jobs start one first (ray start --head) so that a
-killed driver leaves no Ray processes behind.
+"--ray auto" joins the Ray that `ray start --head` started on this machine
+(or that RAY_ADDRESS names); with none, it starts a local one that lives as
+long as the driver. For long jobs start one first, so that a killed driver
+leaves no Ray processes behind.
 
 Exit status: 0 when the job ran (bad lines included); 2 when it could not
 (missing input file, unusable output file, model not found).
@@ -75,7 +76,8 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     r = p.add_argument_group("Ray (pip install \"conveyor[ray]\")")
     r.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help="answer the lines on a pool of engine actors on the Ray cluster at "
-                   "ADDRESS (auto, the default: the running one, else a local Ray)")
+                   "ADDRESS (auto, the default: the one `ray start` started here or "
+                   "RAY_ADDRESS names, else a local Ray)")
     r.add_argument("--ray-workers", type=int, default=2,
                    help="engine actors, each one GPU or --ray-cpus-per-worker CPUs "
                    "(default: %(default)s)")

@@ -17,17 +17,16 @@ def import_ray():
 
 
 def connect(address: str | None) -> Any:
-    """Join the cluster at `address`; "auto" (or None) joins the running one
-    or, when none runs, starts a local Ray. A no-op when already connected."""
+    """Join the cluster at `address`; "auto" (or None) joins the one that
+    `ray start` started on this machine (or RAY_ADDRESS names) or, when there
+    is none, starts a local Ray. A no-op when already connected."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
-    quiet = {"log_to_driver": False, "include_dashboard": False}
     if address in (None, "auto"):
-        try:
-            ray.init(address="auto", log_to_driver=False)
-        except ConnectionError:
-            ray.init(**quiet)
+        # Not Ray's own "auto", which joins any Ray it finds running here, even
+        # another program's short-lived one (a test's), and dies with it.
+        ray.init(log_to_driver=False, include_dashboard=False)
         return ray
     try:
         ray.init(address=address, log_to_driver=False)

@@ -35,7 +35,7 @@ from engine.entrypoints.batch.batch_file import (
     triage,
 )
 from engine.entrypoints.batch.batch_job import BatchSummary
-from engine.entrypoints.ray.actor_pool import MAX_ACTOR_RESTARTS, ActorPool
+from engine.entrypoints.ray.actor_pool import ActorPool
 from engine.entrypoints.ray.cluster import connect
 from engine.entrypoints.ray.engine_worker import WorkerConfig
 from engine.entrypoints.ray.input_rows import count_rows, read_lines
@@ -92,15 +92,15 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
         ray = connect(address)
         connected = time.monotonic()
         pool = ActorPool(ray, config, workers, cpus_per_worker, first_fill)
-        where = pool.where()  # waits for every actor to start
-        if progress:
-            for i, (host, pid) in enumerate(where):
-                print(f"conveyor: ray worker {i}: pid {pid} on {host}", file=sys.stderr,
-                      flush=True)
-            print(f"conveyor: ray ready in {connected - start:.1f} s, {workers} actors "
-                  f"started in {time.monotonic() - connected:.1f} s more", file=sys.stderr,
-                  flush=True)
         try:
+            where = pool.where()  # waits for every actor to start
+            if progress:
+                for i, (host, pid) in enumerate(where):
+                    print(f"conveyor: ray worker {i}: pid {pid} on {host}", file=sys.stderr,
+                          flush=True)
+                print(f"conveyor: ray at {ray.get_runtime_context().gcs_address} ready in "
+                      f"{connected - start:.1f} s, {workers} actors started in "
+                      f"{time.monotonic() - connected:.1f} s more", file=sys.stderr, flush=True)
             _drive(lines, out, pool, summary)
         except ray.exceptions.RayTaskError as exc:
             # An actor's error, e.g. a model that cannot load: the job's error.
@@ -108,8 +108,11 @@ def run_ray_batch(input_path: Path, output_path: Path, config: WorkerConfig, *,
             raise ConveyorError(f"an engine actor failed: {cause}; the records so far are "
                                 "kept, run again to resume") from None
         except ray.exceptions.RayActorError as exc:
-            raise ConveyorError(f"an engine actor died more than {MAX_ACTOR_RESTARTS} times "
-                                f"({exc.__class__.__name__}); run again to resume") from None
+            # Killed more than MAX_ACTOR_RESTARTS times, or its Ray went away.
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ConveyorError(f"an engine actor died for good ({exc.__class__.__name__}: "
+                                f"{why}); the records so far are kept, run again to "
+                                "resume") from None
         finally:
             pool.kill()
             summary.elapsed = time.monotonic() - start

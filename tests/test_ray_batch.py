@@ -356,9 +356,14 @@ class _FakeRay:
 
         return lambda cls: Remote()
 
-    def wait(self, refs, num_returns):
-        ref = min(refs, key=lambda r: r.order)
-        return [ref], [r for r in refs if r is not ref]
+    def wait(self, refs, num_returns, timeout=None):
+        if timeout == 0:  # what is done already
+            done = [r for r in refs if r.result is not None][:num_returns]
+            return done, [r for r in refs if r not in done]
+        oldest = sorted(refs, key=lambda r: r.order)
+        for ref in oldest[:2]:  # two calls end at once: the second is for timeout=0
+            self.get(ref)
+        return oldest[:1], oldest[1:]
 
     def get(self, refs):
         if isinstance(refs, list):

@@ -57,6 +57,8 @@ class ActorPool:
         self.reserve = max(4, config.max_num_seqs // 8)
         self.held: list[dict[int, bytes]] = [{} for _ in self.actors]  # line -> raw line
         self.calls: dict[Any, tuple[int, int]] = {}  # object ref -> (actor, new lines in it)
+        self._calls = [0] * workers                          # in flight, per actor
+        self._queued = [0] * workers                         # new lines in those calls
         self._waiting: list[int | None] = [None] * workers  # as last reported
         self._finished = [0] * workers                       # in its last call
         self._incarnation: list[str | None] = [None] * workers
@@ -69,13 +71,9 @@ class ActorPool:
             self._incarnation[i] = incarnation
         return [(host, pid) for host, pid, _ in found]
 
-    def _in_flight(self, i: int) -> list[int]:
-        return [new for actor, new in self.calls.values() if actor == i]
-
     def room(self, i: int) -> int:
         """How many new lines actor `i` should get now."""
-        queued = self._in_flight(i)
-        if len(queued) >= self.calls_per_actor:
+        if self._calls[i] >= self.calls_per_actor:
             return 0
         if self._waiting[i] is None:  # no report yet: fill the first batch
             return max(0, self.first_fill - len(self.held[i]))
@@ -83,11 +81,11 @@ class ActorPool:
         # an actor holding nothing has nothing queued (whatever it said last).
         waiting = self._waiting[i] if self.held[i] else 0
         queue = max(self.reserve, self.calls_per_actor * self._finished[i])
-        return max(0, queue - waiting - sum(queued))
+        return max(0, queue - waiting - self._queued[i])
 
     def wants_call(self, i: int) -> bool:
         """Whether actor `i` holds lines and has room for another call."""
-        return bool(self.held[i]) and len(self._in_flight(i)) < self.calls_per_actor
+        return bool(self.held[i]) and self._calls[i] < self.calls_per_actor
 
     def send(self, i: int, lines: list[tuple[int, bytes]]) -> None:
         """Give actor `i` `lines` (and, after a restart, all it held before)."""
@@ -97,13 +95,27 @@ class ActorPool:
             self._resend[i] = False
         self.held[i].update(lines)
         self.calls[self.actors[i].pump.remote(payload, self.seconds)] = (i, len(lines))
+        self._calls[i] += 1
+        self._queued[i] += len(lines)
 
-    def next_done(self) -> list[bytes]:
-        """The records that came back with the next call to return, each for
-        a line still held (then held no more)."""
-        ready, _ = self.ray.wait(list(self.calls), num_returns=1)
-        i, _ = self.calls.pop(ready[0])
-        pumped: Pumped = self.ray.get(ready[0])
+    def next_done(self) -> tuple[list[int], list[bytes]]:
+        """Wait for calls to return: the actors whose calls did, and the
+        records that came back, each for a line still held (then held no
+        more). Every call ready by then is taken (one pass, however many
+        actors there are)."""
+        first, rest = self.ray.wait(list(self.calls), num_returns=1)
+        ready = first + (self.ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+                         if rest else [])
+        returned, records = [], []
+        for ref, pumped in zip(ready, self.ray.get(ready), strict=True):
+            i, new = self.calls.pop(ref)
+            self._calls[i] -= 1
+            self._queued[i] -= new
+            records += self._take(i, pumped)
+            returned.append(i)
+        return returned, records
+
+    def _take(self, i: int, pumped: Pumped) -> list[bytes]:
         if pumped.incarnation != self._incarnation[i]:
             # Restarted: the lines the old actor held died with it.
             self._incarnation[i] = pumped.incarnation

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +123,11 @@ def _drive(lines: Iterator[InputLine], out: OutputFile, pool: ActorPool,
            summary: BatchSummary) -> None:
     seen: set[str] = set()
     exhausted = False
+    everyone = range(len(pool.actors))
+    returned: Iterable[int] = everyone
     while True:
-        for i in range(len(pool.actors)):
+        # Only an actor whose call came back can have room for more.
+        for i in returned:
             batch: list[tuple[int, bytes]] = []
             room = pool.room(i)
             while not exhausted and len(batch) < room:
@@ -138,8 +141,10 @@ def _drive(lines: Iterator[InputLine], out: OutputFile, pool: ActorPool,
         if not pool.calls:
             if exhausted:
                 return
-            continue  # every line pulled was answered here (skipped, refused)
-        for record in pool.next_done():
+            returned = everyone  # every line pulled was answered here (skipped, refused)
+            continue
+        returned, records = pool.next_done()
+        for record in records:
             out.write_encoded(record)
             _count(record, summary)
 

@@ -84,7 +84,7 @@ def main() -> int:
         print(f"# decode-heavy batch file: {args.n} x {args.input_len} -> {args.output_len}; "
               f"{args.workers} Ray actors x 1 CPU; {os.cpu_count()} cores")
         print("| round | runner | wall s | out tok/s (wall) | Ray ready s | actors started s "
-              "| load 1-min |")
+              "| load 1-min at start, end |")
         print("|---|---|---|---|---|---|---|")
         for r in range(1, args.rounds + 1):
             for name in ("1 process", "ray, cold", "ray, running"):
@@ -102,11 +102,14 @@ def main() -> int:
                 finally:
                     if ray.is_initialized():
                         ray.shutdown()
+                done = re.search(r"(\d+) done, (\d+) failed", err)
+                if done is None or done.groups() != (str(args.n), "0"):
+                    sys.exit(f"{name}: not every request was answered:\n{err[-2000:]}")
                 walls.setdefault(name, []).append(wall)
                 ready = _seconds(r" ready in ([\d.]+) s", err)
                 actors = _seconds(r"actors started in ([\d.]+) s", err)
                 print(f"| {r} | {name} | {wall:.1f} | {tokens / wall:.1f} | {ready:.1f} | "
-                      f"{actors:.1f} | {load:.1f} |", flush=True)
+                      f"{actors:.1f} | {load:.1f}, {os.getloadavg()[0]:.1f} |", flush=True)
     single = statistics.median(walls["1 process"])
     for name, label in (("ray, running", "job, Ray already running"),
                         ("ray, cold", "wall, Ray's start included")):

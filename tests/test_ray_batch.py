@@ -120,10 +120,10 @@ def test_actor_pool_answers_like_the_single_process_runner(tmp_path, tiny_llama_
     assert len(out.read_text().splitlines()) == 43
 
 
-def test_an_actor_of_one_cpu_runs_its_kernels_and_blas_on_one_thread(cluster):
+def test_an_actor_of_one_cpu_runs_on_one_thread_with_its_share_of_ram(cluster):
     """Two one-CPU actors on a two-core machine must not each use both cores,
     whatever OMP_NUM_THREADS the user's environment sets (Ray sets 1 only
-    where none is set)."""
+    where none is set), nor each plan a KV pool from all the free RAM."""
 
     # max_calls: a worker process of its own, not reused.
     @ray.remote(num_cpus=1, max_calls=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}})
@@ -133,13 +133,14 @@ def test_an_actor_of_one_cpu_runs_its_kernels_and_blas_on_one_thread(cluster):
 
         from engine.platform import blas, current_platform
 
-        before = current_platform().threads
+        platform = current_platform()
+        before = platform.threads, platform.memory_utilization
         EngineWorker(WorkerConfig(cpu_threads=1))  # what every CPU actor is built with
         mkl = ctypes.CDLL(blas.loaded()).MKL_Get_Max_Threads() if blas.loaded() else None
-        return before, current_platform().threads, mkl, os.cpu_count()
+        return before, (platform.threads, platform.memory_utilization), mkl, os.cpu_count()
 
-    before, after, mkl, cores = ray.get(threads.remote())
-    assert (before, after) == (cores, 1)
+    (threads, share), after, mkl, cores = ray.get(threads.remote())
+    assert after == (1, share / cores) and threads == cores
     assert mkl in (1, None)
 
 def _lines(path: Path) -> int:

@@ -60,16 +60,20 @@ class CpuPlatform(Platform):
     def __init__(self, device: mx.Device):
         super().__init__(device)
         # OpenMP threads of every kernel an engine built here uses (attention,
-        # layers, integer matmuls, sampler): see limit_threads.
+        # layers, integer matmuls, sampler): see share_machine.
         self.threads = os.cpu_count() or 1
         self._memory_prepared = False
 
-    def limit_threads(self, threads: int) -> None:
-        """Run on `threads` threads, kernels and BLAS alike: for a process
-        sharing the cores with others (a Ray actor of one CPU), before an
-        engine is built here."""
-        self.threads = threads
-        blas.limit_threads(threads)
+    def share_machine(self, cpus: int) -> None:
+        """This process gets `cpus` of the machine's cores, others (Ray actors
+        of a CPU each) the rest: its kernels and BLAS run on that many
+        threads, and its KV pool takes that share of the RAM it would take
+        alone (processes starting together all see the same RAM free).
+        Before an engine is built here."""
+        cores = os.cpu_count() or 1
+        self.threads = max(1, min(cpus, cores))
+        blas.limit_threads(self.threads)
+        self.memory_utilization = type(self).memory_utilization * self.threads / cores
 
     def describe(self) -> str:
         where = "cpu" + (" + " + blas.loaded().rsplit("/", 1)[-1] if blas.loaded() else "")

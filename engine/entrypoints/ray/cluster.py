@@ -39,7 +39,8 @@ def actor_resources(cpus_per_worker: int = 1) -> dict[str, Any]:
     """Ray resources of one engine actor: a GPU when the engine would run on
     one here, else `cpus_per_worker` CPUs. The actor itself runs its kernels
     and BLAS on that many threads (EngineWorker); a runtime_env setting
-    thread variables instead made Ray start every actor 2-4 s later."""
+    thread variables instead made Ray start every actor seconds later (a
+    worker process of its own, set up by Ray's runtime-env agent)."""
     from engine.platform import current_platform
 
     if current_platform().name in ("cuda", "metal"):

@@ -39,8 +39,9 @@ class WorkerConfig(msgspec.Struct, kw_only=True, frozen=True):
     max_num_seqs: int = 256
     engine_args: dict[str, Any] = {}
     limits: ServingLimits = ServingLimits()
-    # CPU actors: threads of the engine's own kernels (default: every core
-    # of the machine, which actors sharing it would oversubscribe).
+    # CPU actors: the cores the actor is given, hence its threads and its
+    # share of the RAM (default: the whole machine, which actors sharing it
+    # would oversubscribe).
     cpu_threads: int | None = None
 
 
@@ -76,7 +77,7 @@ class EngineWorker:
         self.incarnation = uuid.uuid4().hex
         engine_args = {k: v for k, v in config.engine_args.items() if v is not None}
         if config.cpu_threads:
-            _limit_cpu_threads(config.cpu_threads)
+            _share_cpu_machine(config.cpu_threads)
 
         def default_llm():
             from engine.entrypoints.llm import LLM
@@ -115,11 +116,11 @@ class EngineWorker:
         return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
 
 
-def _limit_cpu_threads(threads: int) -> None:
-    """Run the CPU platform on `threads` threads (before an engine is built
-    on it: the platform is made once per device and shared)."""
+def _share_cpu_machine(cpus: int) -> None:
+    """Give the CPU platform `cpus` of the machine's cores (before an engine
+    is built on it: the platform is made once per device and shared)."""
     from engine.platform import current_platform
 
     platform = current_platform()
     if platform.name == "cpu":
-        platform.limit_threads(threads)
+        platform.share_machine(cpus)

@@ -49,7 +49,7 @@ class Pumped(msgspec.Struct, frozen=True):
     """What one `pump` call returns."""
 
     incarnation: str                  # new each time the worker is built
-    waiting: int                      # lines its engine has queued, not yet running
+    waiting: int                      # requests its engine has queued, not yet running
     records: list[tuple[int, bytes]]  # (line number, encoded record) of lines that finished
 
 

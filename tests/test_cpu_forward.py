@@ -197,7 +197,7 @@ def test_cpu_matmul_choice_errors(quantized_tiny):
 
 
 def test_no_integer_kernel_means_float32(quantized_tiny, monkeypatch):
-    monkeypatch.setattr(q8, "load", lambda: None)
+    monkeypatch.setattr(q8, "load", lambda threads=None: None)
     model, _ = load_model(quantized_tiny)
     assert not isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
     with pytest.raises(ModelLoadError, match="AVX-512 VNNI"):

@@ -256,7 +256,7 @@ def test_tiny_bert_fast_path_and_its_fallback(tmp_path, minilm_dir, monkeypatch,
     fast = Embedder.load(path)
     assert fast.fast_path
     expected = fast.embed(texts).vectors
-    monkeypatch.setattr(cpu_ops, "load", lambda: None)
+    monkeypatch.setattr(cpu_ops, "load", lambda threads=None: None)
     capsys.readouterr()
     portable = Embedder.load(path)
     assert not portable.fast_path

@@ -13,7 +13,8 @@ Three runners, alternated round after round (a shared box drifts):
                 a cluster would be): the job alone
 Every run is a fresh command, so each time includes loading the model (each
 actor loads its own copy, in parallel). The last lines give the ratios
-against the single process, the median over rounds.
+against the single process: the median of the rounds' ratios, and the ratio
+of the best walls.
 """
 
 from __future__ import annotations
@@ -110,14 +111,17 @@ def main() -> int:
                 actors = _seconds(r"actors started in ([\d.]+) s", err)
                 print(f"| {r} | {name} | {wall:.1f} | {tokens / wall:.1f} | {ready:.1f} | "
                       f"{actors:.1f} | {load:.1f}, {os.getloadavg()[0]:.1f} |", flush=True)
-    single = statistics.median(walls["1 process"])
+    # Each round's runs are close in time, so the median of the per-round
+    # ratios resists a load that drifts; the best walls say what a quiet box does.
     for name, label in (("ray, running", "job, Ray already running"),
                         ("ray, cold", "wall, Ray's start included")):
         ratios = [w / s for w, s in zip(walls[name], walls["1 process"], strict=True)]
-        ratio = statistics.median(walls[name]) / single
+        ratio = statistics.median(ratios)
+        best = min(walls[name]) / min(walls["1 process"])
         verdict = "within" if ratio <= BOUND else "over"
-        print(f"ray/single ({label}): {ratio:.2f} ({verdict} the {BOUND:.2f} bound; "
-              f"per round {', '.join(f'{x:.2f}' for x in ratios)})")
+        rounds = ", ".join(f"{x:.2f}" for x in ratios)
+        print(f"ray/single ({label}): {ratio:.2f}, median of rounds {rounds} ({verdict} the "
+              f"{BOUND:.2f} bound); best walls {best:.2f}")
     return 0
 
 

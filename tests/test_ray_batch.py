@@ -342,6 +342,15 @@ class _FakeRay:
 
     def __init__(self, crash_at=()):
         self.crash_at, self.calls, self.workers = set(crash_at), 0, []
+        self.sent: list[_FakeRef] = []
+        self.most_queued = 0  # pump calls of one actor not yet run, at most
+
+    def queue(self, ref):
+        self.sent.append(ref)
+        pending = [r for r in self.sent if r.actor == ref.actor and r.result is None]
+        if ref.method == "pump":
+            self.most_queued = max(self.most_queued, len(pending))
+        return ref
 
     def remote(self, **_):
         fake = self
@@ -400,7 +409,7 @@ class _FakeActor:
 
         class Method:
             def remote(self, *args):
-                return _FakeRef(actor, method, args)
+                return actor.fake.queue(_FakeRef(actor, method, args))
 
         return Method()
 
@@ -425,6 +434,7 @@ def test_the_stream_answers_every_line_once_across_restarted_actors(tmp_path):
     assert (summary.done, summary.failed) == (n, 1)
     assert len(fake.workers) == 2 and _StubWorker.built - built == 2 + 4  # 4 restarts
     assert not any(pool.held) and not pool.calls
+    assert fake.most_queued == 2  # a call queued behind the running one: no wait between
     # Each actor held what its engine runs plus a small queue (a restart's
     # resend may briefly add to it), never a large part of the input.
     assert max(w.most_held for w in fake.workers) <= 2 * (SEQS + pool.reserve) < n // 3

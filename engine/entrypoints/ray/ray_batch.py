@@ -126,17 +126,20 @@ def _drive(lines: Iterator[InputLine], out: OutputFile, pool: ActorPool,
     everyone = range(len(pool.actors))
     returned: Iterable[int] = everyone
     while True:
-        # Only an actor whose call came back can have room for more.
+        # Only an actor whose call came back can have room for more; it gets
+        # calls until `calls_per_actor` are queued, so that it never waits.
         for i in returned:
-            batch: list[tuple[int, bytes]] = []
-            room = pool.room(i)
-            while not exhausted and len(batch) < room:
-                line = next(lines, None)
-                if line is None:
-                    exhausted = True
-                elif (request := _admit(line, seen, out, summary)) is not None:
-                    batch.append(request)
-            if batch or pool.wants_call(i):
+            while True:
+                batch: list[tuple[int, bytes]] = []
+                room = pool.room(i)
+                while not exhausted and len(batch) < room:
+                    line = next(lines, None)
+                    if line is None:
+                        exhausted = True
+                    elif (request := _admit(line, seen, out, summary)) is not None:
+                        batch.append(request)
+                if not (batch or pool.wants_call(i)):
+                    break
                 pool.send(i, batch)
         if not pool.calls:
             if exhausted:

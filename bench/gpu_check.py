@@ -32,7 +32,27 @@ from kvcache.attention.metadata import AttentionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from mlx_lm_oracle import oracle, oracle_greedy  # noqa: E402
-from tiny_models import TINY_SLIDING, write_tiny_llama  # noqa: E402
+from tiny_models import (  # noqa: E402
+    TINY_QWEN2,
+    TINY_QWEN3,
+    TINY_SLIDING,
+    longrope,
+    write_tiny_llama,
+    write_tiny_phi3,
+)
+
+
+def _families() -> dict:
+    """Every architecture as a tiny checkpoint writer (head_dim 64, which the
+    kernel serves, where the family allows) and each layer's window."""
+    out = {name: (lambda path, c=config: write_tiny_llama(path, **{**c, "head_dim": 64}),
+                  windows) for name, (config, windows) in TINY_SLIDING.items()}
+    for name, config in (("qwen2", TINY_QWEN2), ("qwen3", TINY_QWEN3)):
+        out[name] = (lambda path, c=config: write_tiny_llama(
+            path, **{**c, "hidden_size": 256, "head_dim": 64}), [None, None])
+    out["phi3"] = (lambda path: write_tiny_phi3(path, hidden_size=256,
+                                                rope_scaling=longrope(64)), [None, None])
+    return out
 
 GREEDY = dict(temperature=0)
 
@@ -75,18 +95,19 @@ def main() -> None:
         alone = [run(model, config, [p], params, kv_cache_bytes=1 << 30)[1][0] for p in prompts]
         print(f"seeded sampling {params}: alone == batched:", alone == batched, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in TINY_SLIDING:
-            check_sliding_window_family(name, Path(tmp))
+        for name, (writer, windows) in _families().items():
+            check_family(name, writer(Path(tmp) / name), windows)
 
 
-def check_sliding_window_family(name: str, tmp: Path) -> None:
-    config, windows = TINY_SLIDING[name]
-    path = write_tiny_llama(tmp / name, **{**config, "head_dim": 64})
+def check_family(name: str, path: Path, windows: list[int | None]) -> None:
     model, config = load_model(path, dtype="float32")
     capped = config.get("attn_logit_softcapping") is not None
-    spec = AttentionSpec(config["num_attention_heads"], config["num_key_value_heads"], 64, 16,
-                         mx.float32, sliding_window=True, softcap=capped)
-    print(f"{name}: kernel verified with window{' and softcap' if capped else ''}:",
+    sliding = any(w is not None for w in windows)
+    head_dim = model.args.head_dim
+    spec = AttentionSpec(config["num_attention_heads"], config["num_key_value_heads"],
+                         head_dim, 16, mx.float32, sliding_window=sliding, softcap=capped)
+    print(f"{name}: kernel (head_dim {head_dim}) verified"
+          f"{' with window' if sliding else ''}{' and softcap' if capped else ''}:",
           cuda_attention.available(spec), flush=True)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 320, size=int(n)).tolist() for n in (3, 9, 40, 130, 300)]

@@ -159,3 +159,53 @@ def write_quantized(src, dst, bits=4, group_size=32, override_bits=8, embedding=
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / f, dst / f)
     return dst
+
+
+# Phi-3: fused q/k/v and gate/up projections, LongRoPE.
+HIDDEN, HEADS, KV_HEADS, FF = 64, 4, 2, 96
+
+TINY_PHI3 = {
+    "model_type": "phi3", "hidden_size": HIDDEN, "num_hidden_layers": 2,
+    "intermediate_size": FF, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+    "rms_norm_eps": 1e-5, "vocab_size": 320, "rope_theta": 10000.0,
+    "max_position_embeddings": 8192, "original_max_position_embeddings": 1024,
+    "tie_word_embeddings": False, "bos_token_id": 257, "eos_token_id": 258,
+    "torch_dtype": "float32",
+}
+
+
+def longrope(rotated_dims: int) -> dict:
+    rng = np.random.default_rng(7)
+    pairs = rotated_dims // 2
+    return {"type": "longrope", "long_factor": (1 + 3 * rng.random(pairs)).tolist(),
+            "short_factor": (1 + rng.random(pairs)).tolist()}
+
+
+def write_tiny_phi3(path, seed=0, **overrides):
+    """A phi3 checkpoint in Hugging Face's names (qkv_proj, gate_up_proj)."""
+    config = {**TINY_PHI3, **overrides}
+    rng = np.random.default_rng(seed)
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd = d // config["num_attention_heads"]
+    qkv = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * hd
+
+    def w(*shape, scale=0.08):
+        return mx.array(rng.normal(0, scale, size=shape).astype(np.float32))
+
+    weights = {"model.embed_tokens.weight": w(v, d, scale=0.5), "model.norm.weight": w(d) + 1}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights.update({
+            p + "self_attn.qkv_proj.weight": w(qkv, d),
+            p + "self_attn.o_proj.weight": w(d, d),
+            p + "mlp.gate_up_proj.weight": w(2 * f, d), p + "mlp.down_proj.weight": w(d, f),
+            p + "input_layernorm.weight": w(d) + 1,
+            p + "post_attention_layernorm.weight": w(d) + 1,
+        })
+    if not config["tie_word_embeddings"]:
+        weights["lm_head.weight"] = w(v, d, scale=0.3)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    write_byte_tokenizer(path)
+    return path

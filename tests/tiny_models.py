@@ -169,7 +169,7 @@ TINY_PHI3 = {
     "intermediate_size": FF, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
     "rms_norm_eps": 1e-5, "vocab_size": 320, "rope_theta": 10000.0,
     "max_position_embeddings": 8192, "original_max_position_embeddings": 1024,
-    "tie_word_embeddings": False, "bos_token_id": 257, "eos_token_id": 258,
+    "tie_word_embeddings": False, "bos_token_id": 257, "eos_token_id": 258, "pad_token_id": 256,
     "torch_dtype": "float32",
 }
 

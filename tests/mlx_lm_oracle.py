@@ -46,3 +46,19 @@ def oracle_greedy(model, prompt: list[int], n: int):
         logprobs.append(np.array(logits - mx.logsumexp(logits)))
         tokens.append(int(np.argmax(logprobs[-1])))
     return tokens[len(prompt):], logprobs
+
+
+
+def short_longrope(model, scaling: dict):
+    """mlx-lm's model rotating with LongRoPE's short factors (`scaling`, the
+    config's rope_scaling): mlx-lm always uses the long ones, transformers and
+    Conveyor the short ones within the original context, where every oracle
+    sequence of the tests stays."""
+    from mlx_lm.models.rope_utils import SuScaledRoPE
+
+    ratio = mx.array(scaling["short_factor"], mx.float32) / mx.array(scaling["long_factor"],
+                                                                      mx.float32)
+    for _, module in model.named_modules():
+        if isinstance(module, SuScaledRoPE):
+            module._freqs = module._freqs * ratio
+    return model

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from gguf_files import byte_level_vocab, write_gguf_file
+from mlx_lm_oracle import short_longrope
 from test_gguf_import import llamacpp_permute
 from test_phi3 import HEADS, HIDDEN, longrope, write_tiny_phi3
 from tiny_models import TINY_QWEN2, TINY_QWEN3, write_byte_tokenizer, write_tiny_llama
@@ -88,6 +89,9 @@ def mlx_lm_logits(path):
     from mlx_lm.utils import load_model as mlx_lm_load
 
     model, _ = mlx_lm_load(path)
+    scaling = json.loads((path / "config.json").read_text()).get("rope_scaling") or {}
+    if scaling.get("type") == "longrope":
+        short_longrope(model, scaling)
     return np.array(model(mx.array(IDS)[None]))[0]
 
 

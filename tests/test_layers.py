@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm_oracle import short_longrope
 from tiny_models import TINY_QWEN2, TINY_QWEN3, write_tiny_llama
 
 from engine import LLM, SamplingParams
@@ -100,9 +101,17 @@ def test_rope_variants_match_mlx_lm(kind, traditional):
     dims, positions = 32, np.array([0, 1, 17, 300, 2047], np.int32)
     ours = RoPE(dims, 10000.0, ROPES[kind], traditional, max_position_embeddings=2048)
     theirs = initialize_rope(dims, 10000.0, traditional, ROPES[kind], 2048)
+    short = theirs
+    if kind == "longrope":  # short factors within the original context, long past it
+        short = short_longrope(initialize_rope(dims, 10000.0, traditional, ROPES[kind], 2048),
+                               ROPES[kind])
+        assert positions.min() < ROPES[kind]["original_max_position_embeddings"] < \
+            positions.max()
+    switch = ROPES[kind].get("original_max_position_embeddings", 0) if kind == "longrope" else 0
     x = x_of(len(positions), 3, dims)
-    want = np.stack([np.array(theirs(mx.array(x[i][None, :, None, :]), offset=int(p)))[0, :, 0]
-                     for i, p in enumerate(positions)])
+    want = np.stack([np.array((short if p < switch else theirs)(
+        mx.array(x[i][None, :, None, :]), offset=int(p)))[0, :, 0]
+        for i, p in enumerate(positions)])
     np.testing.assert_allclose(np.array(ours(mx.array(x), mx.array(positions))), want,
                                rtol=1e-4, atol=1e-4)
     host_equals_mlx(ours, x, positions, atol=1e-4)

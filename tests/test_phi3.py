@@ -5,9 +5,12 @@ mlx-lm's, alone and batched, on the CPU fast path and the portable path;
 logits agree within 1e-4 (float32 throughout)."""
 
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm_oracle import short_longrope
 from tiny_models import HEADS, HIDDEN, longrope, write_quantized, write_tiny_phi3
 
 from engine import LLM, SamplingParams
@@ -40,6 +43,7 @@ def check_against_mlx_lm(path):
     from mlx_lm.utils import load_model as mlx_lm_load
 
     theirs, _ = mlx_lm_load(path)
+    short_longrope(theirs, json.loads((path / "config.json").read_text())["rope_scaling"])
     ours, _ = load_model(path)
     ids = np.random.default_rng(0).integers(0, 320, size=50).astype(np.int32)
     want = np.array(theirs(mx.array(ids)[None]))[0]

@@ -103,14 +103,14 @@ class _RotaryTable:
     step and shared by q and k of every layer using an identical RoPE."""
 
     def __init__(self, rope: RoPE):
-        self.rates = rope.angle_rates()
+        self.rope = rope
         self.mscale = rope.mscale
         self.positions = None
         self.cos = self.sin = None
 
     def __call__(self, positions: np.ndarray):
         if positions is not self.positions:
-            angles = positions.astype(np.float64)[:, None] * self.rates[None, :]
+            angles = self.rope.angles(positions)
             self.cos = np.ascontiguousarray(np.cos(angles) * self.mscale, np.float32)
             self.sin = np.ascontiguousarray(np.sin(angles) * self.mscale, np.float32)
             self.positions = positions
@@ -118,7 +118,7 @@ class _RotaryTable:
 
 
 def bind_rope(layer: RoPE, ops: CpuOps, tables: dict):
-    key = (layer.dims, layer.traditional, layer.mscale, layer.angle_rates().tobytes())
+    key = layer.schedule()
     table = tables.setdefault(key, _RotaryTable(layer))
     dims, traditional = layer.dims, layer.traditional
     if dims % 2:

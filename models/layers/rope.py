@@ -29,6 +29,7 @@ class RoPE(Layer):
             raise ValueError(f"a RoPE base must be a positive number, not {base!r}")
         self.dims, self.base, self.traditional = dims, base, traditional
         self.scale, self.mscale = 1.0, 1.0
+        short, self.switch = None, None
         scaling = scaling or {}
         kind = scaling.get("rope_type") or scaling.get("type") or "default"
         periods = base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
@@ -39,7 +40,8 @@ class RoPE(Layer):
         elif kind == "yarn":
             periods, self.mscale = _yarn(periods, dims, base, scaling)
         elif kind in ("longrope", "su"):
-            periods, self.mscale = _longrope(periods, scaling, max_position_embeddings)
+            periods, self.mscale, short, self.switch = _longrope(periods, scaling,
+                                                                 max_position_embeddings)
         elif kind != "default":
             raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: "
                              f"{', '.join(SUPPORTED)}")
@@ -47,19 +49,41 @@ class RoPE(Layer):
         self._periods = periods
         # mx.fast.rope takes the base for the plain schedule, else explicit periods.
         self._freqs = None if kind in ("default", "linear") else mx.array(periods, mx.float32)
+        # LongRoPE's short factors rotate positions below `switch`, its long
+        # ones the rest (per position, so a cached key keeps its rotation).
+        self._short_periods = short
+        self._short_freqs = None if short is None else mx.array(short, mx.float32)
 
-    def angle_rates(self) -> np.ndarray:
-        """Radians per position of each rotated pair (float64), for code that
-        rotates outside MLX."""
-        return self.scale / self._periods
+    def schedule(self) -> tuple:
+        """What decides the rotation (hashable): equal schedules rotate alike."""
+        short = None if self._short_periods is None else self._short_periods.tobytes()
+        return (self.dims, self.traditional, self.mscale, self.scale,
+                self._periods.tobytes(), short, self.switch)
+
+    def angles(self, positions: np.ndarray) -> np.ndarray:
+        """Radians [N, dims/2] of each rotated pair at `positions` (float64),
+        for code that rotates outside MLX."""
+        pos = np.asarray(positions, np.float64)[:, None]
+        angles = pos * (self.scale / self._periods)[None, :]
+        if self._short_periods is not None:
+            short = pos * (self.scale / self._short_periods)[None, :]
+            angles = np.where(pos < self.switch, short, angles)
+        return angles
 
     def forward(self, x: mx.array, positions: mx.array) -> mx.array:
         """x: [N, heads, head_dim] packed tokens; positions: [N] int32."""
         if self.mscale != 1.0:
             x = _scale_rotated(x, self.dims, self.mscale)
+        y = self._rotate(x, positions, self._freqs)
+        if self._short_freqs is not None:
+            short = (positions < self.switch)[:, None, None]
+            y = mx.where(short, self._rotate(x, positions, self._short_freqs), y)
+        return y
+
+    def _rotate(self, x: mx.array, positions: mx.array, freqs: mx.array | None) -> mx.array:
         y = mx.fast.rope(x[:, :, None, :], self.dims, traditional=self.traditional,
-                         base=None if self._freqs is not None else self.base,
-                         scale=self.scale, offset=positions, freqs=self._freqs)
+                         base=None if freqs is not None else self.base,
+                         scale=self.scale, offset=positions, freqs=freqs)
         return y[:, :, 0, :]
 
 
@@ -112,14 +136,22 @@ def _yarn(periods: np.ndarray, dims: int, base: float, scaling: dict[str, Any]):
 
 
 def _longrope(periods: np.ndarray, scaling: dict[str, Any], max_positions: int | None):
-    # Phi-3's LongRoPE ("su"): per-pair factors stretch the periods (the long
-    # factors, as mlx-lm uses), and a magnitude keeps attention entropy steady.
+    # Phi-3's LongRoPE ("su"): per-pair factors stretch the periods, short ones
+    # within the original context and long ones past it (as transformers and
+    # vLLM do; mlx-lm always uses the long ones), and a magnitude keeps
+    # attention entropy steady. Returns (long periods, magnitude, short
+    # periods or None, the first position on the long ones).
     original = int(scaling.get("original_max_position_embeddings") or max_positions or 4096)
-    factors = np.asarray(scaling["long_factor"], np.float64)
-    if factors.shape not in ((), periods.shape):
-        raise ValueError(f"rope_scaling long_factor has {factors.size} values, expected "
-                         f"{periods.size}")
+
+    def stretched(key: str) -> np.ndarray:
+        factors = np.asarray(scaling[key], np.float64)
+        if factors.shape not in ((), periods.shape):
+            raise ValueError(f"rope_scaling {key} has {factors.size} values, expected "
+                             f"{periods.size}")
+        return factors * periods
+
     ratio = (max_positions or original) / original
     mscale = scaling.get("long_mscale") or (
         1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(original)))
-    return factors * periods, float(mscale)
+    short = stretched("short_factor") if scaling.get("short_factor") is not None else None
+    return stretched("long_factor"), float(mscale), short, original

@@ -31,7 +31,7 @@ from kvcache.attention import cuda as cuda_attention
 from kvcache.attention.metadata import AttentionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from mlx_lm_oracle import oracle, oracle_greedy  # noqa: E402
+from mlx_lm_oracle import oracle, oracle_greedy, short_longrope  # noqa: E402
 from tiny_models import (  # noqa: E402
     TINY_QWEN2,
     TINY_QWEN3,
@@ -114,6 +114,9 @@ def check_family(name: str, path: Path, windows: list[int | None]) -> None:
     eng, tokens = run(model, config, prompts, kv_cache_bytes=64 << 20)
     print(f"{name}: decode kernel in use:", eng.cache.backend.name == "cuda")
     reference = oracle(path, windows)
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("type") == "longrope":  # mlx-lm rotates with the long factors only
+        short_longrope(reference, scaling)
     same = 0
     for prompt, ours in zip(prompts, tokens):
         theirs, logprobs = oracle_greedy(reference, prompt, 24)

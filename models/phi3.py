@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
 
-from models.layers import Attention, BaseModelArgs, Embedding, GatedMLP, Linear, RMSNorm, RoPE
+from models import llama
+from models.layers import Attention, BaseModelArgs, GatedMLP, RMSNorm, RoPE
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class ModelArgs(BaseModelArgs):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.self_attn = Attention(args.hidden_size, args.num_attention_heads,
                                    args.num_key_value_heads, args.head_dim, rope=args.rope(),
@@ -67,45 +67,8 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Phi3Model(nn.Module):
+class Model(llama.Model):
+    """Llama's decoder and head around Phi-3's blocks."""
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-    def __call__(self, input_ids, positions, caches=None):
-        h = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, positions, None if caches is None else caches[i])
-        return self.norm(h)
-
-
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model = Phi3Model(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, input_ids, positions=None, caches=None, logits_index=None):
-        """Logits for packed tokens `input_ids` [N]; see models/llama.py."""
-        if positions is None:
-            positions = mx.arange(input_ids.shape[0], dtype=mx.int32)
-        h = self.model(input_ids, positions, caches)
-        if logits_index is not None:
-            h = h[logits_index]
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-        return weights
+        super().__init__(args, llama.LlamaModel(args, TransformerBlock))

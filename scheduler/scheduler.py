@@ -90,9 +90,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.sequences: dict[str, Sequence] = {}
-        # Sequences whose token in flight is their last (max_tokens, context):
-        # not scheduled again while it is on its way.
-        self._ending: set[str] = set()
         self.stats = SchedulerStats()
 
     # -- requests ----------------------------------------------------------
@@ -133,7 +130,6 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.seq_id)
-        self._ending.discard(seq.seq_id)
         if seq.num_pending:  # tokens of steps in flight past the end: never filled in
             del seq.token_ids[seq.num_tokens - seq.num_pending:]
             seq.num_pending = 0
@@ -156,8 +152,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.seq_id in self._ending:
-                continue  # preempted earlier in this loop, or its last token is in flight
+            if seq.status is not SequenceStatus.RUNNING or self._last_token_in_flight(seq):
+                continue  # preempted earlier in this loop, or nothing left to compute
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, n, preempted):
                 continue
@@ -190,6 +186,12 @@ class Scheduler:
         chunks = tuple(self._chunk(seq, n) for seq, n in plan)
         return SchedulerOutput(chunks, tuple(preempted),
                                self.config.max_num_batched_tokens - budget)
+
+    def _last_token_in_flight(self, seq: Sequence) -> bool:
+        """Its token on the way (asynchronous scheduling) is its last one
+        (max_tokens, context): it is not scheduled again."""
+        return bool(seq.num_pending) and seq.length_reached_at(
+            seq.num_tokens - 1, self.config.max_model_len) is not None
 
     def _reserve(self, seq: Sequence, n: int, preempted: list[str]) -> bool:
         """Make room for `n` more tokens of `seq`, preempting the most recently
@@ -240,8 +242,6 @@ class Scheduler:
                 index = seq.num_tokens
                 seq.token_ids.append(PENDING)
                 seq.num_pending += 1
-                if seq.length_reached_at(index, self.config.max_model_len):
-                    self._ending.add(seq.seq_id)
             planned.append(PlannedResult(seq, row, seq.num_computed_tokens, index))
         return planned
 

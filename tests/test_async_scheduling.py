@@ -89,3 +89,23 @@ def test_penalties_run_one_step_at_a_time(tiny_llama_dir):
     params = SamplingParams(max_tokens=15, temperature=0, repetition_penalty=1.3,
                             presence_penalty=0.5, ignore_eos=True)
     assert outputs(fast, ps, params) == outputs(sync, ps, params)
+
+
+def test_a_sequence_whose_last_token_is_in_flight_is_not_scheduled_again(tiny_llama_dir):
+    _, fast = engines(tiny_llama_dir)
+    eng = fast.engine
+    chunks = []
+    schedule = eng.scheduler.schedule
+
+    def counted():
+        out = schedule()
+        chunks.extend(out.chunks)
+        return out
+    eng.scheduler.schedule = counted
+    req = eng.add_request(list(range(5, 25)), SamplingParams(max_tokens=3, temperature=0,
+                                                             ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    assert len(req.sequence.output_token_ids) == 3
+    # The prompt, then two decode steps: the third token is the last one.
+    assert len(chunks) == 3

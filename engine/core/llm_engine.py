@@ -303,10 +303,9 @@ class LLMEngine:
     def _launch(self, out: SchedulerOutput, previous: _LaunchedStep | None) -> _LaunchedStep:
         """Build, run and sample one step on the device without waiting for it;
         the scheduler then counts it as done with PENDING tokens."""
-        self.runner.in_flight = None if previous is None else InFlightTokens(
+        in_flight = None if previous is None else InFlightTokens(
             previous.result.token_ids, {c.seq_id: i for i, c in enumerate(previous.out.chunks)})
-        batch = self.runner.prepare(out)
-        self.runner.in_flight = None
+        batch = self.runner.prepare(out, in_flight)
         logits = self.runner.forward(batch)
         rows, constrained = [], []
         for i, chunk in enumerate(out.chunks):

@@ -58,8 +58,6 @@ class ModelRunner:
             token_bucket, width_bucket, chunk_bucket)
         self.real_tokens = 0
         self.padded_tokens = 0
-        self.in_flight: InFlightTokens | None = None  # set by the engine per step
-        self._pending: list[tuple[int, str]] = []  # (packed index, seq id) of PENDING ids
         # Pure-decode steps run one compiled graph per (rows, width) bucket where
         # the backend allows it (CUDA): fewer launches and no per-op Python.
         self._compiled = None
@@ -103,8 +101,6 @@ class ModelRunner:
         slots: list[int] = []
         last: dict[str, int] = {}
         for c in ordered:
-            if c.token_ids[-1] == PENDING:  # only a chunk's last token can be
-                self._pending.append((len(ids) + c.num_tokens - 1, c.seq_id))
             ids.extend(c.token_ids)
             table = c.block_table
             if c.num_tokens == 1:
@@ -118,27 +114,30 @@ class ModelRunner:
             last[c.seq_id] = len(ids) - 1
         return ids, pos, slots, last
 
-    def _ids(self, ids: list[int]) -> mx.array:
-        """The packed ids as an MLX array, PENDING ones taken from the step in
-        flight on the device (no wait for it)."""
-        pending, self._pending = self._pending, []
+    @staticmethod
+    def _ids(ids: list[int], last: dict[str, int], in_flight: InFlightTokens | None,
+             ) -> mx.array:
+        """The packed ids as an MLX array, PENDING ones (only ever a chunk's
+        last token, at `last[seq_id]`) taken from the step in flight on the
+        device, without waiting for it."""
+        pending = [(at, seq_id) for seq_id, at in last.items() if ids[at] == PENDING]
         if not pending:
             return mx.array(ids, dtype=mx.int32)
+        if in_flight is None:
+            raise RuntimeError("a PENDING token with no step in flight")
         for at, _ in pending:
             ids[at] = 0
-        source = self.in_flight
-        if source is None:
-            raise RuntimeError("a PENDING token with no step in flight")
         at = mx.array([a for a, _ in pending], dtype=mx.int32)
-        rows = mx.array([source.row_of[s] for _, s in pending], dtype=mx.int32)
+        rows = mx.array([in_flight.row_of[s] for _, s in pending], dtype=mx.int32)
         packed = mx.array(ids, dtype=mx.int32)
-        packed[at] = source.tokens[rows].astype(mx.int32)
+        packed[at] = in_flight.tokens[rows].astype(mx.int32)
         return packed
 
-    def prepare(self, out: SchedulerOutput) -> Batch:
+    def prepare(self, out: SchedulerOutput, in_flight: InFlightTokens | None = None) -> Batch:
+        """The step's batch; `in_flight` supplies the ids of PENDING tokens."""
         chunks = list(out.chunks)
         if self._compiled is not None and all(c.num_tokens == 1 for c in chunks):
-            return self._prepare_compiled_decode(chunks)
+            return self._prepare_compiled_decode(chunks, in_flight)
         decode = [c for c in chunks if c.num_tokens == 1]
         ordered = decode + [c for c in chunks if c.num_tokens > 1]
         ids, pos, slots, last = self._token_lists(ordered)
@@ -156,7 +155,7 @@ class ModelRunner:
                               slots, pos, context, len(decode), pad)
         meta = self.backend.build(common)
         logits_index = [last[c.seq_id] for c in chunks]
-        return Batch(self._ids(ids), mx.array(pos, dtype=mx.int32), meta,
+        return Batch(self._ids(ids, last, in_flight), mx.array(pos, dtype=mx.int32), meta,
                      mx.array(logits_index, dtype=mx.int32), n, padded)
 
     def forward(self, batch: Batch) -> mx.array:
@@ -171,13 +170,14 @@ class ModelRunner:
         return self.model(batch.input_ids, batch.positions, self.cache.views(batch.meta),
                           logits_index=batch.logits_index)
 
-    def _prepare_compiled_decode(self, chunks: list[ScheduledChunk]) -> Batch:
+    def _prepare_compiled_decode(self, chunks: list[ScheduledChunk],
+                                 in_flight: InFlightTokens | None) -> Batch:
         # Rows are padded to a power of two with decode rows of context 1 that
         # write to and read from the scratch slot, so every shape in the
         # graph comes from the bucket and nothing else.
         n = len(chunks)
         rows = max(8, 1 << (n - 1).bit_length())
-        ids, pos, slots, _ = self._token_lists(chunks)
+        ids, pos, slots, last = self._token_lists(chunks)
         pad = rows - n
         ids += [0] * pad
         pos += [0] * pad
@@ -191,7 +191,7 @@ class ModelRunner:
         common = self._common(tables, [1] * rows, slots, pos, context, rows, 0)
         self.real_tokens += n
         self.padded_tokens += rows
-        return Batch(self._ids(ids), mx.array(pos, dtype=mx.int32),
+        return Batch(self._ids(ids, last, in_flight), mx.array(pos, dtype=mx.int32),
                      self.backend.build(common), None, n, rows, compiled=True)
 
     def _decode_graph(self, ids: mx.array, positions: mx.array, *arrays: mx.array) -> mx.array:

@@ -91,7 +91,7 @@ def test_a_shorter_dummy_step_is_scaled_up_and_the_ceilings_hold():
 
 def test_a_pool_too_small_for_one_sequence_is_a_one_line_error(tiny_llama_dir, capsys):
     with pytest.raises(RequestError) as err:
-        plan(Measured(capacity=0), kv_cache_bytes=7 * PER_BLOCK)
+        plan(Measured(capacity=1 << 30), kv_cache_bytes=7 * PER_BLOCK)
     message = str(err.value)
     assert "holds 112 tokens" in message and "one sequence of max_model_len=128" in message
     assert "--kv-cache-bytes" in message and "--max-model-len (to 112 at most)" in message
@@ -160,6 +160,15 @@ def test_memory_arguments_out_of_range_are_a_clear_error(tiny_llama_dir, bad):
     model, config = load_model(tiny_llama_dir)
     with pytest.raises(ConveyorError, match="invalid engine argument"):  # the constructor's way
         LLMEngine(model, None, config, EngineArgs(**bad))
+
+
+def test_a_pool_larger_than_the_device_is_a_clear_error(tiny_llama_dir, capsys):
+    # (MLX refused the pool's shape with an OverflowError traceback before.)
+    with pytest.raises(ConveyorError, match="more than this device's"):
+        LLM(str(tiny_llama_dir), kv_cache_bytes=10**18)
+    code = main(["generate", "--model", str(tiny_llama_dir), "--prompt", "hi",
+                 "--kv-cache-bytes", str(10**18)])
+    assert code == 2 and "Traceback" not in capsys.readouterr().err
 
 
 def test_the_command_checks_the_utilization(capsys):

@@ -96,8 +96,13 @@ def plan_memory(shape: PoolShape, platform: Platform, kv_cache_bytes: int | None
     of `tokens` tokens (its pool included) and returns what runs it."""
     if kv_cache_bytes is not None and utilization is not None:
         raise RequestError("give kv_cache_bytes or gpu_memory_utilization, not both")
-    memory = platform.device_memory() if kv_cache_bytes is None else None
+    memory = platform.device_memory()
     if kv_cache_bytes is not None:
+        if memory is not None and kv_cache_bytes > memory.capacity:
+            raise RequestError(
+                f"kv_cache_bytes={kv_cache_bytes:,} is more than this device's {memory.name} "
+                f"({_size(memory.capacity)}): lower --kv-cache-bytes, or leave it out and "
+                f"the memory plan sizes the KV cache")
         budget, basis = kv_cache_bytes, "kv_cache_bytes as given"
     elif memory is None:
         budget = platform.kv_cache_bytes

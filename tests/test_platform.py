@@ -187,7 +187,7 @@ def test_compiled_decode_steps_give_the_same_tokens(tiny_llama_dir):
     reqs = [eng.add_request(p, params) for p in prompts]
     batches = []
     prepare = eng.runner.prepare
-    eng.runner.prepare = lambda out: batches.append(prepare(out)) or batches[-1]
+    eng.runner.prepare = lambda out, *rest: batches.append(prepare(out, *rest)) or batches[-1]
     while eng.has_unfinished():
         eng.step()
     compiled = [b for b in batches if b.compiled]

@@ -1,0 +1,220 @@
+"""Where a GPU step's time goes, op by op and phase by phase.
+
+Run on the GPU machine (see shared/gpu/README.md):
+    PYTHONPATH=$PWD python3 -m bench.gpu_profile [--ops] [--engine 1b:256,8b:64]
+
+--ops: each projection of the Llama-1B/8B shapes as MLX runs it at 64 and 256
+rows (separate and fused q/k/v, gate/up), the elementwise kernels between
+them, and one decoder layer without attention, compiled, against their sum.
+--engine: the decode-heavy workload through LLMEngine on default settings,
+each phase of a step timed on the host (scheduling, batch building, graph
+building, sampling, the wait for the device, the bookkeeping after it), so a
+step that waits on the host shows as little "wait".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import engine  # noqa: F401
+from bench import workloads
+from bench.synthetic import SHAPES, NullTokenizer, synthetic_model
+
+
+def timed_us(fn, repeat: int = 50) -> float:
+    for _ in range(3):
+        mx.eval(fn())
+    mx.synchronize()
+    t = time.perf_counter()
+    outs = [fn() for _ in range(repeat)]
+    mx.eval(outs)
+    mx.synchronize()
+    return (time.perf_counter() - t) / repeat * 1e6
+
+
+def ops(name: str, rows: int) -> dict:
+    s = SHAPES[name]
+    d, f = s["hidden_size"], s["intermediate_size"]
+    hd = d // s["num_attention_heads"]
+    kv = s["num_key_value_heads"] * hd
+    bf = mx.bfloat16
+
+    def w(o, i):
+        return (mx.random.normal((o, i)) * 0.02).astype(bf)
+
+    x = mx.random.normal((rows, d)).astype(bf)
+    xf = mx.random.normal((rows, f)).astype(bf)
+    mats = {"q": w(d, d), "k": w(kv, d), "v": w(kv, d), "qkv": w(d + 2 * kv, d), "o": w(d, d),
+            "gate": w(f, d), "up": w(f, d), "gate_up": w(2 * f, d), "down": w(d, f),
+            "head": w(s["vocab_size"], d)}
+    mx.eval(x, xf, mats)
+    out = {}
+    for k, m in mats.items():
+        inp = xf if k == "down" else x
+        us = timed_us(lambda m=m, inp=inp: inp @ m.T)
+        flops = 2 * rows * m.shape[0] * m.shape[1]
+        out[k] = {"us": round(us, 1), "tflops": round(flops / us / 1e6, 1),
+                  "weight_tb_s": round(m.size * 2 / us / 1e6, 2)}
+    norm_w = mx.ones((d,), bf)
+    q = mx.random.normal((rows, s["num_attention_heads"], hd)).astype(bf)
+    pos = mx.arange(rows, dtype=mx.int32) + 100
+    g = mx.random.normal((rows, f)).astype(bf)
+    mx.eval(norm_w, q, pos, g)
+    out["rms_norm"] = round(timed_us(lambda: mx.fast.rms_norm(x, norm_w, 1e-5)), 1)
+    out["rope_q"] = round(timed_us(lambda: mx.fast.rope(
+        q[:, :, None, :], hd, traditional=False, base=500000.0, scale=1.0, offset=pos)), 1)
+    out["silu_mul"] = round(timed_us(lambda: nn.silu(g) * xf), 1)
+    silu_mul = mx.compile(lambda a, b: nn.silu(a) * b)
+    out["silu_mul_compiled"] = round(timed_us(lambda: silu_mul(g, xf)), 1)
+    out["add"] = round(timed_us(lambda: x + x), 1)
+    out["launch_only"] = round(timed_us(lambda: x[:1] + 1), 1)
+    return out
+
+
+def layer_without_attention(name: str, rows: int) -> dict:
+    model, _ = synthetic_model(name, mx.bfloat16)
+    layer = model.layers[0]
+    s = SHAPES[name]
+    x = (mx.random.normal((rows, s["hidden_size"])) * 0.1).astype(mx.bfloat16)
+    pos = mx.arange(rows, dtype=mx.int32) + 100
+
+    class NoAttention:
+        def attend(self, q, k, v, scale, window=None, softcap=None):
+            return q
+
+    def run(x, pos):
+        return layer(x, pos, NoAttention())
+
+    compiled = mx.compile(run)
+    eager = timed_us(lambda: run(x, pos))
+    comp = timed_us(lambda: compiled(x, pos))
+    head = timed_us(lambda: model.model.norm(x))
+    def stack(h, pos):
+        for block in model.layers:
+            h = block(h, pos, NoAttention())
+        return h
+
+    all_layers = mx.compile(stack)
+    whole = timed_us(lambda: all_layers(x, pos), repeat=10)
+    return {"layer_eager_us": round(eager, 1), "layer_compiled_us": round(comp, 1),
+            "all_layers_compiled_us": round(whole, 1), "norm_us": round(head, 1),
+            "layers": len(model.layers)}
+
+
+class PhaseClock:
+    """Host seconds spent in wrapped callables, by phase, over decode steps."""
+
+    def __init__(self):
+        self.total = defaultdict(float)
+        self.steps = 0
+
+    def wrap(self, obj, attr: str, phase: str):
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total[phase] += time.perf_counter() - t
+        setattr(obj, attr, timed)
+
+
+class TimedMx:
+    """The mlx.core module with eval timed (the host waiting for the device)."""
+
+    def __init__(self, clock: PhaseClock):
+        self._clock = clock
+
+    def __getattr__(self, name):
+        return getattr(mx, name)
+
+    def eval(self, *a):
+        t = time.perf_counter()
+        mx.eval(*a)
+        self._clock.total["wait"] += time.perf_counter() - t
+
+
+def engine_phases(name: str, n: int) -> dict:
+    from engine.core import llm_engine
+    from engine.core.llm_engine import EngineArgs, LLMEngine
+    from engine.core.sampling_params import SamplingParams
+
+    model, config = synthetic_model(name, mx.bfloat16)
+    eng = LLMEngine(model, NullTokenizer(), config, EngineArgs())
+    clock = PhaseClock()
+
+    def submit(out_len):
+        for p in workloads.decode_heavy(n, 128, out_len).prompts:
+            eng.add_request(p, SamplingParams(temperature=0, max_tokens=out_len,
+                                              ignore_eos=True, detokenize=False))
+
+    submit(8)  # warm-up: compiles graphs and kernels at these shapes
+    while eng.has_unfinished():
+        eng.step()
+    submit(128)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running) \
+            or eng.scheduler.waiting:
+        eng.step()
+    for _ in range(4):
+        eng.step()
+    clock.wrap(eng.scheduler, "schedule", "schedule")
+    clock.wrap(eng.runner, "prepare", "prepare")
+    clock.wrap(eng.runner, "forward", "forward_graph")
+    clock.wrap(eng.scheduler, "plan_results", "plan_results")
+    clock.wrap(eng.scheduler, "resolve", "resolve")
+    real_sample = llm_engine.sample
+
+    def sample(*a, **k):
+        t = time.perf_counter()
+        try:
+            return real_sample(*a, **k)
+        finally:
+            clock.total["sample_graph"] += time.perf_counter() - t
+    llm_engine.sample = sample
+    llm_engine.mx = TimedMx(clock)
+    steps, t = 64, time.perf_counter()
+    try:
+        for _ in range(steps):
+            eng.step()
+        mx.synchronize()
+    finally:
+        llm_engine.sample, llm_engine.mx = real_sample, mx
+    wall = time.perf_counter() - t
+    phases = {k: round(v / steps * 1e3, 3) for k, v in clock.total.items()}
+    phases["other_host"] = round(wall / steps * 1e3 - sum(phases.values()), 3)
+    for rid in list(eng.requests):
+        eng.abort_request(rid)
+    return {"model": name, "n": n, "step_ms": round(wall / steps * 1e3, 3),
+            "tok_s": round(n * steps / wall), "phases_ms": phases}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ops", action="store_true")
+    ap.add_argument("--engine", default="", help="model:rows,... e.g. 1b:256,8b:64")
+    ap.add_argument("--layers", default="", help="model:rows,...: the stack without attention")
+    args = ap.parse_args()
+    for spec in filter(None, args.layers.split(",")):
+        name, n = spec.split(":")
+        print(json.dumps({"model": name, "rows": int(n),
+                          **layer_without_attention(f"llama-{name}", int(n))}), flush=True)
+    if args.ops:
+        for name in ("llama-1b", "llama-8b"):
+            for rows in (64, 256):
+                print(json.dumps({"model": name, "rows": rows, **ops(name, rows)}), flush=True)
+                print(json.dumps({"model": name, "rows": rows,
+                                  **layer_without_attention(name, rows)}), flush=True)
+    for spec in filter(None, args.engine.split(",")):
+        name, n = spec.split(":")
+        print(json.dumps(engine_phases(f"llama-{name}", int(n))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

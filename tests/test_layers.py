@@ -218,3 +218,62 @@ def test_qwen2_biases_on_qkv_only_match_mlx_lm(tmp_path):
     assert "bias" not in llm.engine.model.layers[0].self_attn.o_proj
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     assert got == [mlx_lm_greedy(path, p, 20) for p in prompts]
+
+
+def _fused_output(parts, x):
+    from models.layers.fusion import concatenate
+
+    fused = concatenate(parts)
+    return None if fused is None else fused(x)
+
+
+def test_concatenated_projections_equal_their_parts():
+    """models/layers/fusion.py: one matmul gives each part's rows, for float
+    (with and without bias) and quantized layers; parts of different kinds
+    are left alone."""
+    mx.random.seed(0)
+    x = mx.random.normal((5, 64))
+    for bias in (False, True):
+        parts = [Linear(64, n, bias=bias) for n in (64, 32, 32)]
+        want = mx.concatenate([p(x) for p in parts], axis=-1)
+        assert mx.allclose(_fused_output(parts, x), want, atol=1e-5)
+    quantized = [nn.QuantizedLinear.from_linear(Linear(64, n, bias=False), 32, 4)
+                 for n in (96, 96)]
+    want = mx.concatenate([p(x) for p in quantized], axis=-1)
+    assert mx.allclose(_fused_output(quantized, x), want, atol=1e-5)
+    eight_bit = nn.QuantizedLinear.from_linear(Linear(64, 96, bias=False), 32, 8)
+    assert _fused_output([quantized[0], eight_bit], x) is None
+    assert _fused_output([Linear(64, 8, bias=True), Linear(64, 8, bias=False)], x) is None
+    assert _fused_output([quantized[0], Linear(64, 96, bias=False)], x) is None
+
+
+def test_fused_projections_keep_the_model_s_logits(tmp_path):
+    """fuse_projections (CUDA's load-time step) on a model with biased q/k/v
+    (Qwen2): the same logits, one q/k/v and one gate/up matmul per layer."""
+    from models.layers.fusion import fuse_projections
+
+    path = write_tiny_llama(tmp_path / "qwen2", **TINY_QWEN2)
+    model, _ = load_model(path)
+    ids = mx.array([3, 17, 40, 41, 9], dtype=mx.int32)
+    want = model(ids)
+    assert fuse_projections(model) == 2 * len(model.layers)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert "qkv_proj" in attn and "q_proj" not in attn
+    assert "gate_up_proj" in mlp and "gate_proj" not in mlp
+    assert mx.allclose(model(ids), want, atol=1e-4)
+    assert fuse_projections(model) == 0  # nothing left to fuse
+
+
+def test_a_platform_that_fuses_projections_gets_the_same_tokens(tiny_llama_dir, monkeypatch):
+    """The engine fuses where its platform asks (CUDA does) before it plans
+    memory; tokens are unchanged."""
+    from engine.platform.cpu import CpuPlatform
+
+    prompts = [list(range(7, 7 + n)) for n in (5, 40)]
+    want = [o.outputs[0].token_ids for o in LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20)
+            .generate(prompts, GREEDY, use_tqdm=False)]
+    monkeypatch.setattr(CpuPlatform, "fuse_projections", True)
+    llm = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20)
+    assert "qkv_proj" in llm.engine.model.layers[0].self_attn
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert got == want

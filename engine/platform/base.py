@@ -98,6 +98,10 @@ class Platform:
     # engine/platform/fast_math.py: MLX's CPU evaluates those one scalar at a time.
     fast_math = False
 
+    # q/k/v and gate/up as one matmul each (models/layers/fusion.py), where
+    # every kernel launch costs the host more than the narrow matmuls save.
+    fuse_projections = False
+
     def __init__(self, device: mx.Device):
         self.device = device
 

@@ -107,6 +107,43 @@ def layer_without_attention(name: str, rows: int) -> dict:
             "layers": len(model.layers)}
 
 
+def attention_sweep(name: str, rows: int, context: int = 192) -> dict:
+    """The paged attention kernel of one layer for `rows` decode rows of
+    `context` tokens, at each (warps, unroll) tried."""
+    import numpy as np
+
+    from kvcache.attention import cuda as cuda_attention
+
+    s = SHAPES[name]
+    heads, kvh = s["num_attention_heads"], s["num_key_value_heads"]
+    d, bs = s["hidden_size"] // heads, 16
+    width = -(-context // bs)
+    blocks = rows * width + 1
+    rng = np.random.default_rng(0)
+    tables = rng.permutation(blocks - 1)[:rows * width].reshape(rows, width).astype(np.int32)
+    meta = cuda_attention.CudaMetadata(
+        mx.array(tables), mx.arange(rows, dtype=mx.int32),
+        mx.full((rows,), context - 1, dtype=mx.int32), mx.arange(rows, dtype=mx.int32))
+    k_pool = mx.random.normal((blocks * bs * kvh, d)).astype(mx.bfloat16)
+    v_pool = mx.random.normal((blocks * bs * kvh, d)).astype(mx.bfloat16)
+    q = mx.random.normal((rows, heads, d)).astype(mx.bfloat16)
+    kv = mx.random.normal((rows, kvh, d)).astype(mx.bfloat16)
+    mx.eval(k_pool, v_pool, q, kv)
+    out = {}
+    saved = cuda_attention.WARPS, cuda_attention.UNROLL
+    try:
+        for warps, unroll in ((4, 4), (4, 8), (8, 4), (8, 8), (2, 8), (4, 16)):
+            cuda_attention.WARPS, cuda_attention.UNROLL = warps, unroll
+            us = timed_us(lambda: cuda_attention.paged_attention(
+                q, k_pool, v_pool, kv, kv, meta, d**-0.5, bs, kvh), repeat=32)
+            out[f"w{warps}u{unroll}_us"] = round(us, 1)
+    finally:
+        cuda_attention.WARPS, cuda_attention.UNROLL = saved
+    kv_bytes = rows * context * kvh * d * 2 * 2
+    out["kv_read_floor_us"] = round(kv_bytes / 4.8e6, 1)
+    return out
+
+
 class PhaseClock:
     """Host seconds spent in wrapped callables, by phase, over decode steps."""
 
@@ -200,7 +237,16 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true")
     ap.add_argument("--engine", default="", help="model:rows,... e.g. 1b:256,8b:64")
     ap.add_argument("--layers", default="", help="model:rows,...: the stack without attention")
+    ap.add_argument("--attention", default="", help="model:rows,...: kernel variants")
+    ap.add_argument("--no-fuse", action="store_true", help="projections unfused")
     args = ap.parse_args()
+    if args.no_fuse:
+        from engine.platform.cuda import CudaPlatform
+        CudaPlatform.fuse_projections = False
+    for spec in filter(None, args.attention.split(",")):
+        name, n = spec.split(":")
+        print(json.dumps({"model": name, "rows": int(n),
+                          **attention_sweep(f"llama-{name}", int(n))}), flush=True)
     for spec in filter(None, args.layers.split(",")):
         name, n = spec.split(":")
         print(json.dumps({"model": name, "rows": int(n),

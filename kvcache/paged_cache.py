@@ -83,6 +83,18 @@ class PagedLayerView:
         """Store this step's k, v and attend q over each sequence's context."""
         return self.cache.backend.attend(self, q, k, v, scale, window, softcap)
 
+    def packs_qkv(self, rope) -> bool:
+        """Whether `attend_packed` serves a layer with this RoPE (or None)."""
+        return self.cache.backend.packs_qkv(rope)
+
+    def attend_packed(self, qkv: mx.array, heads: int, rope, positions: mx.array,
+                      scale: float, window: int | None = None,
+                      softcap: float | None = None) -> mx.array:
+        """`attend` from a fused q/k/v projection [N, (heads + 2 kv_heads) D]
+        as the matmul left it, RoPE applied by the backend: [N, heads, D]."""
+        return self.cache.backend.attend_packed(self, qkv, heads, rope, positions, scale,
+                                                window, softcap)
+
     def attend_host(self, q, k, v, scale: float, window: int | None = None,
                     softcap: float | None = None):
         """`attend` on host float32 numpy arrays, for a forward that runs

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from emulated_kernels import rotate_with_tables
 from mlx_lm_oracle import short_longrope
 from tiny_models import TINY_QWEN2, TINY_QWEN3, write_tiny_llama
 
@@ -115,6 +116,23 @@ def test_rope_variants_match_mlx_lm(kind, traditional):
     np.testing.assert_allclose(np.array(ours(mx.array(x), mx.array(positions))), want,
                                rtol=1e-4, atol=1e-4)
     host_equals_mlx(ours, x, positions, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,traditional",
+                         [(k, t) for k in ROPES for t in (False, True)
+                          if not (k == "longrope" and t)])
+def test_rope_tables_rotate_as_rope(kind, traditional):
+    """RoPE.cos_sin (the rows the CUDA kernel rotates with, magnitude folded
+    in, LongRoPE's short factors below the switch) gives RoPE's rotation."""
+    dims, positions = 32, np.array([0, 1, 17, 300, 1500, 2047], np.int32)
+    rope = RoPE(dims, 10000.0, ROPES[kind], traditional, max_position_embeddings=2048)
+    x = x_of(len(positions), 3, dims)
+    cos, sin = (np.array(t) for t in rope.cos_sin(mx.array(positions)))
+    assert cos.shape == (len(positions), dims // 2)
+    # float32 angles at position 2047 may round apart from mx.fast.rope's by ~1e-4.
+    np.testing.assert_allclose(rotate_with_tables(x, cos, sin, traditional),
+                               np.array(rope(mx.array(x), mx.array(positions))),
+                               rtol=1e-3, atol=5e-4)
 
 
 def test_partial_rotary_dims():

@@ -11,6 +11,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from emulated_kernels import emulated_cuda_kernel
 from mlx_lm_oracle import oracle, oracle_greedy
 from tiny_models import TINY_SLIDING, write_tiny_llama
 
@@ -208,37 +209,6 @@ def test_a_bad_window_cap_or_rope_setting_is_a_one_line_config_error(tmp_path, f
 
 
 # -- the CUDA backend's plumbing, its kernel emulated in numpy (no GPU here) ----
-
-def emulated_cuda_kernel(ignore_window=False):
-    """What kvcache/attention/cuda.py's kernel computes, from the same inputs
-    and template: store every packed token's K/V in place, then attend each
-    over its own window (padding, at position -1, gets zeros)."""
-    def kernel(inputs, template, output_shapes, output_dtypes, **launch):
-        q, k_pool, v_pool, k_new, v_new, tables, table_of, positions, _, floats, ints = inputs
-        t = dict(template)
-        bs, kvh, group = t["BS"], t["KVH"], t["G"]
-        pools = [np.asarray(k_pool), np.asarray(v_pool)]  # the pools' memory, as the GPU's
-        q, k_new, v_new, tables, table_of, positions = (
-            np.array(a) for a in (q, k_new, v_new, tables, table_of, positions))
-        (scale, cap), window = np.array(floats).tolist(), int(np.array(ints)[1])
-        slot_of = [(tables[table_of[i]][:, None] * bs + np.arange(bs)).reshape(-1)
-                   for i in range(len(q))]
-        for i, pos in enumerate(positions):
-            if pos >= 0:
-                for pool, new in zip(pools, (k_new, v_new)):
-                    pool[slot_of[i][pos] * kvh:(slot_of[i][pos] + 1) * kvh] = new[i]
-        out = np.zeros(output_shapes[0], np.float32)
-        for i, pos in enumerate(positions):
-            first = max(pos + 1 - window, 0) if window and not ignore_window else 0
-            slots = slot_of[i][first:pos + 1]
-            for h in range(kvh * group if pos >= 0 else 0):
-                s = pools[0][slots * kvh + h // group] @ q[i, h] * scale
-                s = cap * np.tanh(s / cap) if cap else s
-                p = np.exp(s - s.max())
-                out[i, h] = (p / p.sum()) @ pools[1][slots * kvh + h // group]
-        return [mx.array(out).astype(output_dtypes[0])]
-    return kernel
-
 
 def test_cuda_backend_passes_windows_and_caps_to_its_kernel(tmp_path, monkeypatch):
     """Start-up verification asks for the window and cap a model uses (and

@@ -49,6 +49,16 @@ class AttentionBackend:
         scores become softcap * tanh(scores / softcap) before the softmax."""
         raise NotImplementedError
 
+    def packs_qkv(self, rope) -> bool:
+        """Whether `attend_packed` takes a layer's fused q/k/v with this RoPE
+        (None: no rotation) and rotates it itself."""
+        return False
+
+    def attend_packed(self, view: PagedLayerView, qkv: mx.array, heads: int, rope,
+                      positions: mx.array, scale: float, window: int | None = None,
+                      softcap: float | None = None) -> mx.array:
+        raise NotImplementedError(f"the {self.name} attention backend takes q, k, v apart")
+
     def attend_host(self, view: PagedLayerView, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                     scale: float, window: int | None = None,
                     softcap: float | None = None) -> np.ndarray:

@@ -36,7 +36,7 @@ The platform picks this backend only for shapes within the kernel's limits
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -74,22 +74,35 @@ _SOURCE = """
     // read from k_new/v_new, never from the pools, which this launch writes.
     const int first = chunk_start[i];
     const int p0 = pos - (i - first);
+    // Packed token r's q, k and v rows start at r * stride + offset (q, k_new
+    // and v_new may be one fused q/k/v projection); this lane's share of head h
+    // is D elements further per head, PER_LANE of them from lane * PER_LANE.
+    const int q_stride = ints_in[2], k_stride = ints_in[3], v_stride = ints_in[4];
+    const int q_off = ints_in[5], k_off = ints_in[6], v_off = ints_in[7];
+    const int lane_at = lane * PER_LANE;
 
     float qv[G][PER_LANE];
-    for (int g = 0; g < G; ++g)
-        for (int e = 0; e < PER_LANE; ++e)
-            qv[g][e] = static_cast<float>(q[out_at + (size_t)g * D + e]) * scale;
+    for (int g = 0; g < G; ++g) {
+        const size_t at = (size_t)i * q_stride + q_off + (size_t)(kvh * G + g) * D + lane_at;
+        for (int e = 0; e < PER_LANE; ++e) qv[g][e] = static_cast<float>(q[at + e]);
+        if (ROTATE) rotate<PER_LANE, TRAD>(qv[g], rope_cos, rope_sin, i, lane);
+        for (int e = 0; e < PER_LANE; ++e) qv[g][e] *= scale;
+    }
     // This token's K/V are stored into the pools here, in place (see the
-    // module docstring for why that is sound).
-    const size_t new_at = ((size_t)i * KVH + kvh) * D + lane * PER_LANE;
+    // module docstring for why that is sound), its key rotated first.
     if (warp == 0) {
         const int block = table[pos / BS];
-        const size_t row = ((size_t)(block * BS + pos % BS) * KVH + kvh) * D + lane * PER_LANE;
+        const size_t row = ((size_t)(block * BS + pos % BS) * KVH + kvh) * D + lane_at;
+        const size_t k_at = (size_t)i * k_stride + k_off + (size_t)kvh * D + lane_at;
+        const size_t v_at = (size_t)i * v_stride + v_off + (size_t)kvh * D + lane_at;
+        float kx[PER_LANE];
+        for (int e = 0; e < PER_LANE; ++e) kx[e] = static_cast<float>(k_new[k_at + e]);
+        if (ROTATE) rotate<PER_LANE, TRAD>(kx, rope_cos, rope_sin, i, lane);
         T* k_out = (T*)k_pool;
         T* v_out = (T*)v_pool;
         for (int e = 0; e < PER_LANE; ++e) {
-            k_out[row + e] = k_new[new_at + e];
-            v_out[row + e] = v_new[new_at + e];
+            k_out[row + e] = static_cast<T>(kx[e]);
+            v_out[row + e] = v_new[v_at + e];
         }
     }
     float m[G], l[G], acc[G][PER_LANE];
@@ -103,16 +116,34 @@ _SOURCE = """
     struct alignas(sizeof(T) * PER_LANE) Lanes { T v[PER_LANE]; };
     for (int t0 = first_t + warp * UNROLL; t0 < ctx; t0 += NWARPS * UNROLL) {
         Lanes kl[UNROLL], vl[UNROLL];
+        int fresh_row[UNROLL];  // packed row of a key of this step's chunk, else -1
         for (int u = 0; u < UNROLL; ++u) {
             const int t = t0 + u < ctx ? t0 + u : ctx - 1;
             const bool fresh = t >= p0;
-            const int block = table[(fresh ? 0 : t) / BS];
-            const size_t row = fresh
-                ? ((size_t)(first + t - p0) * KVH + kvh) * D + lane * PER_LANE
-                : ((size_t)(block * BS + t % BS) * KVH + kvh) * D + lane * PER_LANE;
-            kl[u] = *reinterpret_cast<const Lanes*>((fresh ? k_new : k_pool) + row);
-            vl[u] = *reinterpret_cast<const Lanes*>((fresh ? v_new : v_pool) + row);
+            fresh_row[u] = fresh ? first + t - p0 : -1;
+            if (fresh) {
+                const size_t r = first + t - p0;
+                kl[u] = *reinterpret_cast<const Lanes*>(
+                    k_new + r * k_stride + k_off + (size_t)kvh * D + lane_at);
+                vl[u] = *reinterpret_cast<const Lanes*>(
+                    v_new + r * v_stride + v_off + (size_t)kvh * D + lane_at);
+            } else {
+                const int block = table[t / BS];
+                const size_t row = ((size_t)(block * BS + t % BS) * KVH + kvh) * D + lane_at;
+                kl[u] = *reinterpret_cast<const Lanes*>(k_pool + row);
+                vl[u] = *reinterpret_cast<const Lanes*>(v_pool + row);
+            }
         }
+        // Keys from the pools were rotated when stored; this chunk's are
+        // rotated here (warp-uniform branch: every lane has the same row).
+        if (ROTATE)
+            for (int u = 0; u < UNROLL; ++u)
+                if (fresh_row[u] >= 0) {
+                    float x[PER_LANE];
+                    for (int e = 0; e < PER_LANE; ++e) x[e] = static_cast<float>(kl[u].v[e]);
+                    rotate<PER_LANE, TRAD>(x, rope_cos, rope_sin, fresh_row[u], lane);
+                    for (int e = 0; e < PER_LANE; ++e) kl[u].v[e] = static_cast<T>(x[e]);
+                }
         // Scores of the run first, then one softmax rescale for the whole run
         // (not one a token): a quarter of the exps and accumulator rescales.
         float sc[UNROLL][G];
@@ -167,6 +198,34 @@ _SOURCE = """
     }
 """
 
+# RoPE inside the kernel: cos/sin rows [N, D/2] (float32, magnitude folded
+# in) per packed token. Non-traditional pairs element j with j + D/2, which
+# sits PER_LANE * 16 elements on, in the lane 16 away; traditional pairs 2p
+# with 2p + 1, both in one lane (PER_LANE even).
+_HEADER = """
+template <int P, int TRAD>
+__device__ inline void rotate(float (&x)[P], const float* cos_rows, const float* sin_rows,
+                              int row, int lane) {
+    const float* c = cos_rows + (size_t)row * (16 * P);
+    const float* s = sin_rows + (size_t)row * (16 * P);
+    if (TRAD) {
+        for (int e = 0; e + 1 < P; e += 2) {
+            const int p = (lane * P + e) / 2;
+            const float a = x[e], b = x[e + 1];
+            x[e] = a * c[p] - b * s[p];
+            x[e + 1] = b * c[p] + a * s[p];
+        }
+    } else {
+        const bool low = lane < 16;
+        for (int e = 0; e < P; ++e) {
+            const float partner = __shfl_xor_sync(0xffffffff, x[e], 16);
+            const int p = (lane & 15) * P + e;
+            x[e] = low ? x[e] * c[p] - partner * s[p] : x[e] * c[p] + partner * s[p];
+        }
+    }
+}
+"""
+
 _kernel = None
 
 
@@ -176,8 +235,9 @@ def _get_kernel():
         _kernel = mx.fast.cuda_kernel(
             name="conveyor_paged_attention",
             input_names=["q", "k_pool", "v_pool", "k_new", "v_new", "block_tables",
-                         "table_of", "positions", "chunk_start", "floats_in", "ints_in"],
-            output_names=["out"], source=_SOURCE)
+                         "table_of", "positions", "chunk_start", "rope_cos", "rope_sin",
+                         "floats_in", "ints_in"],
+            output_names=["out"], source=_SOURCE, header=_HEADER)
     return _kernel
 
 
@@ -191,16 +251,46 @@ def paged_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, k_new: mx.a
     come from k_new/v_new. Padding (position -1) gets zeros. The pools must
     be evaluated, contiguous arrays (MLX does not see the write)."""
     n, heads, dim = q.shape
+    kv_row = n_kv_heads * dim
+    return _launch(q, k_new.astype(k_pool.dtype), v_new.astype(v_pool.dtype),
+                   (heads * dim, kv_row, kv_row, 0, 0, 0), None, k_pool, v_pool, meta, scale,
+                   heads, dim, block_size, n_kv_heads, softcap, window)
+
+
+def paged_attention_packed(qkv: mx.array, heads: int, dim: int, rope: tuple | None,
+                           k_pool: mx.array, v_pool: mx.array, meta: CudaMetadata,
+                           scale: float, block_size: int, n_kv_heads: int,
+                           softcap: float = 0.0, window: int = 0) -> mx.array:
+    """`paged_attention` straight from a fused projection qkv [N, (H + 2 Hkv) D]
+    (each row q's heads, then k's, then v's), rotating q and k inside the
+    kernel when `rope` = (cos, sin [N, D/2] float32, traditional) is given:
+    no slice, reshape, copy or RoPE kernel between the matmul and attention."""
+    q_end = heads * dim
+    row = q_end + 2 * n_kv_heads * dim
+    return _launch(qkv, qkv, qkv, (row, row, row, 0, q_end, q_end + n_kv_heads * dim), rope,
+                   k_pool, v_pool, meta, scale, heads, dim, block_size, n_kv_heads, softcap,
+                   window)
+
+
+def _launch(q, k_new, v_new, layout: tuple, rope: tuple | None, k_pool, v_pool,
+            meta: CudaMetadata, scale: float, heads: int, dim: int, block_size: int,
+            n_kv_heads: int, softcap: float, window: int) -> mx.array:
+    # layout: (q, k, v row strides, then their offsets), in elements.
+    n = q.shape[0]
     width = meta.tables.shape[1]
+    cos, sin, traditional = rope if rope is not None else (_NO_ROPE, _NO_ROPE, False)
     return _get_kernel()(
-        inputs=[q, k_pool, v_pool, k_new.astype(k_pool.dtype), v_new.astype(v_pool.dtype),
-                meta.tables, meta.table_of, meta.positions, meta.chunk_start,
-                mx.array([scale, softcap], dtype=mx.float32),
-                mx.array([width, window], dtype=mx.int32)],
+        inputs=[q, k_pool, v_pool, k_new, v_new, meta.tables, meta.table_of, meta.positions,
+                meta.chunk_start, cos, sin, mx.array([scale, softcap], dtype=mx.float32),
+                mx.array([width, window, *layout], dtype=mx.int32)],
         template=[("T", q.dtype), ("D", dim), ("G", heads // n_kv_heads), ("KVH", n_kv_heads),
-                  ("BS", block_size), ("NWARPS", WARPS), ("UNROLL", UNROLL)],
+                  ("BS", block_size), ("NWARPS", WARPS), ("UNROLL", UNROLL),
+                  ("ROTATE", int(rope is not None)), ("TRAD", int(traditional))],
         grid=(n * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
+
+
+_NO_ROPE = mx.zeros((1,), dtype=mx.float32)
 
 
 @dataclass
@@ -212,6 +302,14 @@ class CudaMetadata:
     table_of: mx.array     # [N] int32
     positions: mx.array    # [N] int32
     chunk_start: mx.array  # [N] int32
+    # cos/sin rows of this step's positions, per RoPE schedule (shared by its layers)
+    rope: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def rope_tables(self, rope, positions: mx.array) -> tuple[mx.array, mx.array]:
+        key = rope.schedule()
+        if key not in self.rope:
+            self.rope[key] = rope.cos_sin(positions)
+        return self.rope[key]
 
     @classmethod
     def from_common(cls, common: CommonAttentionMetadata) -> CudaMetadata:
@@ -262,16 +360,26 @@ def verify(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
     # uses them (a window crossing block edges, a cap low enough to bend scores).
     windows = (0, 20) if spec.sliding_window else (0,)
     caps = (0.0, 2.0) if spec.softcap else (0.0,)
+    # The fused-projection entry with RoPE inside (non-traditional pairs for
+    # every case, traditional once where the head allows it) against mx.fast.rope.
+    cases = [(cap, window, rope) for window in windows for cap in caps
+             for rope in (None, "neox")]
+    if spec.head_dim >= 64:
+        cases.append((0.0, 0, "traditional"))
     try:
-        return all(_verify(spec, cap, window) < 2e-2 for window in windows for cap in caps)
+        return all(_verify(spec, *case) < 2e-2 for case in cases)
     except Exception as exc:  # a compile or launch failure: fall back
         print(f"conveyor: CUDA paged attention unavailable ({type(exc).__name__}: {exc})",
               file=sys.stderr)
         return False
 
 
-def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0) -> float:
-    """The largest difference from the reference (inf if a stored row differs)."""
+def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0,
+            rope_kind: str | None = None) -> float:
+    """The largest difference from the reference (inf if a stored row differs).
+    With `rope_kind`, q/k/v arrive as one fused projection and the kernel
+    rotates them ("neox" or "traditional" pairs); the reference rotates with
+    RoPE's MLX path first."""
     rng = np.random.default_rng(0)
     dtype, bs, kvh, g, d = (spec.kv_dtype, spec.block_size, spec.num_kv_heads, spec.group,
                             spec.head_dim)
@@ -298,6 +406,15 @@ def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0) -> float
     k_new = mx.array(rng.normal(size=(n, kvh, d)), dtype=dtype)
     v_new = mx.array(rng.normal(size=(n, kvh, d)), dtype=dtype)
     real = positions >= 0
+    rope = None
+    if rope_kind is not None:
+        from models.layers.rope import RoPE
+
+        rope = RoPE(d, 10000.0, traditional=rope_kind == "traditional")
+        qkv = mx.concatenate([q.reshape(n, -1), k_new.reshape(n, -1), v_new.reshape(n, -1)],
+                             axis=1)
+        rotate_at = mx.array(np.maximum(positions, 0).astype(np.int32))
+        q, k_new = rope(q, rotate_at), rope(k_new, rotate_at)  # the reference's inputs
     slots = tables[table_of, positions // bs] * bs + positions % bs
     new_rows = (slots[real][:, None] * kvh + np.arange(kvh)).reshape(-1)
     # The reference sees the new tokens written the portable way.
@@ -305,8 +422,13 @@ def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0) -> float
     k_ref[mx.array(new_rows)] = k_new[:int(real.sum())].reshape(-1, d)
     v_ref[mx.array(new_rows)] = v_new[:int(real.sum())].reshape(-1, d)
     mx.eval(k_pool, v_pool, k_ref, v_ref)
-    got = paged_attention(q, k_pool, v_pool, k_new, v_new, meta, d**-0.5, bs, kvh,
-                          softcap, window)
+    if rope is None:
+        got = paged_attention(q, k_pool, v_pool, k_new, v_new, meta, d**-0.5, bs, kvh,
+                              softcap, window)
+    else:
+        tables_ = (*meta.rope_tables(rope, rotate_at), rope.traditional)
+        got = paged_attention_packed(qkv, kvh * g, d, tables_, k_pool, v_pool, meta, d**-0.5,
+                                     bs, kvh, softcap, window)
     mx.eval(got)
     err = 0.0
     for i in range(n):
@@ -327,7 +449,8 @@ def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0) -> float
     # ... and the pools now hold the new tokens, written in place.
     stored = mx.abs(k_pool[mx.array(new_rows)] - k_ref[mx.array(new_rows)]).max().item() + \
         mx.abs(v_pool[mx.array(new_rows)] - v_ref[mx.array(new_rows)]).max().item()
-    return err if stored == 0 else float("inf")
+    # A key rotated in the kernel may differ from mx.fast.rope's by its last bit.
+    return err if stored <= (0 if rope is None else 0.05) else float("inf")
 
 
 class CudaAttention(AttentionBackend):
@@ -360,3 +483,20 @@ class CudaAttention(AttentionBackend):
                               k, v, view.meta, scale, cache.block_size, cache.n_kv_heads,
                               softcap or 0.0, window or 0)
         return out.astype(q.dtype)
+
+    def packs_qkv(self, rope) -> bool:
+        # The kernel rotates whole heads; traditional pairs must share a lane.
+        return rope is None or (rope.dims == self.spec.head_dim and
+                                (not rope.traditional or self.spec.head_dim >= 64))
+
+    def attend_packed(self, view, qkv: mx.array, heads: int, rope, positions: mx.array,
+                      scale: float, window: int | None = None,
+                      softcap: float | None = None) -> mx.array:
+        cache = view.cache
+        tables = None if rope is None else (*view.meta.rope_tables(rope, positions),
+                                            rope.traditional)
+        out = paged_attention_packed(qkv.astype(cache.dtype), heads, self.spec.head_dim, tables,
+                                     cache.k[view.layer], cache.v[view.layer], view.meta, scale,
+                                     cache.block_size, cache.n_kv_heads, softcap or 0.0,
+                                     window or 0)
+        return out.astype(qkv.dtype)

@@ -64,8 +64,20 @@ class Attention(Layer):
                 k.reshape(n, self.n_kv_heads, self.head_dim),
                 v.reshape(n, self.n_kv_heads, self.head_dim))
 
+    def _packed(self, x, cache) -> bool:
+        """Whether the cache takes the fused projection as the matmul leaves it
+        and rotates it itself (CUDA: one kernel from the matmul to attention,
+        where MLX launches each slice copy and RoPE on its own)."""
+        packs = getattr(cache, "packs_qkv", None)
+        return (packs is not None and "qkv_proj" in self and "q_norm" not in self
+                and not is_host(x) and packs(self.rope))
+
     def forward(self, x, positions, cache=None):
         n = x.shape[0]
+        if self._packed(x, cache):
+            out = cache.attend_packed(self.qkv_proj(x), self.n_heads, self.rope, positions,
+                                      self.scale, self.window, self.softcap)
+            return self.o_proj(out.reshape(n, -1))
         q, k, v = self.project(x)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)

@@ -53,12 +53,27 @@ class RoPE(Layer):
         # ones the rest (per position, so a cached key keeps its rotation).
         self._short_periods = short
         self._short_freqs = None if short is None else mx.array(short, mx.float32)
+        # Radians per position of each pair, for kernels that rotate themselves.
+        self._inv = mx.array(self.scale / periods, mx.float32)
+        self._short_inv = None if short is None else mx.array(self.scale / short, mx.float32)
+        self._schedule = (dims, traditional, self.mscale, self.scale, periods.tobytes(),
+                          None if short is None else short.tobytes(), self.switch)
 
     def schedule(self) -> tuple:
         """What decides the rotation (hashable): equal schedules rotate alike."""
-        short = None if self._short_periods is None else self._short_periods.tobytes()
-        return (self.dims, self.traditional, self.mscale, self.scale,
-                self._periods.tobytes(), short, self.switch)
+        return self._schedule
+
+    def cos_sin(self, positions: mx.array) -> tuple[mx.array, mx.array]:
+        """cos and sin [N, dims/2] (float32) of each rotated pair at `positions`,
+        the magnitude folded in: what a kernel that rotates inside attention
+        multiplies by (kvcache/attention/cuda.py)."""
+        pos = positions.astype(mx.float32)[:, None]
+        angles = pos * self._inv[None, :]
+        if self._short_inv is not None:
+            angles = mx.where(pos < self.switch, pos * self._short_inv[None, :], angles)
+        if self.mscale != 1.0:
+            return mx.cos(angles) * self.mscale, mx.sin(angles) * self.mscale
+        return mx.cos(angles), mx.sin(angles)
 
     def angles(self, positions: np.ndarray) -> np.ndarray:
         """Radians [N, dims/2] of each rotated pair at `positions` (float64),

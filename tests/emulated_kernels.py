@@ -1,0 +1,73 @@
+"""numpy stand-ins for device kernels, so their Python plumbing (inputs,
+layouts, template, the engine around them) is tested on the CPU: they
+compute what the kernel computes from the same arguments. The kernels
+themselves are checked against the portable path on the device (their
+start-up `verify`, bench/gpu_check.py)."""
+
+import mlx.core as mx
+import numpy as np
+
+
+def rotate_with_tables(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, traditional: bool):
+    """RoPE as the CUDA attention kernel applies it: x [N, heads, D] rotated
+    with RoPE.cos_sin's rows [N, D/2]."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    if traditional:
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = a * c - b * s, b * c + a * s
+        return out
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+
+def _rows(src, n: int, stride: int, offset: int, heads: int, dim: int) -> np.ndarray:
+    """[n, heads, dim] from packed rows of `src` (row i at i * stride + offset)."""
+    flat = np.array(src.astype(mx.float32)).reshape(-1)
+    return np.stack([flat[i * stride + offset:i * stride + offset + heads * dim]
+                     for i in range(n)]).reshape(n, heads, dim)
+
+
+def emulated_cuda_kernel(ignore_window=False, calls=None):
+    """What kvcache/attention/cuda.py's kernel computes, from the same inputs
+    and template: q/k/v read from their packed rows (rotated first when
+    ROTATE), every packed token's K/V stored in place, then each token
+    attends over its own window (padding, at position -1, gets zeros).
+    `calls` (a list) collects each launch's template."""
+    def kernel(inputs, template, output_shapes, output_dtypes, **launch):
+        (q_src, k_pool, v_pool, k_src, v_src, tables, table_of, positions, _, cos, sin,
+         floats, ints) = inputs
+        t = dict(template)
+        if calls is not None:
+            calls.append(t)
+        bs, kvh, group, dim = t["BS"], t["KVH"], t["G"], t["D"]
+        n = output_shapes[0][0]
+        ints = np.array(ints).tolist()
+        window, (qs, ks, vs, qo, ko, vo) = ints[1], ints[2:8]
+        q = _rows(q_src, n, qs, qo, kvh * group, dim)
+        k_new, v_new = _rows(k_src, n, ks, ko, kvh, dim), _rows(v_src, n, vs, vo, kvh, dim)
+        if t["ROTATE"]:
+            cos, sin = np.array(cos), np.array(sin)
+            q = rotate_with_tables(q, cos, sin, bool(t["TRAD"]))
+            k_new = rotate_with_tables(k_new, cos, sin, bool(t["TRAD"]))
+        pools = [np.asarray(k_pool), np.asarray(v_pool)]  # the pools' memory, as the GPU's
+        tables, table_of, positions = (np.array(a) for a in (tables, table_of, positions))
+        (scale, cap) = np.array(floats).tolist()
+        slot_of = [(tables[table_of[i]][:, None] * bs + np.arange(bs)).reshape(-1)
+                   for i in range(n)]
+        for i, pos in enumerate(positions):
+            if pos >= 0:
+                for pool, new in zip(pools, (k_new, v_new)):
+                    pool[slot_of[i][pos] * kvh:(slot_of[i][pos] + 1) * kvh] = new[i]
+        out = np.zeros(output_shapes[0], np.float32)
+        for i, pos in enumerate(positions):
+            first = max(pos + 1 - window, 0) if window and not ignore_window else 0
+            slots = slot_of[i][first:pos + 1]
+            for h in range(kvh * group if pos >= 0 else 0):
+                s = pools[0][slots * kvh + h // group] @ q[i, h] * scale
+                s = cap * np.tanh(s / cap) if cap else s
+                p = np.exp(s - s.max())
+                out[i, h] = (p / p.sum()) @ pools[1][slots * kvh + h // group]
+        return [mx.array(out).astype(output_dtypes[0])]
+    return kernel

@@ -1,0 +1,86 @@
+"""CUDA's fused attention entry (q/k/v one matmul, RoPE applied inside the
+attention kernel, models/layers/fusion.py and kvcache/attention/cuda.py)
+through the engine on the CPU, with the kernel emulated in numpy
+(tests/emulated_kernels.py): the same tokens as the portable path for every
+RoPE kind and layer option a family brings. The kernel's own arithmetic is
+checked on the GPU (its start-up verify, bench/gpu_check.py)."""
+
+import mlx.core as mx
+import pytest
+from emulated_kernels import emulated_cuda_kernel
+from tiny_models import TINY_GEMMA2, TINY_MISTRAL, TINY_QWEN2, write_tiny_llama, write_tiny_phi3
+
+from engine import LLM, SamplingParams
+from engine.core.llm_engine import EngineArgs, LLMEngine
+from engine.platform.cpu import CpuPlatform
+from kvcache.attention import cuda
+
+ENGINE = dict(kv_cache_bytes=4 << 20, block_size=4, max_num_batched_tokens=16, max_model_len=512)
+PROMPTS = [[5, 9, 200], list(range(20, 33)), list(range(40, 75))]
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+FAMILIES = {
+    "llama": {"head_dim": 64},
+    "llama-traditional": {"head_dim": 64, "rope_traditional": True},
+    "llama3-scaled": {"head_dim": 64, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16}},
+    "qwen2-biases": {**TINY_QWEN2, "head_dim": 64},
+    "mistral-window": {**TINY_MISTRAL, "head_dim": 64},
+    "gemma2-softcap": {**TINY_GEMMA2, "head_dim": 64},
+}
+
+
+class EmulatedCuda(CpuPlatform):
+    """The CPU with CUDA's choices: fused projections, the CUDA backend."""
+
+    fuse_projections = True
+
+    def fast_attention(self, spec):
+        return cuda.CudaAttention(spec), None
+
+
+def tokens(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def on_emulated_cuda(path, monkeypatch, compile_=False):
+    calls = []
+    monkeypatch.setattr(cuda, "_get_kernel", lambda: emulated_cuda_kernel(calls=calls))
+    llm = LLM(str(path), **ENGINE, paged_kernel=False)
+    llm.engine = LLMEngine(llm.engine.model, llm.tokenizer, llm.engine.config,
+                           EngineArgs(**ENGINE, compile=compile_), EmulatedCuda(mx.cpu))
+    return llm, calls
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_entry_gives_the_portable_tokens(tmp_path, monkeypatch, family):
+    path = write_tiny_llama(tmp_path / family, **FAMILIES[family])
+    want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
+    llm, calls = on_emulated_cuda(path, monkeypatch)
+    assert "qkv_proj" in llm.engine.model.layers[0].self_attn
+    assert tokens(llm) == want
+    # Every layer's launch took the fused projection and rotated it itself.
+    assert calls and all(c["ROTATE"] == 1 for c in calls)
+    assert all(c["TRAD"] == int("traditional" in family) for c in calls)
+
+
+def test_phi3_longrope_on_the_fused_entry(tmp_path, monkeypatch):
+    """Phi-3's own fused projection and LongRoPE's per-position factors
+    (prompts cross original_max_position_embeddings, 24 here)."""
+    path = write_tiny_phi3(tmp_path / "phi3", original_max_position_embeddings=24)
+    want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
+    llm, calls = on_emulated_cuda(path, monkeypatch)
+    assert tokens(llm) == want
+    assert calls and all(c["ROTATE"] == 1 for c in calls)
+
+
+def test_layers_the_kernel_cannot_rotate_keep_q_k_v_apart(tmp_path, monkeypatch):
+    """Qwen3's per-head q/k norms sit between the matmul and RoPE: its layers
+    take the unfused entry (ROTATE 0), with the same tokens."""
+    from tiny_models import TINY_QWEN3
+
+    path = write_tiny_llama(tmp_path / "qwen3", **{**TINY_QWEN3, "head_dim": 64})
+    want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
+    llm, calls = on_emulated_cuda(path, monkeypatch)
+    assert tokens(llm) == want
+    assert calls and all(c["ROTATE"] == 0 for c in calls)

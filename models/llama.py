@@ -99,8 +99,9 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def __call__(self, x, positions, cache):
-        h = x + self.self_attn(self.input_layernorm(x), positions, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, normed = self.post_attention_layernorm.add_and_norm(
+            x, self.self_attn(self.input_layernorm(x), positions, cache))
+        return h + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

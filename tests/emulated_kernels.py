@@ -71,3 +71,18 @@ def emulated_cuda_kernel(ignore_window=False, calls=None):
                 out[i, h] = (p / p.sum()) @ pools[1][slots * kvh + h // group]
         return [mx.array(out).astype(output_dtypes[0])]
     return kernel
+
+
+def emulated_add_rms_norm_kernel(calls=None):
+    """What engine/platform/cuda_norm.py's kernel computes: h = x + delta in
+    the activation dtype, and h's RMSNorm times the weight."""
+    def kernel(inputs, template, output_shapes, output_dtypes, **launch):
+        x, delta, weight, eps = inputs
+        if calls is not None:
+            calls.append(dict(template))
+        h = (x + delta).astype(output_dtypes[0])
+        hf = np.array(h.astype(mx.float32))
+        r = 1 / np.sqrt((hf * hf).mean(axis=-1, keepdims=True) + np.array(eps)[0])
+        y = hf * r * np.array(weight.astype(mx.float32))
+        return [h, mx.array(y).astype(output_dtypes[1])]
+    return kernel

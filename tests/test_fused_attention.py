@@ -43,12 +43,12 @@ def tokens(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
-def on_emulated_cuda(path, monkeypatch, compile_=False):
+def on_emulated_cuda(path, monkeypatch, platform=EmulatedCuda):
     calls = []
     monkeypatch.setattr(cuda, "_get_kernel", lambda: emulated_cuda_kernel(calls=calls))
     llm = LLM(str(path), **ENGINE, paged_kernel=False)
     llm.engine = LLMEngine(llm.engine.model, llm.tokenizer, llm.engine.config,
-                           EngineArgs(**ENGINE, compile=compile_), EmulatedCuda(mx.cpu))
+                           EngineArgs(**ENGINE, compile=False), platform(mx.cpu))
     return llm, calls
 
 
@@ -84,3 +84,35 @@ def test_layers_the_kernel_cannot_rotate_keep_q_k_v_apart(tmp_path, monkeypatch)
     llm, calls = on_emulated_cuda(path, monkeypatch)
     assert tokens(llm) == want
     assert calls and all(c["ROTATE"] == 0 for c in calls)
+
+
+def test_residual_add_and_norm_in_one_kernel(tmp_path, monkeypatch):
+    """cuda_norm.bind gives each verified RMSNorm the fused add; the decoder
+    blocks call it once a layer, with the portable path's tokens."""
+    from emulated_kernels import emulated_add_rms_norm_kernel
+
+    from engine.platform import cuda_norm
+
+    norm_calls = []
+    monkeypatch.setattr(cuda_norm, "_get_kernel",
+                        lambda: emulated_add_rms_norm_kernel(norm_calls))
+    monkeypatch.setattr(cuda_norm, "_verified", {})
+    path = write_tiny_llama(tmp_path / "llama", head_dim=64)
+    want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
+
+    class WithFusedNorms(EmulatedCuda):
+        def prepare_model(self, model):
+            super().prepare_model(model)
+            assert cuda_norm.bind(model) == 2 * len(model.layers) + 1
+
+    llm, calls = on_emulated_cuda(path, monkeypatch, platform=WithFusedNorms)
+    assert tokens(llm) == want
+    launches_before = len(norm_calls)
+    assert launches_before > 0
+    # A kernel that adds wrongly fails verification and is not bound.
+    monkeypatch.setattr(cuda_norm, "_verified", {})
+    monkeypatch.setattr(cuda_norm, "_get_kernel", lambda: (
+        lambda inputs, **kw: emulated_add_rms_norm_kernel()([inputs[0], inputs[0], *inputs[2:]],
+                                                            **kw)))
+    model = LLM(str(path), **ENGINE, paged_kernel=False).engine.model
+    assert cuda_norm.bind(model) == 0

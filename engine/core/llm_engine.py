@@ -27,7 +27,6 @@ from kvcache.attention.metadata import AttentionSpec
 from kvcache.block_manager import BlockManager
 from kvcache.paged_cache import PagedKVCache
 from models.layers import Attention
-from models.layers.fusion import fuse_projections
 from scheduler.scheduler import (
     PlannedResult,
     RequestTooLong,
@@ -140,8 +139,7 @@ class LLMEngine:
         args = _checked(args)
         self.model, self.tokenizer, self.config, self.args = model, tokenizer, config, args
         self.platform = platform = platform or current_platform()
-        if platform.fuse_projections:
-            fuse_projections(model)
+        platform.prepare_model(model)
         margs = model.args
         max_len = args.max_model_len or int(config.get("max_position_embeddings", 4096))
         dtype = _compute_dtype(model.model.embed_tokens)

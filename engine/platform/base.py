@@ -168,6 +168,14 @@ class Platform:
             raise ModelLoadError(f"cpu_matmul={choice} runs on the CPU with float32 compute")
         return None
 
+    def prepare_model(self, model) -> None:
+        """This device's forms of a model's layers, made once before it runs:
+        fused projections where the platform asks for them."""
+        if self.fuse_projections:
+            from models.layers.fusion import fuse_projections
+
+            fuse_projections(model)
+
     def prepare_memory(self) -> None:
         """Tune MLX's allocator before a model runs (nothing by default)."""
 

@@ -27,6 +27,14 @@ class CudaPlatform(Platform):
     # H200's host): fused q/k/v and gate/up take 3 of a Llama layer's 15.
     fuse_projections = True
 
+    def prepare_model(self, model) -> None:
+        """Fused projections (the base class), and each residual add with the
+        RMSNorm after it as one kernel where that kernel is verified here."""
+        super().prepare_model(model)
+        from engine.platform import cuda_norm
+
+        cuda_norm.bind(model)
+
     def device_memory(self) -> DeviceMemory | None:
         """The GPU's memory from mx.device_info(): total_memory, and free_memory
         as NVML sees it (every process on the GPU; cudaMemGetInfo where NVML is

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from models.layers.base import Layer
+from models.layers.base import Layer, is_host
 
 
 class RMSNorm(Layer):
+    # A platform's kernel for `add_and_norm` in one launch, bound per layer
+    # (engine/platform/cuda_norm.py); None: MLX's add, then this norm.
+    fused_add = None
+
     def __init__(self, dims: int, eps: float = 1e-5, offset: float = 0.0):
         super().__init__()
         self.weight = mx.ones((dims,)) if offset == 0.0 else mx.zeros((dims,))
@@ -23,6 +27,13 @@ class RMSNorm(Layer):
 
     def forward(self, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x, self.scale().astype(x.dtype), self.eps)
+
+    def add_and_norm(self, x, delta):
+        """(x + delta, this norm of it): a residual add and the norm after it."""
+        if self.fused_add is not None and not is_host(x):
+            return self.fused_add(x, delta, self.scale(), self.eps)
+        h = x + delta
+        return h, self(h)
 
 
 class LayerNorm(Layer):

@@ -103,9 +103,10 @@ class TransformerBlock(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(d, eps, offset=1.0)
 
     def __call__(self, x, positions, cache):
-        h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), positions, cache))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h, normed = self.pre_feedforward_layernorm.add_and_norm(
+            x, self.post_attention_layernorm(
+                self.self_attn(self.input_layernorm(x), positions, cache)))
+        return h + self.post_feedforward_layernorm(self.mlp(normed))
 
 
 class Model(llama.Model):

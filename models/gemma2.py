@@ -102,11 +102,13 @@ class TransformerBlock(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(d, eps, offset=1.0)
         self.post_feedforward_layernorm = RMSNorm(d, eps, offset=1.0)
 
-    def __call__(self, x, positions, cache):
+    def __call__(self, x, positions, cache, delta=None):
+        """(hidden, delta) as llama.TransformerBlock: residual adds run with
+        the norm after them."""
+        h, normed = llama.add_and_norm(self.input_layernorm, x, delta)
         h, normed = self.pre_feedforward_layernorm.add_and_norm(
-            x, self.post_attention_layernorm(
-                self.self_attn(self.input_layernorm(x), positions, cache)))
-        return h + self.post_feedforward_layernorm(self.mlp(normed))
+            h, self.post_attention_layernorm(self.self_attn(normed, positions, cache)))
+        return h, self.post_feedforward_layernorm(self.mlp(normed))
 
 
 class Model(llama.Model):

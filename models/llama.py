@@ -82,6 +82,11 @@ def check_layer_types(layer_types: list[str] | None, num_layers: int,
                          f"not {sliding_window!r}")
 
 
+def add_and_norm(norm, x, delta):
+    """(x + delta, norm of it); x and norm(x) where there is no delta yet."""
+    return (x, norm(x)) if delta is None else norm.add_and_norm(x, delta)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -98,10 +103,14 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, x, positions, cache):
+    def __call__(self, x, positions, cache, delta=None):
+        """(hidden, delta): this layer's input is x + delta (the previous
+        layer's last branch, not yet added), its output hidden + the delta
+        returned, so that every residual add runs with the norm after it."""
+        h, normed = add_and_norm(self.input_layernorm, x, delta)
         h, normed = self.post_attention_layernorm.add_and_norm(
-            x, self.self_attn(self.input_layernorm(x), positions, cache))
-        return h + self.mlp(normed)
+            h, self.self_attn(normed, positions, cache))
+        return h, self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
@@ -116,10 +125,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
 
     def __call__(self, input_ids, positions, caches=None):
-        h = self.embed_tokens(input_ids)
+        h, delta = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, None if caches is None else caches[i])
-        return self.norm(h)
+            h, delta = layer(h, positions, None if caches is None else caches[i], delta)
+        return add_and_norm(self.norm, h, delta)[1]
 
 
 class Model(nn.Module):

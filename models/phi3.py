@@ -62,10 +62,7 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, x, positions, cache):
-        h, normed = self.post_attention_layernorm.add_and_norm(
-            x, self.self_attn(self.input_layernorm(x), positions, cache))
-        return h + self.mlp(normed)
+    __call__ = llama.TransformerBlock.__call__
 
 
 class Model(llama.Model):

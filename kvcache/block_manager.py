@@ -103,7 +103,9 @@ class BlockManager:
 
     def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
         """Blocks to add so the sequence holds `num_tokens` tokens in all."""
-        return max(0, self.blocks_for(num_tokens) - len(self.block_table(seq_id)))
+        # Asked for every running sequence every step: no calls inside.
+        need = -(-num_tokens // self.block_size) - len(self._tables.get(seq_id, ()))
+        return need if need > 0 else 0
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free)
@@ -245,7 +247,11 @@ class BlockManager:
         first `num_computed` tokens have K/V), so later sequences can share them."""
         if not self.enable_prefix_caching:
             return
-        keys = self._seq_keys.setdefault(seq_id, [])
+        keys = self._seq_keys.get(seq_id)
+        if keys is None:
+            keys = self._seq_keys[seq_id] = []
+        elif num_computed // self.block_size <= len(keys):
+            return  # no block filled since the last call: most steps of every sequence
         table = self._tables.get(seq_id, [])
         full = min(num_computed // self.block_size, len(table))
         if full <= len(keys):

@@ -225,7 +225,7 @@ class Scheduler:
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
         return ScheduledChunk(seq.seq_id, tuple(seq.token_ids[start:start + n]), start,
-                              tuple(self.blocks.block_table(seq.seq_id)),
+                              self.blocks.table_snapshot(seq.seq_id),
                               start + n == len(seq.token_ids))
 
     def update(self, output: SchedulerOutput, sampled: list[int]) -> list[tuple[Sequence, int]]:

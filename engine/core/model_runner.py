@@ -135,7 +135,7 @@ class ModelRunner:
     def prepare(self, out: SchedulerOutput, in_flight: InFlightTokens | None = None) -> Batch:
         """The step's batch; `in_flight` supplies the ids of PENDING tokens."""
         chunks = list(out.chunks)
-        if self._compiled is not None and all(c.num_tokens == 1 for c in chunks):
+        if self._compiled is not None and all(len(c.token_ids) == 1 for c in chunks):
             return self._prepare_compiled_decode(chunks, in_flight)
         decode = [c for c in chunks if c.num_tokens == 1]
         ordered = decode + [c for c in chunks if c.num_tokens > 1]

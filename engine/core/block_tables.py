@@ -39,7 +39,8 @@ class PaddedBlockTables:
             fresh[c.seq_id] = row
             parts.append(row[2])
         self._rows = fresh
-        parts.append(self._padded((), width) * (rows - len(chunks)))
+        if rows > len(chunks):
+            parts.append(self._padded((), width) * (rows - len(chunks)))
         # A bytearray, so the array is writable like any other.
         return np.frombuffer(bytearray().join(parts), np.int64).reshape(-1, width)
 

@@ -66,6 +66,9 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
+        # Each table as a tuple, kept until the table changes: the scheduler
+        # hands every running sequence's table to the runner every step.
+        self._snapshots: dict[str, tuple[int, ...]] = {}
         self.peak_used = 0
         # Prefix cache: key -> block, block -> key, and each sequence's keys
         # of its registered full blocks (in table order).
@@ -97,13 +100,23 @@ class BlockManager:
     def block_table(self, seq_id: str) -> list[int]:
         return self._tables.get(seq_id, [])
 
+    def table_snapshot(self, seq_id: str) -> tuple[int, ...]:
+        """The sequence's block table as an immutable value; the same object
+        until the table changes (a new block, a release behind the window)."""
+        snapshot = self._snapshots.get(seq_id)
+        if snapshot is None:
+            snapshot = self._snapshots[seq_id] = tuple(self._tables.get(seq_id, ()))
+        return snapshot
+
     def capacity(self, seq_id: str) -> int:
         """Tokens the sequence's current blocks can hold."""
         return len(self.block_table(seq_id)) * self.block_size
 
     def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
         """Blocks to add so the sequence holds `num_tokens` tokens in all."""
-        return max(0, self.blocks_for(num_tokens) - len(self.block_table(seq_id)))
+        # Asked for every running sequence every step: no calls inside.
+        need = -(-num_tokens // self.block_size) - len(self._tables.get(seq_id, ()))
+        return need if need > 0 else 0
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free)
@@ -125,6 +138,8 @@ class BlockManager:
             raise NoFreeBlocks(f"{seq_id} needs {need} blocks, {len(self._free)} free")
         new = [self._take_free() for _ in range(need)]
         self._tables.setdefault(seq_id, []).extend(new)
+        if new:
+            self._snapshots.pop(seq_id, None)
         self.peak_used = max(self.peak_used, self.num_used)
         return new
 
@@ -139,6 +154,7 @@ class BlockManager:
             if block != FREED:
                 self._ref_counts[block] += 1
         self._tables[child_id] = table
+        self._snapshots.pop(child_id, None)
         self._seq_keys[child_id] = list(self._seq_keys.get(parent_id, []))
 
     def free(self, seq_id: str) -> None:
@@ -147,6 +163,7 @@ class BlockManager:
         before the prefix it shares). Freeing an unknown sequence does nothing."""
         self._seq_keys.pop(seq_id, None)
         self._lookup_keys.pop(seq_id, None)
+        self._snapshots.pop(seq_id, None)
         for block in reversed(self._tables.pop(seq_id, [])):
             if block != FREED:
                 self._release(block)
@@ -182,6 +199,8 @@ class BlockManager:
             self._release(table[i])
             table[i] = FREED
             released += 1
+        if released:
+            self._snapshots.pop(seq_id, None)
         return released
 
     def slot(self, seq_id: str, position: int) -> int:
@@ -233,6 +252,7 @@ class BlockManager:
                 del self._free[block]
             self._ref_counts[block] += 1
         self._tables[seq_id] = [FREED] * behind + hits[behind:]
+        self._snapshots.pop(seq_id, None)
         self._seq_keys[seq_id] = [self._key_of[b] for b in hits]
         self.peak_used = max(self.peak_used, self.num_used)
         if self.enable_prefix_caching:
@@ -245,7 +265,11 @@ class BlockManager:
         first `num_computed` tokens have K/V), so later sequences can share them."""
         if not self.enable_prefix_caching:
             return
-        keys = self._seq_keys.setdefault(seq_id, [])
+        keys = self._seq_keys.get(seq_id)
+        if keys is None:
+            keys = self._seq_keys[seq_id] = []
+        elif num_computed // self.block_size <= len(keys):
+            return  # no block filled since the last call: most steps of every sequence
         table = self._tables.get(seq_id, [])
         full = min(num_computed // self.block_size, len(table))
         if full <= len(keys):
@@ -278,6 +302,8 @@ class BlockManager:
         reference count says, and the prefix index agrees with itself; used in
         tests and after failures."""
         owners = [0] * self.num_blocks
+        for seq_id, snapshot in self._snapshots.items():
+            assert snapshot == tuple(self._tables.get(seq_id, ())), f"stale table of {seq_id}"
         for table in self._tables.values():
             released = table.count(FREED)
             assert all(b == FREED for b in table[:released]), "a released entry past a live one"

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache.block_manager import BlockManager, NoFreeBlocks
+from kvcache.block_manager import FREED, BlockManager, NoFreeBlocks
 
 
 def test_allocate_append_free_counts():
@@ -67,11 +67,33 @@ def test_random_operations_keep_invariants(operations):
             if child not in lengths:
                 bm.fork(seq, child)
                 lengths[child] = lengths[seq]
-        bm.check_invariants()
+        bm.check_invariants()  # (which checks that no table's snapshot is stale)
+        bm.table_snapshot(seq)
         for s, length in lengths.items():
             assert bm.capacity(s) >= length
         assert bm.num_used <= bm.peak_used <= bm.num_blocks
     for s in list(lengths):
         bm.free(s)
     assert bm.num_free == bm.num_blocks
+    bm.check_invariants()
+
+
+def test_a_table_snapshot_is_one_value_until_the_table_changes():
+    """The scheduler hands each sequence's snapshot to the runner every step,
+    which keeps its padded row while it gets the very same tuple back."""
+    bm = BlockManager(num_blocks=8, block_size=4, sliding_window=4)
+    bm.allocate("a", 5)
+    snapshot = bm.table_snapshot("a")
+    assert snapshot == (0, 1) and bm.table_snapshot("a") is snapshot
+    bm.allocate("a", 8)                     # no new block: the same value
+    assert bm.table_snapshot("a") is snapshot
+    bm.allocate("a", 9)
+    assert bm.table_snapshot("a") == (0, 1, 2)
+    assert bm.release_behind_window("a", 9) == 1   # slots 0-3 behind the window
+    assert bm.table_snapshot("a") == (FREED, 1, 2)
+    bm.fork("a", "b")
+    assert bm.table_snapshot("b") == (FREED, 1, 2)
+    bm.check_invariants()
+    bm.free("a")
+    assert bm.table_snapshot("a") == ()
     bm.check_invariants()

@@ -170,13 +170,22 @@ class CompiledPortable(PortableAttention):
                                 decode_mask=decode_mask)
 
 
+class Compiling(CpuPlatform):
+    compile_decode = True
+
+    def fast_attention(self, spec):
+        return CompiledPortable(spec), None
+
+
+def recording_batches(eng: LLMEngine) -> list:
+    """The batches `eng`'s runner prepares, from now on."""
+    batches = []
+    prepare = eng.runner.prepare
+    eng.runner.prepare = lambda out, *rest: batches.append(prepare(out, *rest)) or batches[-1]
+    return batches
+
+
 def test_compiled_decode_steps_give_the_same_tokens(tiny_llama_dir):
-    class Compiling(CpuPlatform):
-        compile_decode = True
-
-        def fast_attention(self, spec):
-            return CompiledPortable(spec), None
-
     llm = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, paged_kernel=False)
     eng = LLMEngine(llm.engine.model, llm.tokenizer, llm.engine.config,
                     EngineArgs(kv_cache_bytes=16 << 20), Compiling(mx.cpu))
@@ -185,9 +194,7 @@ def test_compiled_decode_steps_give_the_same_tokens(tiny_llama_dir):
     prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in (3, 40, 130, 17, 250)]
     params = SamplingParams(max_tokens=16, **GREEDY)
     reqs = [eng.add_request(p, params) for p in prompts]
-    batches = []
-    prepare = eng.runner.prepare
-    eng.runner.prepare = lambda out, *rest: batches.append(prepare(out, *rest)) or batches[-1]
+    batches = recording_batches(eng)
     while eng.has_unfinished():
         eng.step()
     compiled = [b for b in batches if b.compiled]
@@ -195,3 +202,27 @@ def test_compiled_decode_steps_give_the_same_tokens(tiny_llama_dir):
     assert {(b.num_tokens, b.num_padded) for b in compiled} == {(5, 8)}
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert [r.sequence.output_token_ids for r in reqs] == want
+
+
+def test_compiled_decode_steps_with_asynchronous_scheduling(tiny_llama_dir):
+    """Compiled decode steps read their PENDING ids from the step in flight:
+    its rows as they are while the batch keeps its rows (all 8, or the first
+    7), through a scatter once a sequence in the middle has left; the tokens
+    are those of one uncompiled step at a time."""
+    llm = LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, paged_kernel=False)
+    eng = LLMEngine(llm.engine.model, llm.tokenizer, llm.engine.config,
+                    EngineArgs(kv_cache_bytes=16 << 20, async_scheduling=True), Compiling(mx.cpu))
+    assert eng.async_scheduling and eng.runner._compiled is not None
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in rng.integers(3, 60, size=8)]
+    # The last row leaves first (the rest keep their places), then rows 4 and 2.
+    params = [SamplingParams(max_tokens=m, **GREEDY) for m in (14, 14, 9, 14, 6, 14, 14, 3)]
+    reqs = [eng.add_request(p, q) for p, q in zip(prompts, params)]
+    batches = recording_batches(eng)
+    while eng.has_unfinished():
+        eng.step()
+    rows = [b.num_tokens for b in batches if b.compiled]
+    assert {8, 7, 6, 5} <= set(rows)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert [r.sequence.output_token_ids for r in reqs] == want
+    assert eng.blocks.num_free == eng.blocks.num_blocks

@@ -16,7 +16,7 @@ from engine.core.model_runner import InFlightTokens, ModelRunner
 from engine.core.outputs import Logprob
 from engine.core.profile_step import dummy_lengths, dummy_step
 from engine.core.request import Request
-from engine.core.sampler import SamplerOutput, SamplingRow, TokenMask, sample
+from engine.core.sampler import SamplerOutput, TokenMask, sample
 from engine.core.sampling_params import SamplingParams
 from engine.core.structured_output import StructuredOutputs
 from engine.errors import ConveyorError, ModelLoadError, RequestError
@@ -180,6 +180,9 @@ class LLMEngine:
         self._in_flight: _LaunchedStep | None = None
         self.structured = StructuredOutputs(tokenizer, model.args.vocab_size)
         self.requests: dict[str, Request] = {}
+        # Requests whose grammar or penalties need the previous token on the
+        # host: kept as a set, not found by scanning every request every step.
+        self._host_bound: set[str] = set()
         self._ids = itertools.count()
         self._rng = random.Random(args.seed)
         self.prompt_tokens = 0
@@ -249,8 +252,15 @@ class LLMEngine:
         except RequestTooLong as exc:
             raise RequestError(str(exc)) from None
         self.requests[request_id] = request
+        if matcher is not None or params.has_penalties:
+            self._host_bound.add(request_id)
         self.prompt_tokens += len(ids)
         return request
+
+    def _forget(self, request_id: str) -> Request | None:
+        """Take a finished or aborted request out of the engine's books."""
+        self._host_bound.discard(request_id)
+        return self.requests.pop(request_id, None)
 
     def compile_grammar(self, params: SamplingParams) -> None:
         """Compile (and cache) the constraint of `params`, if any, so that
@@ -260,7 +270,7 @@ class LLMEngine:
             self.structured.compile(params.structured_outputs)
 
     def abort_request(self, request_id: str) -> Request | None:
-        request = self.requests.pop(request_id, None)
+        request = self._forget(request_id)
         if request is not None:
             self.scheduler.abort(request_id)
             request.finish(FinishReason.ABORT.value)
@@ -298,8 +308,7 @@ class LLMEngine:
     def _can_overlap(self) -> bool:
         """Whether the next step may be planned before the last one's tokens
         are on the host: not when a request's grammar or penalties need them."""
-        return self.async_scheduling and not any(
-            r.matcher is not None or r.params.has_penalties for r in self.requests.values())
+        return self.async_scheduling and not self._host_bound
 
     def _launch(self, out: SchedulerOutput, previous: _LaunchedStep | None) -> _LaunchedStep:
         """Build, run and sample one step on the device without waiting for it;
@@ -308,18 +317,15 @@ class LLMEngine:
             previous.result.token_ids, {c.seq_id: i for i, c in enumerate(previous.out.chunks)})
         batch = self.runner.prepare(out, in_flight)
         logits = self.runner.forward(batch)
-        rows, constrained = [], []
-        for i, chunk in enumerate(out.chunks):
-            request = self.requests[chunk.seq_id]
-            seq = request.sequence
-            rows.append(SamplingRow(request.params, request.seed, seq.prompt_token_ids,
-                                    seq.output_token_ids))
-            if request.matcher is not None and chunk.samples:
-                constrained.append(i)
+        # A request is its own sampling row (it has a SamplingRow's attributes).
+        requests = self.requests
+        rows = [requests[chunk.seq_id] for chunk in out.chunks]
+        constrained = [i for i, (r, chunk) in enumerate(zip(rows, out.chunks))
+                       if r.matcher is not None and chunk.samples] if self._host_bound else []
         mask = None
         if constrained:
             mx.async_eval(logits)  # the forward runs while the host computes the masks
-            matchers = [self.requests[out.chunks[i].seq_id].matcher for i in constrained]
+            matchers = [rows[i].matcher for i in constrained]
             mask = TokenMask(constrained, self.structured.fill_bitmask(matchers))
         result = sample(logits, rows, self.sampler_kernels, mask)
         if self.async_scheduling:
@@ -339,26 +345,28 @@ class LLMEngine:
         tokens = result.token_ids.tolist()  # the step's one host transfer of ids
         logprob = self._logprobs(step.out, result)
         touched: dict[str, Request] = {}
+        requests = self.requests
         for seq, token in self.scheduler.resolve(step.planned, tokens):
-            request = self.requests.get(seq.seq_id)
+            request = requests.get(seq.seq_id)
             if request is None:
                 continue
-            self.generated_tokens += 1
-            reason = request.append(token, logprob(seq.seq_id, token))
+            reason = request.append(token, None if logprob is None else logprob(seq.seq_id, token))
             if reason is not None and not seq.is_finished:
                 self.scheduler.finish(seq, reason)
             elif request.stop_reason is not None:
                 seq.finish_reason = FinishReason.STOP
             if seq.is_finished:
                 request.finish(seq.finish_reason.value)
-                self.requests.pop(seq.seq_id, None)
+                self._forget(seq.seq_id)
             touched[seq.seq_id] = request
+        self.generated_tokens += len(touched)
         return list(touched.values())
 
     def _logprobs(self, out: SchedulerOutput, result: SamplerOutput):
-        """seq_id, token -> the Logprob to report (None where not asked)."""
+        """seq_id, token -> the Logprob to report (None where not asked);
+        None when no row asked."""
         if result.logprobs is None:
-            return lambda seq_id, token: None
+            return None
         index = {c.seq_id: i for i, c in enumerate(out.chunks)}
         lps = result.logprobs.tolist()
         top_ids = result.top_ids.tolist() if result.top_ids is not None else None
@@ -377,7 +385,7 @@ class LLMEngine:
     def _fail_all(self, exc: BaseException) -> None:
         message = f"engine step failed: {type(exc).__name__}: {exc}"
         for seq in self.scheduler.reset(FinishReason.ABORT):
-            request = self.requests.pop(seq.seq_id, None)
+            request = self._forget(seq.seq_id)
             if request is not None:
                 request.finish(FinishReason.ABORT.value, error=message)
 

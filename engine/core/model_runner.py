@@ -16,8 +16,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from engine.core.block_tables import PaddedBlockTables
 from kvcache.attention.metadata import CommonAttentionMetadata, bucket
-from kvcache.block_manager import FREED
 from kvcache.paged_cache import PagedKVCache
 from scheduler.scheduler import ScheduledChunk, SchedulerOutput
 from scheduler.sequence import PENDING
@@ -58,6 +58,10 @@ class ModelRunner:
             token_bucket, width_bucket, chunk_bucket)
         self.real_tokens = 0
         self.padded_tokens = 0
+        # Block tables padded with the scratch block, which also stands in for
+        # blocks released behind a sliding window (no layer reads them: kernels
+        # skip them, the portable path masks them).
+        self.tables = PaddedBlockTables(cache.scratch_block)
         # Pure-decode steps run one compiled graph per (rows, width) bucket where
         # the backend allows it (CUDA): fewer launches and no per-op Python.
         self._compiled = None
@@ -70,25 +74,14 @@ class ModelRunner:
         """Share of computed token rows that were padding, over all steps."""
         return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
-    def _tables(self, chunks: list[ScheduledChunk], width: int) -> np.ndarray:
-        """[rows, width] block tables padded with the scratch block, which
-        also stands in for blocks released behind a sliding window (no layer
-        reads them: kernels skip them, the portable path masks them)."""
-        fill = self.cache.scratch_block
-        tables = np.array([list(c.block_table[:width]) + [fill] * (width - len(c.block_table))
-                           for c in chunks], dtype=np.int64)
-        tables[tables == FREED] = fill
-        return tables
-
-    def _common(self, tables: np.ndarray, lengths: list[int], slots: list[int],
-                positions: list[int], context: list[int], num_decode: int,
+    def _common(self, tables: np.ndarray, lengths, slots, positions, context, num_decode: int,
                 num_padding: int) -> CommonAttentionMetadata:
         """The step's attention metadata every backend starts from."""
         starts = np.zeros(len(lengths) + 1, np.int64)
         starts[1:] = np.cumsum(lengths)
         return CommonAttentionMetadata(
-            slots=np.array(slots, np.int64), positions=np.array(positions, np.int64),
-            query_start=starts, context_lens=np.array(context, np.int64), block_tables=tables,
+            slots=np.asarray(slots, np.int64), positions=np.asarray(positions, np.int64),
+            query_start=starts, context_lens=np.asarray(context, np.int64), block_tables=tables,
             num_decode=num_decode, num_padding=num_padding, block_size=self.bs,
             scratch_block=self.cache.scratch_block, width_bucket=self.width_bucket,
             chunk_bucket=self.chunk_bucket)
@@ -115,28 +108,34 @@ class ModelRunner:
         return ids, pos, slots, last
 
     @staticmethod
-    def _ids(ids: list[int], last: dict[str, int], in_flight: InFlightTokens | None,
-             ) -> mx.array:
+    def _ids(ids: list[int], last, in_flight: InFlightTokens | None) -> mx.array:
         """The packed ids as an MLX array, PENDING ones (only ever a chunk's
-        last token, at `last[seq_id]`) taken from the step in flight on the
-        device, without waiting for it."""
-        pending = [(at, seq_id) for seq_id, at in last.items() if ids[at] == PENDING]
+        last token: `last` holds (packed index, seq_id) of each chunk's)
+        taken from the step in flight on the device, without waiting for it."""
+        pending = [(at, seq_id) for at, seq_id in last if ids[at] == PENDING]
         if not pending:
             return mx.array(ids, dtype=mx.int32)
         if in_flight is None:
             raise RuntimeError("a PENDING token with no step in flight")
-        for at, _ in pending:
-            ids[at] = 0
-        at = mx.array([a for a, _ in pending], dtype=mx.int32)
-        rows = mx.array([in_flight.row_of[s] for _, s in pending], dtype=mx.int32)
+        at = [a for a, _ in pending]
+        rows = [in_flight.row_of[s] for _, s in pending]
+        tokens = in_flight.tokens.astype(mx.int32)
+        if at == rows == list(range(len(at))):
+            # Steady decode: the first rows are the previous step's rows, in
+            # order; take them as they are instead of scattering them.
+            k = len(at)
+            return tokens[:k] if k == len(ids) else mx.concatenate(
+                [tokens[:k], mx.array(ids[k:], dtype=mx.int32)])
+        for a in at:
+            ids[a] = 0
         packed = mx.array(ids, dtype=mx.int32)
-        packed[at] = in_flight.tokens[rows].astype(mx.int32)
+        packed[mx.array(at, dtype=mx.int32)] = tokens[mx.array(rows, dtype=mx.int32)]
         return packed
 
     def prepare(self, out: SchedulerOutput, in_flight: InFlightTokens | None = None) -> Batch:
         """The step's batch; `in_flight` supplies the ids of PENDING tokens."""
         chunks = list(out.chunks)
-        if self._compiled is not None and all(c.num_tokens == 1 for c in chunks):
+        if self._compiled is not None and all(len(c.token_ids) == 1 for c in chunks):
             return self._prepare_compiled_decode(chunks, in_flight)
         decode = [c for c in chunks if c.num_tokens == 1]
         ordered = decode + [c for c in chunks if c.num_tokens > 1]
@@ -151,11 +150,12 @@ class ModelRunner:
         self.padded_tokens += padded
         context = [c.start + c.num_tokens for c in ordered]
         width = bucket(-(-max(context) // self.bs), self.width_bucket)
-        common = self._common(self._tables(ordered, width), [c.num_tokens for c in ordered],
+        common = self._common(self.tables.build(ordered, width), [c.num_tokens for c in ordered],
                               slots, pos, context, len(decode), pad)
         meta = self.backend.build(common)
         logits_index = [last[c.seq_id] for c in chunks]
-        return Batch(self._ids(ids, last, in_flight), mx.array(pos, dtype=mx.int32), meta,
+        return Batch(self._ids(ids, ((at, s) for s, at in last.items()), in_flight),
+                     mx.array(pos, dtype=mx.int32), meta,
                      mx.array(logits_index, dtype=mx.int32), n, padded)
 
     def forward(self, batch: Batch) -> mx.array:
@@ -174,25 +174,25 @@ class ModelRunner:
                                  in_flight: InFlightTokens | None) -> Batch:
         # Rows are padded to a power of two with decode rows of context 1 that
         # write to and read from the scratch slot, so every shape in the
-        # graph comes from the bucket and nothing else.
+        # graph comes from the bucket and nothing else. One token a row: the
+        # positions, slots and contexts are numpy over the padded tables.
         n = len(chunks)
         rows = max(8, 1 << (n - 1).bit_length())
-        ids, pos, slots, last = self._token_lists(chunks)
-        pad = rows - n
-        ids += [0] * pad
-        pos += [0] * pad
-        slots += [self.cache.scratch_slot] * pad
-        context = [c.start + 1 for c in chunks] + [1] * pad
+        bs = self.bs
+        pos = np.zeros(rows, np.int64)
+        pos[:n] = [c.start for c in chunks]
+        context = pos + 1
         # Table widths in powers of two (>= 16 blocks): few graphs to compile.
-        width = max(16, 1 << (-(-max(context) // self.bs) - 1).bit_length())
-        tables = self._tables(chunks, width)
-        if pad:
-            tables = np.concatenate([tables, np.full((pad, width), self.cache.scratch_block)])
-        common = self._common(tables, [1] * rows, slots, pos, context, rows, 0)
+        width = max(16, 1 << (-(-int(context.max()) // bs) - 1).bit_length())
+        tables = self.tables.build(chunks, width, rows)
+        slots = tables[np.arange(rows), pos // bs] * bs + pos % bs  # padding: the scratch slot
+        common = self._common(tables, np.ones(rows, np.int64), slots, pos, context, rows, 0)
         self.real_tokens += n
         self.padded_tokens += rows
-        return Batch(self._ids(ids, last, in_flight), mx.array(pos, dtype=mx.int32),
-                     self.backend.build(common), None, n, rows, compiled=True)
+        ids = [c.token_ids[0] for c in chunks] + [0] * (rows - n)
+        return Batch(self._ids(ids, enumerate([c.seq_id for c in chunks]), in_flight),
+                     mx.array(pos.astype(np.int32)), self.backend.build(common), None, n, rows,
+                     compiled=True)
 
     def _decode_graph(self, ids: mx.array, positions: mx.array, *arrays: mx.array) -> mx.array:
         meta = self.backend.decode_metadata(ids.shape[0], *arrays)

@@ -44,6 +44,19 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    # What the sampler reads of a row (engine/core/sampler.py's SamplingRow).
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.sequence.prompt_token_ids
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.sequence.output_token_ids
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.sequence.num_output_tokens
+
     def append(self, token: int, logprob: Logprob | None) -> FinishReason | None:
         """Record a sampled token (already in the sequence); return a stop
         reason when a stop string matched (the caller finishes the sequence)."""
@@ -51,17 +64,22 @@ class Request:
             self.metrics.first_token_time = time.monotonic()
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(logprob)
-        seq = self.sequence
-        hidden = (token in seq.stop_token_ids or
-                  (not seq.ignore_eos and token in seq.eos_token_ids))
-        start = len(self.text)
-        if not hidden and self.detokenizer:  # EOS and stop tokens are not part of the text
-            self.text += self.detokenizer.add(token)
-        if self.params.stop and len(self.text) > start and self._find_stop(start):
+        # Stop strings need text (SamplingParams checks), so without a
+        # detokenizer there is nothing to add or look for.
+        if self.detokenizer is not None and self._add_text(token):
             return FinishReason.STOP
         if self.matcher is not None:
             return self._advance_matcher(token)
         return None
+
+    def _add_text(self, token: int) -> bool:
+        """Detokenize `token` onto the text; True when a stop string matched."""
+        seq = self.sequence
+        if token in seq.stop_token_ids or (not seq.ignore_eos and token in seq.eos_token_ids):
+            return False  # EOS and stop tokens are not part of the text
+        start = len(self.text)
+        self.text += self.detokenizer.add(token)
+        return bool(self.params.stop) and len(self.text) > start and self._find_stop(start)
 
     def _advance_matcher(self, token: int) -> FinishReason | None:
         # A preempted request is recomputed from its tokens without drawing

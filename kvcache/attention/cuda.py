@@ -314,6 +314,10 @@ class CudaMetadata:
     @classmethod
     def from_common(cls, common: CommonAttentionMetadata) -> CudaMetadata:
         n, pad = len(common.slots), common.num_padding
+        tables = mx.array(common.block_tables.astype(np.int32))
+        if common.num_decode == n:  # decode rows only (every compiled step): row i is chunk i
+            index = mx.arange(n, dtype=mx.int32)
+            return cls(tables, index, mx.array(common.positions.astype(np.int32)), index)
         real, lens = n - pad, common.chunk_lens
         table_of = np.zeros(n, np.int32)
         table_of[:real] = np.repeat(np.arange(common.num_chunks, dtype=np.int32), lens)
@@ -321,8 +325,7 @@ class CudaMetadata:
         chunk_start[:real] = np.repeat(common.query_start[:-1], lens)
         positions = common.positions.astype(np.int32)
         positions[real:] = -1
-        return cls(mx.array(common.block_tables.astype(np.int32)), mx.array(table_of),
-                   mx.array(positions), mx.array(chunk_start))
+        return cls(tables, mx.array(table_of), mx.array(positions), mx.array(chunk_start))
 
 
 # The shape gpu_check reports on: a Llama-style group of 4, head_dim 128.

@@ -242,6 +242,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.no_fuse:
         from engine.platform.cuda import CudaPlatform
+        from engine.platform.base import Platform
+        CudaPlatform.prepare_model = Platform.prepare_model
         CudaPlatform.fuse_projections = False
     for spec in filter(None, args.attention.split(",")):
         name, n = spec.split(":")

@@ -119,12 +119,14 @@ def _float_weights(engine, args):
 
 
 def _mlx_lm_twin(model, config):
-    """mlx-lm's llama holding exactly the same weights (parameter names match)."""
-    from mlx.utils import tree_flatten
+    """mlx-lm's llama holding exactly the same weights (parameter names match
+    once projections a platform fused are split back into views)."""
     from mlx_lm.models import llama
 
+    from models.layers.fusion import unfused_parameters
+
     twin = llama.Model(llama.ModelArgs.from_dict(config))
-    twin.load_weights(tree_flatten(model.parameters()), strict=True)
+    twin.load_weights(unfused_parameters(model), strict=True)
     return twin
 
 

@@ -295,3 +295,20 @@ def test_a_platform_that_fuses_projections_gets_the_same_tokens(tiny_llama_dir, 
     assert "qkv_proj" in llm.engine.model.layers[0].self_attn
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     assert got == want
+
+
+def test_unfused_parameters_load_into_mlx_lm(tmp_path):
+    """bench's mlx-lm twin loads a fused model's weights under the unfused
+    names and computes the same logits (the parts are row slices)."""
+    from mlx_lm.models import llama as mlx_lm_llama
+    from tiny_models import TINY_LLAMA
+
+    from models.layers.fusion import fuse_projections, unfused_parameters
+
+    path = write_tiny_llama(tmp_path / "llama")
+    model, config = load_model(path)
+    fuse_projections(model)
+    twin = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict({**TINY_LLAMA, **config}))
+    twin.load_weights(unfused_parameters(model), strict=True)
+    ids = mx.array([[3, 17, 40, 41, 9]])
+    assert mx.allclose(twin(ids)[0], model(ids[0]), atol=1e-4)

@@ -72,3 +72,30 @@ def concatenate(parts: list[nn.Module]) -> nn.Module | None:
     if with_bias[0]:
         out.bias = mx.concatenate([p.bias for p in parts], axis=0)
     return out
+
+
+def unfused_parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
+    """The model's parameters under the names they had before
+    `fuse_projections` (each fused array split back into its parts, row
+    slices of the same weights), for an oracle that loads them by name."""
+    from mlx.utils import tree_flatten
+
+    parts: dict[str, list[tuple[str, int]]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, Attention) and "qkv_proj" in module:
+            q, kv = module.n_heads * module.head_dim, module.n_kv_heads * module.head_dim
+            parts[f"{path}.qkv_proj"] = [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
+        elif isinstance(module, GatedMLP) and "gate_up_proj" in module:
+            half = module.gate_up_proj.weight.shape[0] // 2
+            parts[f"{path}.gate_up_proj"] = [("gate_proj", half), ("up_proj", half)]
+    out = []
+    for name, value in tree_flatten(model.parameters()):
+        owner, _, leaf = name.rpartition(".")
+        if owner not in parts:
+            out.append((name, value))
+            continue
+        parent, start = owner.rpartition(".")[0], 0
+        for part, rows in parts[owner]:
+            out.append((f"{parent}.{part}.{leaf}", value[start:start + rows]))
+            start += rows
+    return out

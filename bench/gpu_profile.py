@@ -130,15 +130,18 @@ def attention_sweep(name: str, rows: int, context: int = 192) -> dict:
     kv = mx.random.normal((rows, kvh, d)).astype(mx.bfloat16)
     mx.eval(k_pool, v_pool, q, kv)
     out = {}
-    saved = cuda_attention.WARPS, cuda_attention.UNROLL
+    saved = cuda_attention.WARPS, cuda_attention.UNROLL, cuda_attention.LANES_PER_KEY
     try:
-        for warps, unroll in ((4, 4), (4, 8), (8, 4), (8, 8), (2, 8), (4, 16)):
+        for warps, unroll, lanes in ((4, 4, 32), (4, 4, None), (4, 2, None), (4, 8, None),
+                                     (8, 2, None), (2, 4, None), (4, 4, 8)):
             cuda_attention.WARPS, cuda_attention.UNROLL = warps, unroll
+            cuda_attention.LANES_PER_KEY = lanes
             us = timed_us(lambda: cuda_attention.paged_attention(
                 q, k_pool, v_pool, kv, kv, meta, d**-0.5, bs, kvh), repeat=32)
-            out[f"w{warps}u{unroll}_us"] = round(us, 1)
+            auto = cuda_attention.lanes_per_key(d, heads // kvh)
+            out[f"w{warps}u{unroll}l{lanes or auto}_us"] = round(us, 1)
     finally:
-        cuda_attention.WARPS, cuda_attention.UNROLL = saved
+        cuda_attention.WARPS, cuda_attention.UNROLL, cuda_attention.LANES_PER_KEY = saved
     kv_bytes = rows * context * kvh * d * 2 * 2
     out["kv_read_floor_us"] = round(kv_bytes / 4.8e6, 1)
     return out

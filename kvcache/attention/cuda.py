@@ -6,12 +6,14 @@ The portable path scatters new K/V into the pools with MLX, which on CUDA
 copies the whole pool on every write (0.25 ms into 0.25 GiB, 0.79 ms into
 1 GiB on an H100), and gathers each context into a new array before SDPA
 (on an H100 that gather cost ~4x the attention itself). Here one thread
-block serves one (packed token, KV head): its 4 warps walk the token's block
-table, each taking runs of UNROLL tokens (all their loads issued before any
-is used), with an online softmax for the query heads of the group, and the
-warps' partial results are merged through shared memory at the end. Keys of
-the token's own chunk come from this step's k/v, older ones from the pools;
-warp 0 stores the token's own k/v into its slot.
+block serves one (packed token, KV head): its 4 warps split into sub-warps of
+a few lanes per key (8 elements a lane, so a score takes log2(lanes)
+shuffles), each walking runs of UNROLL keys of the token's block table (all
+their loads issued before any is used) with an online softmax for the query
+heads of the group; the partial results are merged through shared memory at
+the end. Keys of the token's own chunk come from this step's k/v (rotated
+here when the kernel applies RoPE), older ones from the pools; the first
+sub-warp stores the token's own k/v into its slot.
 
 Why writing into an input is sound here (MLX arrays are otherwise values):
 - MLX hands a custom kernel the buffer of an evaluated row-contiguous input
@@ -45,22 +47,36 @@ from kvcache.attention.backend import AttentionBackend
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
 
 WARPS = 4
-UNROLL = 4  # tokens a warp loads before computing on them
+UNROLL = 4  # keys a sub-warp loads before computing on them
+# Lanes per key: 8 elements a lane (16-byte loads in half precision), at most
+# a warp. Fewer lanes a key mean fewer shuffles a score (log2 of the lanes);
+# None picks that, a number forces it (bench/gpu_profile.py compares).
+LANES_PER_KEY: int | None = None
 SHARED_MEMORY = 48 << 10  # static shared memory a thread block may use
 
 _SOURCE = """
-    constexpr int PER_LANE = D / 32;
+    // SUB lanes (a sub-warp, SUB <= 32) share one key: each holds PER_LANE of
+    // its D elements, so a score is summed in log2(SUB) shuffles and a warp
+    // works on 32 / SUB keys at once. Every shuffle names its sub-warp's lanes
+    // only: sub-warps of a warp may walk different keys.
+    constexpr int PER_LANE = D / SUB;
+    constexpr int SUBS = 32 / SUB;
+    constexpr int WORKERS = NWARPS * SUBS;
     const int bk = blockIdx.x;
     const int i = bk / KVH;  // the packed token this thread block serves
     const int kvh = bk % KVH;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
+    const int sub_lane = lane % SUB;
+    const int worker = warp * SUBS + lane / SUB;
+    const unsigned sub_mask = SUB == 32 ? 0xffffffffu
+                                        : ((1u << SUB) - 1u) << (lane / SUB * SUB);
     const int pos = positions[i];
-    const size_t out_at = ((size_t)i * KVH * G + kvh * G) * D + lane * PER_LANE;
+    const size_t out_at = ((size_t)i * KVH * G + kvh * G) * D;
     if (pos < 0) {  // padding: stores nothing, attends nothing
         if (warp == 0)
             for (int g = 0; g < G; ++g)
-                for (int e = 0; e < PER_LANE; ++e) out[out_at + (size_t)g * D + e] = T(0);
+                for (int j = lane; j < D; j += 32) out[out_at + (size_t)g * D + j] = T(0);
         return;
     }
     const float scale = floats_in[0];
@@ -76,28 +92,28 @@ _SOURCE = """
     const int p0 = pos - (i - first);
     // Packed token r's q, k and v rows start at r * stride + offset (q, k_new
     // and v_new may be one fused q/k/v projection); this lane's share of head h
-    // is D elements further per head, PER_LANE of them from lane * PER_LANE.
+    // is D elements further per head, PER_LANE of them from sub_lane * PER_LANE.
     const int q_stride = ints_in[2], k_stride = ints_in[3], v_stride = ints_in[4];
     const int q_off = ints_in[5], k_off = ints_in[6], v_off = ints_in[7];
-    const int lane_at = lane * PER_LANE;
+    const int lane_at = sub_lane * PER_LANE;
 
     float qv[G][PER_LANE];
     for (int g = 0; g < G; ++g) {
         const size_t at = (size_t)i * q_stride + q_off + (size_t)(kvh * G + g) * D + lane_at;
         for (int e = 0; e < PER_LANE; ++e) qv[g][e] = static_cast<float>(q[at + e]);
-        if (ROTATE) rotate<PER_LANE, TRAD>(qv[g], rope_cos, rope_sin, i, lane);
+        if (ROTATE) rotate<PER_LANE, TRAD, SUB>(qv[g], rope_cos, rope_sin, i, sub_lane, sub_mask);
         for (int e = 0; e < PER_LANE; ++e) qv[g][e] *= scale;
     }
     // This token's K/V are stored into the pools here, in place (see the
     // module docstring for why that is sound), its key rotated first.
-    if (warp == 0) {
+    if (worker == 0) {
         const int block = table[pos / BS];
         const size_t row = ((size_t)(block * BS + pos % BS) * KVH + kvh) * D + lane_at;
         const size_t k_at = (size_t)i * k_stride + k_off + (size_t)kvh * D + lane_at;
         const size_t v_at = (size_t)i * v_stride + v_off + (size_t)kvh * D + lane_at;
         float kx[PER_LANE];
         for (int e = 0; e < PER_LANE; ++e) kx[e] = static_cast<float>(k_new[k_at + e]);
-        if (ROTATE) rotate<PER_LANE, TRAD>(kx, rope_cos, rope_sin, i, lane);
+        if (ROTATE) rotate<PER_LANE, TRAD, SUB>(kx, rope_cos, rope_sin, i, sub_lane, sub_mask);
         T* k_out = (T*)k_pool;
         T* v_out = (T*)v_pool;
         for (int e = 0; e < PER_LANE; ++e) {
@@ -110,11 +126,11 @@ _SOURCE = """
         m[g] = -INFINITY; l[g] = 0.f;
         for (int e = 0; e < PER_LANE; ++e) acc[g][e] = 0.f;
     }
-    // Each warp takes UNROLL consecutive tokens at a time and issues all their
-    // K/V loads (one vector load per lane and row) before using any: more
-    // bytes in flight per warp, which is what attention over a cache waits on.
+    // Each sub-warp takes UNROLL consecutive keys at a time and issues all
+    // their K/V loads (one vector load per lane and row) before using any:
+    // more bytes in flight, which is what attention over a cache waits on.
     struct alignas(sizeof(T) * PER_LANE) Lanes { T v[PER_LANE]; };
-    for (int t0 = first_t + warp * UNROLL; t0 < ctx; t0 += NWARPS * UNROLL) {
+    for (int t0 = first_t + worker * UNROLL; t0 < ctx; t0 += WORKERS * UNROLL) {
         Lanes kl[UNROLL], vl[UNROLL];
         int fresh_row[UNROLL];  // packed row of a key of this step's chunk, else -1
         for (int u = 0; u < UNROLL; ++u) {
@@ -135,24 +151,26 @@ _SOURCE = """
             }
         }
         // Keys from the pools were rotated when stored; this chunk's are
-        // rotated here (warp-uniform branch: every lane has the same row).
+        // rotated here (uniform within the sub-warp: its lanes share the row).
         if (ROTATE)
             for (int u = 0; u < UNROLL; ++u)
                 if (fresh_row[u] >= 0) {
                     float x[PER_LANE];
                     for (int e = 0; e < PER_LANE; ++e) x[e] = static_cast<float>(kl[u].v[e]);
-                    rotate<PER_LANE, TRAD>(x, rope_cos, rope_sin, fresh_row[u], lane);
+                    rotate<PER_LANE, TRAD, SUB>(x, rope_cos, rope_sin, fresh_row[u], sub_lane,
+                                                sub_mask);
                     for (int e = 0; e < PER_LANE; ++e) kl[u].v[e] = static_cast<T>(x[e]);
                 }
         // Scores of the run first, then one softmax rescale for the whole run
-        // (not one a token): a quarter of the exps and accumulator rescales.
+        // (not one a key): fewer exps and accumulator rescales.
         float sc[UNROLL][G];
         for (int u = 0; u < UNROLL; ++u)
             for (int g = 0; g < G; ++g) {
                 float s = 0.f;
                 for (int e = 0; e < PER_LANE; ++e)
                     s += qv[g][e] * static_cast<float>(kl[u].v[e]);
-                for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+                for (int off = SUB / 2; off > 0; off >>= 1)
+                    s += __shfl_xor_sync(sub_mask, s, off);
                 if (softcap > 0.f) s = softcap * tanhf(s / softcap);
                 sc[u][g] = t0 + u < ctx ? s : -INFINITY;
             }
@@ -171,28 +189,29 @@ _SOURCE = """
             m[g] = m_new;
         }
     }
-    __shared__ float sm_m[NWARPS][G];
-    __shared__ float sm_l[NWARPS][G];
-    __shared__ float sm_acc[NWARPS][G][D];
+    // The sub-warps' partial softmaxes, merged by warp 0.
+    __shared__ float sm_m[WORKERS][G];
+    __shared__ float sm_l[WORKERS][G];
+    __shared__ float sm_acc[WORKERS][G][D];
     for (int g = 0; g < G; ++g) {
-        if (lane == 0) { sm_m[warp][g] = m[g]; sm_l[warp][g] = l[g]; }
-        for (int e = 0; e < PER_LANE; ++e) sm_acc[warp][g][lane * PER_LANE + e] = acc[g][e];
+        if (sub_lane == 0) { sm_m[worker][g] = m[g]; sm_l[worker][g] = l[g]; }
+        for (int e = 0; e < PER_LANE; ++e) sm_acc[worker][g][lane_at + e] = acc[g][e];
     }
     __syncthreads();
     if (warp == 0) {
         for (int g = 0; g < G; ++g) {
             float mx_ = -INFINITY;
-            for (int w = 0; w < NWARPS; ++w) mx_ = fmaxf(mx_, sm_m[w][g]);
+            for (int w = 0; w < WORKERS; ++w) mx_ = fmaxf(mx_, sm_m[w][g]);
             float denom = 0.f;
-            float wts[NWARPS];
-            for (int w = 0; w < NWARPS; ++w) {
+            float wts[WORKERS];
+            for (int w = 0; w < WORKERS; ++w) {
                 wts[w] = sm_l[w][g] > 0.f ? __expf(sm_m[w][g] - mx_) : 0.f;
                 denom += sm_l[w][g] * wts[w];
             }
-            for (int e = 0; e < PER_LANE; ++e) {
+            for (int j = lane; j < D; j += 32) {
                 float o = 0.f;
-                for (int w = 0; w < NWARPS; ++w) o += sm_acc[w][g][lane * PER_LANE + e] * wts[w];
-                out[out_at + (size_t)g * D + e] = static_cast<T>(o / denom);
+                for (int w = 0; w < WORKERS; ++w) o += sm_acc[w][g][j] * wts[w];
+                out[out_at + (size_t)g * D + j] = static_cast<T>(o / denom);
             }
         }
     }
@@ -200,26 +219,26 @@ _SOURCE = """
 
 # RoPE inside the kernel: cos/sin rows [N, D/2] (float32, magnitude folded
 # in) per packed token. Non-traditional pairs element j with j + D/2, which
-# sits PER_LANE * 16 elements on, in the lane 16 away; traditional pairs 2p
-# with 2p + 1, both in one lane (PER_LANE even).
+# sits in the lane SUB / 2 away within the sub-warp; traditional pairs 2p with
+# 2p + 1, both in one lane (PER_LANE even).
 _HEADER = """
-template <int P, int TRAD>
+template <int P, int TRAD, int SUB>
 __device__ inline void rotate(float (&x)[P], const float* cos_rows, const float* sin_rows,
-                              int row, int lane) {
-    const float* c = cos_rows + (size_t)row * (16 * P);
-    const float* s = sin_rows + (size_t)row * (16 * P);
+                              int row, int sub_lane, unsigned mask) {
+    const float* c = cos_rows + (size_t)row * (SUB / 2 * P);
+    const float* s = sin_rows + (size_t)row * (SUB / 2 * P);
     if (TRAD) {
         for (int e = 0; e + 1 < P; e += 2) {
-            const int p = (lane * P + e) / 2;
+            const int p = (sub_lane * P + e) / 2;
             const float a = x[e], b = x[e + 1];
             x[e] = a * c[p] - b * s[p];
             x[e + 1] = b * c[p] + a * s[p];
         }
     } else {
-        const bool low = lane < 16;
+        const bool low = sub_lane < SUB / 2;
         for (int e = 0; e < P; ++e) {
-            const float partner = __shfl_xor_sync(0xffffffff, x[e], 16);
-            const int p = (lane & 15) * P + e;
+            const float partner = __shfl_xor_sync(mask, x[e], SUB / 2);
+            const int p = (sub_lane % (SUB / 2)) * P + e;
             x[e] = low ? x[e] * c[p] - partner * s[p] : x[e] * c[p] + partner * s[p];
         }
     }
@@ -285,12 +304,36 @@ def _launch(q, k_new, v_new, layout: tuple, rope: tuple | None, k_pool, v_pool,
                 mx.array([width, window, *layout], dtype=mx.int32)],
         template=[("T", q.dtype), ("D", dim), ("G", heads // n_kv_heads), ("KVH", n_kv_heads),
                   ("BS", block_size), ("NWARPS", WARPS), ("UNROLL", UNROLL),
-                  ("ROTATE", int(rope is not None)), ("TRAD", int(traditional))],
+                  ("SUB", lanes_per_key(dim, heads // n_kv_heads)),
+                  ("ROTATE", int(rope is not None)),
+                  ("TRAD", int(traditional))],
         grid=(n * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
 
 
 _NO_ROPE = mx.zeros((1,), dtype=mx.float32)
+
+
+def lanes_per_key(head_dim: int, group: int) -> int:
+    """8 elements a lane where the sub-warps' partial results fit in shared
+    memory, else more lanes a key (fewer sub-warps), up to a warp."""
+    if LANES_PER_KEY:
+        return LANES_PER_KEY
+    lanes = min(32, max(2, head_dim // 8))
+    while lanes < 32 and _shared_bytes(head_dim, group, lanes) > SHARED_MEMORY:
+        lanes *= 2
+    return lanes
+
+
+def _shared_bytes(head_dim: int, group: int, lanes: int) -> int:
+    # Each sub-warp's partial softmax: max, sum and accumulator per query head.
+    return WARPS * 32 // lanes * group * (head_dim + 2) * 4
+
+
+def shared_bytes(spec: AttentionSpec) -> int:
+    """Static shared memory a thread block of the kernel uses at `spec`."""
+    return _shared_bytes(spec.head_dim, spec.group,
+                         lanes_per_key(spec.head_dim, spec.group))
 
 
 @dataclass
@@ -340,7 +383,7 @@ def unsupported(spec: AttentionSpec) -> str | None:
         return f"the CUDA attention kernel needs head_dim 32, 64, 128 or 256, not {spec.head_dim}"
     if spec.num_kv_heads <= 0 or spec.num_heads % spec.num_kv_heads:
         return f"{spec.num_heads} query heads do not split evenly over {spec.num_kv_heads} KV heads"
-    if WARPS * spec.group * (spec.head_dim + 2) * 4 > SHARED_MEMORY:
+    if shared_bytes(spec) > SHARED_MEMORY:
         return (f"the CUDA attention kernel's shared memory does not fit {spec.group} query "
                 f"heads per KV head at head_dim {spec.head_dim}")
     return None
@@ -367,8 +410,7 @@ def verify(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
     # every case, traditional once where the head allows it) against mx.fast.rope.
     cases = [(cap, window, rope) for window in windows for cap in caps
              for rope in (None, "neox")]
-    if spec.head_dim >= 64:
-        cases.append((0.0, 0, "traditional"))
+    cases.append((0.0, 0, "traditional"))
     try:
         return all(_verify(spec, *case) < 2e-2 for case in cases)
     except Exception as exc:  # a compile or launch failure: fall back
@@ -488,9 +530,8 @@ class CudaAttention(AttentionBackend):
         return out.astype(q.dtype)
 
     def packs_qkv(self, rope) -> bool:
-        # The kernel rotates whole heads; traditional pairs must share a lane.
-        return rope is None or (rope.dims == self.spec.head_dim and
-                                (not rope.traditional or self.spec.head_dim >= 64))
+        # The kernel rotates whole heads (a lane holds an even number of elements).
+        return rope is None or rope.dims == self.spec.head_dim
 
     def attend_packed(self, view, qkv: mx.array, heads: int, rope, positions: mx.array,
                       scale: float, window: int | None = None,

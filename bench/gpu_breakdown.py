@@ -71,13 +71,15 @@ def main() -> None:
     # and uncompiled with attention, so the two compare).
     result["forward_uncompiled_ms"] = timed(lambda: mx.eval(eng.model(
         batch.input_ids, batch.positions, cache.views(meta))))
-    original = paged_cache.PagedLayerView.attend
-    paged_cache.PagedLayerView.attend = lambda self, q, k, v, scale: q
+    view = paged_cache.PagedLayerView
+    original = view.attend, view.packs_qkv
+    view.attend = lambda self, q, k, v, scale, *rest: q
+    view.packs_qkv = lambda self, rope: False
     try:
         result["forward_without_attention_ms"] = timed(lambda: mx.eval(eng.model(
             batch.input_ids, batch.positions, cache.views(meta))))
     finally:
-        paged_cache.PagedLayerView.attend = original
+        view.attend, view.packs_qkv = original
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
                       for k, v in result.items()}))
 

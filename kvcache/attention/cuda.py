@@ -46,7 +46,10 @@ import numpy as np
 from kvcache.attention.backend import AttentionBackend
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
 
-WARPS = 4
+# Two warps a thread block: 8B x 256 rows 11,178 out tok/s against 10,640 with
+# four (H200, bench/results/h200_s6_warps.log); the kernel alone 145 against
+# 194 us a layer (h200_s6_main.log).
+WARPS = 2
 UNROLL = 4  # keys a sub-warp loads before computing on them
 # Lanes per key: 8 elements a lane (16-byte loads in half precision), at most
 # a warp. Fewer lanes a key mean fewer shuffles a score (log2 of the lanes);

@@ -145,20 +145,33 @@ class Scheduler:
     # -- one step ----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        plan: list[tuple[Sequence, int]] = []
+        chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
 
-        running = SequenceStatus.RUNNING
+        # Every running sequence every step (256 rows a step on a GPU, where
+        # the host is the bottleneck): its chunk is made here, no calls but
+        # the block manager's two questions.
+        running, max_len = SequenceStatus.RUNNING, self.config.max_model_len
+        blocks_needed, table_snapshot = self.blocks.blocks_needed, self.blocks.table_snapshot
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not running or self._last_token_in_flight(seq):
-                continue  # preempted earlier in this loop, or nothing left to compute
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            if not self._reserve(seq, n, preempted):
+            if seq.status is not running:
+                continue  # preempted earlier in this loop
+            tokens = seq.token_ids
+            end = len(tokens)
+            # Its token on the way (asynchronous scheduling) is its last one
+            # (max_tokens, context): nothing left to compute.
+            if seq.num_pending and (end >= seq.max_num_tokens or end >= max_len):
                 continue
-            plan.append((seq, n))
-            budget -= n
+            start = seq.num_computed_tokens
+            stop = end if end - start <= budget else start + budget
+            # Preempting others leaves `seq`'s table, so its snapshot, as it is.
+            if blocks_needed(seq.seq_id, stop) and not self._reserve(seq, stop, preempted):
+                continue
+            chunks.append(ScheduledChunk(seq.seq_id, tuple(tokens[start:stop]), start,
+                                         table_snapshot(seq.seq_id), stop == end))
+            budget -= stop - start
 
         # Admit only when nothing was preempted: a step short of blocks for
         # its running sequences has none to give to new ones.
@@ -179,35 +192,25 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            plan.append((seq, n))
+            chunks.append(self._chunk(seq, n))
             budget -= n
 
         self.stats.steps += 1
-        chunks = tuple([self._chunk(seq, n) for seq, n in plan])
-        return SchedulerOutput(chunks, tuple(preempted),
+        return SchedulerOutput(tuple(chunks), tuple(preempted),
                                self.config.max_num_batched_tokens - budget)
 
-    def _last_token_in_flight(self, seq: Sequence) -> bool:
-        """Its token on the way (asynchronous scheduling) is its last one
-        (max_tokens, context): it is not scheduled again."""
-        return bool(seq.num_pending) and seq.length_reached_at(
-            len(seq.token_ids) - 1, self.config.max_model_len) is not None
-
-    def _reserve(self, seq: Sequence, n: int, preempted: list[str]) -> bool:
-        """Make room for `n` more tokens of `seq`, preempting the most recently
-        admitted sequences if needed; False when `seq` itself was preempted."""
-        target = seq.num_computed_tokens + n
-        need = self.blocks.blocks_needed(seq.seq_id, target)
-        if not need:  # most decode steps: the newest block has room
-            return True
-        # Preempting others leaves `seq`'s table, so what it needs, as it is.
+    def _reserve(self, seq: Sequence, num_tokens: int, preempted: list[str]) -> bool:
+        """Grow `seq`'s blocks to hold `num_tokens`, preempting the most
+        recently admitted sequences if needed; False when `seq` itself was
+        preempted."""
+        need = self.blocks.blocks_needed(seq.seq_id, num_tokens)
         while not self.blocks.can_allocate(need):
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim.seq_id)
             if victim is seq:
                 return False
-        self.blocks.allocate(seq.seq_id, target)
+        self.blocks.allocate(seq.seq_id, num_tokens)
         return True
 
     def _preempt(self, seq: Sequence) -> None:

@@ -16,7 +16,7 @@ from engine.core.model_runner import InFlightTokens, ModelRunner
 from engine.core.outputs import Logprob
 from engine.core.profile_step import dummy_lengths, dummy_step
 from engine.core.request import Request
-from engine.core.sampler import SamplerOutput, TokenMask, sample
+from engine.core.sampler import RowNeedsCounter, SamplerOutput, TokenMask, sample
 from engine.core.sampling_params import SamplingParams
 from engine.core.structured_output import StructuredOutputs
 from engine.errors import ConveyorError, ModelLoadError, RequestError
@@ -183,6 +183,9 @@ class LLMEngine:
         # Requests whose grammar or penalties need the previous token on the
         # host: kept as a set, not found by scanning every request every step.
         self._host_bound: set[str] = set()
+        # Which sampling options live requests use: a step's sampler skips
+        # checking its rows for one that none uses.
+        self._row_needs = RowNeedsCounter()
         self._ids = itertools.count()
         self._rng = random.Random(args.seed)
         self.prompt_tokens = 0
@@ -252,6 +255,7 @@ class LLMEngine:
         except RequestTooLong as exc:
             raise RequestError(str(exc)) from None
         self.requests[request_id] = request
+        self._row_needs.count(params, 1)
         if matcher is not None or params.has_penalties:
             self._host_bound.add(request_id)
         self.prompt_tokens += len(ids)
@@ -260,7 +264,10 @@ class LLMEngine:
     def _forget(self, request_id: str) -> Request | None:
         """Take a finished or aborted request out of the engine's books."""
         self._host_bound.discard(request_id)
-        return self.requests.pop(request_id, None)
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self._row_needs.count(request.params, -1)
+        return request
 
     def compile_grammar(self, params: SamplingParams) -> None:
         """Compile (and cache) the constraint of `params`, if any, so that
@@ -327,7 +334,7 @@ class LLMEngine:
             mx.async_eval(logits)  # the forward runs while the host computes the masks
             matchers = [rows[i].matcher for i in constrained]
             mask = TokenMask(constrained, self.structured.fill_bitmask(matchers))
-        result = sample(logits, rows, self.sampler_kernels, mask)
+        result = sample(logits, rows, self.sampler_kernels, mask, self._row_needs.needs)
         if self.async_scheduling:
             mx.async_eval(*self._step_arrays(result))
         return _LaunchedStep(out, result, self.scheduler.plan_results(out))

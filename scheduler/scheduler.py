@@ -63,11 +63,12 @@ class SchedulerOutput:
 
 
 # What a step will have done to one sequence once it has run: (seq, row,
-# computed, index): its computed count then, and where its sampled token goes
-# (index into token_ids, None if the chunk samples nothing), taken from `row`
-# of the step's sampled ids. A plain tuple: even a named one costs ~0.2 us a
-# row to build, 50 us a step at 256 rows.
-PlannedResult = tuple[Sequence, int, int, int | None]
+# computed, index, fills): its computed count then, where its sampled token
+# goes (index into token_ids, None if the chunk samples nothing), taken from
+# `row` of the step's sampled ids, and whether the chunk completes a block
+# (only then has prefix caching a block to register). A plain tuple: even a
+# named one costs ~0.2 us a row to build, 50 us a step at 256 rows.
+PlannedResult = tuple[Sequence, int, int, int | None, bool]
 
 
 @dataclass
@@ -240,17 +241,19 @@ class Scheduler:
         while this one runs (asynchronous scheduling); `resolve` fills them in."""
         planned = []
         sequences, running = self.sequences, SequenceStatus.RUNNING
+        bs = self.blocks.block_size
         for row, chunk in enumerate(output.chunks):
             seq = sequences.get(chunk.seq_id)
             if seq is None or seq.status is not running:
                 continue  # aborted or preempted since the step was planned
-            seq.num_computed_tokens += len(chunk.token_ids)
+            n = len(chunk.token_ids)
+            computed = seq.num_computed_tokens = seq.num_computed_tokens + n
             index = None
             if chunk.samples:
                 index = len(seq.token_ids)
                 seq.token_ids.append(PENDING)
                 seq.num_pending += 1
-            planned.append((seq, row, seq.num_computed_tokens, index))
+            planned.append((seq, row, computed, index, computed % bs < n))
         return planned
 
     def resolve(self, planned: list[PlannedResult], sampled: list[int],
@@ -261,10 +264,13 @@ class Scheduler:
         new_tokens = []
         finished, running = SequenceStatus.FINISHED, SequenceStatus.RUNNING
         max_model_len = self.config.max_model_len
+        # Registration has nothing to do unless the chunk completed a block:
+        # the sequence's earlier blocks were registered by the chunks that
+        # completed them (or it was freed since, and its prefix taken anew).
         register = self.blocks.register_computed
         # Without a sliding window no block is ever released behind one.
         release = self.blocks.release_behind_window if self.blocks.sliding_window else None
-        for seq, row, computed, index in planned:
+        for seq, row, computed, index, fills in planned:
             status = seq.status
             if status is finished:
                 continue
@@ -274,7 +280,8 @@ class Scheduler:
                 seq.num_pending -= 1
                 new_tokens.append((seq, token))
             if status is running:
-                register(seq.seq_id, seq.token_ids, computed)
+                if fills:
+                    register(seq.seq_id, seq.token_ids, computed)
                 if release is not None:  # registered first: leaving blocks stay findable
                     release(seq.seq_id, computed)
             if index is None:

@@ -34,7 +34,7 @@ from scheduler.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
-from scheduler.sequence import FinishReason
+from scheduler.sequence import FinishReason, SequenceStatus
 
 
 class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -351,23 +351,23 @@ class LLMEngine:
         mx.eval(*self._step_arrays(result))
         tokens = result.token_ids.tolist()  # the step's one host transfer of ids
         logprob = self._logprobs(step.out, result)
-        touched: dict[str, Request] = {}
-        requests = self.requests
+        touched: list[Request] = []  # a sequence has one row a step, so one token
+        requests, finished = self.requests, SequenceStatus.FINISHED
         for seq, token in self.scheduler.resolve(step.planned, tokens):
             request = requests.get(seq.seq_id)
             if request is None:
                 continue
             reason = request.append(token, None if logprob is None else logprob(seq.seq_id, token))
-            if reason is not None and not seq.is_finished:
+            if reason is not None and seq.status is not finished:
                 self.scheduler.finish(seq, reason)
             elif request.stop_reason is not None:
                 seq.finish_reason = FinishReason.STOP
-            if seq.is_finished:
+            if seq.status is finished:
                 request.finish(seq.finish_reason.value)
                 self._forget(seq.seq_id)
-            touched[seq.seq_id] = request
+            touched.append(request)
         self.generated_tokens += len(touched)
-        return list(touched.values())
+        return touched
 
     def _logprobs(self, out: SchedulerOutput, result: SamplerOutput):
         """seq_id, token -> the Logprob to report (None where not asked);

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from kvcache.block_manager import BlockManager
 from scheduler.sequence import PENDING, FinishReason, Sequence, SequenceStatus
@@ -60,6 +61,11 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+    @cached_property
+    def seq_ids(self) -> list[str]:
+        """The sequence of each chunk, in order (asked by several consumers)."""
+        return [chunk.seq_id for chunk in self.chunks]
 
 
 # What a step will have done to one sequence once it has run: (seq, row,

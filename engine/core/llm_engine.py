@@ -321,12 +321,12 @@ class LLMEngine:
         """Build, run and sample one step on the device without waiting for it;
         the scheduler then counts it as done with PENDING tokens."""
         in_flight = None if previous is None else InFlightTokens(
-            previous.result.token_ids, {c.seq_id: i for i, c in enumerate(previous.out.chunks)})
+            previous.result.token_ids, previous.out.seq_ids)
         batch = self.runner.prepare(out, in_flight)
         logits = self.runner.forward(batch)
         # A request is its own sampling row (it has a SamplingRow's attributes).
         requests = self.requests
-        rows = [requests[chunk.seq_id] for chunk in out.chunks]
+        rows = list(map(requests.__getitem__, out.seq_ids))
         constrained = [i for i, (r, chunk) in enumerate(zip(rows, out.chunks))
                        if r.matcher is not None and chunk.samples] if self._host_bound else []
         mask = None

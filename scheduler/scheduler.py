@@ -156,10 +156,10 @@ class Scheduler:
         preempted: list[str] = []
 
         # Every running sequence every step (256 rows a step on a GPU, where
-        # the host is the bottleneck): its chunk is made here, no calls but
-        # the block manager's two questions.
+        # the host is the bottleneck): its chunk is made here, with one call
+        # (its table, whose length says whether it needs a block).
         running, max_len = SequenceStatus.RUNNING, self.config.max_model_len
-        blocks_needed, table_snapshot = self.blocks.blocks_needed, self.blocks.table_snapshot
+        table_snapshot, bs = self.blocks.table_snapshot, self.blocks.block_size
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -173,11 +173,13 @@ class Scheduler:
                 continue
             start = seq.num_computed_tokens
             stop = end if end - start <= budget else start + budget
-            # Preempting others leaves `seq`'s table, so its snapshot, as it is.
-            if blocks_needed(seq.seq_id, stop) and not self._reserve(seq, stop, preempted):
-                continue
-            chunks.append(ScheduledChunk(seq.seq_id, tuple(tokens[start:stop]), start,
-                                         table_snapshot(seq.seq_id), stop == end))
+            table = table_snapshot(seq.seq_id)
+            if stop > len(table) * bs:  # most decode steps: the newest block has room
+                if not self._reserve(seq, stop, preempted):
+                    continue
+                table = table_snapshot(seq.seq_id)  # preempting others left it as it is
+            chunks.append(ScheduledChunk(seq.seq_id, tuple(tokens[start:stop]), start, table,
+                                         stop == end))
             budget -= stop - start
 
         # Admit only when nothing was preempted: a step short of blocks for

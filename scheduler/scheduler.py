@@ -56,11 +56,21 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[str, ...] = ()
-    num_batched_tokens: int = 0
+    num_batched_tokens: int = -1  # the chunks' tokens (-1: counted here)
+
+    def __post_init__(self):
+        if self.num_batched_tokens < 0:
+            object.__setattr__(self, "num_batched_tokens",
+                               sum(len(c.token_ids) for c in self.chunks))
 
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+    @property
+    def decode_only(self) -> bool:
+        """Every chunk is one token."""
+        return self.num_batched_tokens == len(self.chunks)
 
     @cached_property
     def seq_ids(self) -> list[str]:

@@ -143,9 +143,9 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput, in_flight: InFlightTokens | None = None) -> Batch:
         """The step's batch; `in_flight` supplies the ids of PENDING tokens."""
-        chunks = list(out.chunks)
-        if self._compiled is not None and all(len(c.token_ids) == 1 for c in chunks):
+        if self._compiled is not None and out.decode_only:
             return self._prepare_compiled_decode(out, in_flight)
+        chunks = out.chunks
         decode = [c for c in chunks if c.num_tokens == 1]
         ordered = decode + [c for c in chunks if c.num_tokens > 1]
         ids, pos, slots, last = self._token_lists(ordered)

@@ -289,8 +289,9 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every registered block (contents are left as they are):
-        later sequences compute their prompts from the start. Benchmarks
-        use it so a warm-up run does not serve the timed one."""
+        later sequences compute their prompts from the start (a running
+        sequence's blocks are registered again once it completes its next
+        one). Benchmarks use it so a warm-up run does not serve the timed one."""
         self._cached.clear()
         self._key_of = [None] * self.num_blocks
         self._seq_keys.clear()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from kvcache.block_manager import BlockManager
 from scheduler.sequence import PENDING, FinishReason, Sequence, SequenceStatus
@@ -55,19 +56,35 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[str, ...] = ()
-    num_batched_tokens: int = 0
+    num_batched_tokens: int = -1  # the chunks' tokens (-1: counted here)
+
+    def __post_init__(self):
+        if self.num_batched_tokens < 0:
+            object.__setattr__(self, "num_batched_tokens",
+                               sum(len(c.token_ids) for c in self.chunks))
 
     @property
     def is_empty(self) -> bool:
         return not self.chunks
 
+    @property
+    def decode_only(self) -> bool:
+        """Every chunk is one token."""
+        return self.num_batched_tokens == len(self.chunks)
+
+    @cached_property
+    def seq_ids(self) -> list[str]:
+        """The sequence of each chunk, in order (asked by several consumers)."""
+        return [chunk.seq_id for chunk in self.chunks]
+
 
 # What a step will have done to one sequence once it has run: (seq, row,
-# computed, index): its computed count then, and where its sampled token goes
-# (index into token_ids, None if the chunk samples nothing), taken from `row`
-# of the step's sampled ids. A plain tuple: even a named one costs ~0.2 us a
-# row to build, 50 us a step at 256 rows.
-PlannedResult = tuple[Sequence, int, int, int | None]
+# computed, index, fills): its computed count then, where its sampled token
+# goes (index into token_ids, None if the chunk samples nothing), taken from
+# `row` of the step's sampled ids, and whether the chunk completes a block
+# (only then has prefix caching a block to register). A plain tuple: even a
+# named one costs ~0.2 us a row to build, 50 us a step at 256 rows.
+PlannedResult = tuple[Sequence, int, int, int | None, bool]
 
 
 @dataclass
@@ -145,20 +162,35 @@ class Scheduler:
     # -- one step ----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        plan: list[tuple[Sequence, int]] = []
+        chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
 
-        running = SequenceStatus.RUNNING
+        # Every running sequence every step (256 rows a step on a GPU, where
+        # the host is the bottleneck): its chunk is made here, with one call
+        # (its table, whose length says whether it needs a block).
+        running, max_len = SequenceStatus.RUNNING, self.config.max_model_len
+        table_snapshot, bs = self.blocks.table_snapshot, self.blocks.block_size
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not running or self._last_token_in_flight(seq):
-                continue  # preempted earlier in this loop, or nothing left to compute
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            if not self._reserve(seq, n, preempted):
+            if seq.status is not running:
+                continue  # preempted earlier in this loop
+            tokens = seq.token_ids
+            end = len(tokens)
+            # Its token on the way (asynchronous scheduling) is its last one
+            # (max_tokens, context): nothing left to compute.
+            if seq.num_pending and (end >= seq.max_num_tokens or end >= max_len):
                 continue
-            plan.append((seq, n))
-            budget -= n
+            start = seq.num_computed_tokens
+            stop = end if end - start <= budget else start + budget
+            table = table_snapshot(seq.seq_id)
+            if stop > len(table) * bs:  # most decode steps: the newest block has room
+                if not self._reserve(seq, stop, preempted):
+                    continue
+                table = table_snapshot(seq.seq_id)  # preempting others left it as it is
+            ids = (tokens[start],) if stop - start == 1 else tuple(tokens[start:stop])
+            chunks.append(ScheduledChunk(seq.seq_id, ids, start, table, stop == end))
+            budget -= stop - start
 
         # Admit only when nothing was preempted: a step short of blocks for
         # its running sequences has none to give to new ones.
@@ -179,35 +211,25 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            plan.append((seq, n))
+            chunks.append(self._chunk(seq, n))
             budget -= n
 
         self.stats.steps += 1
-        chunks = tuple([self._chunk(seq, n) for seq, n in plan])
-        return SchedulerOutput(chunks, tuple(preempted),
+        return SchedulerOutput(tuple(chunks), tuple(preempted),
                                self.config.max_num_batched_tokens - budget)
 
-    def _last_token_in_flight(self, seq: Sequence) -> bool:
-        """Its token on the way (asynchronous scheduling) is its last one
-        (max_tokens, context): it is not scheduled again."""
-        return bool(seq.num_pending) and seq.length_reached_at(
-            len(seq.token_ids) - 1, self.config.max_model_len) is not None
-
-    def _reserve(self, seq: Sequence, n: int, preempted: list[str]) -> bool:
-        """Make room for `n` more tokens of `seq`, preempting the most recently
-        admitted sequences if needed; False when `seq` itself was preempted."""
-        target = seq.num_computed_tokens + n
-        need = self.blocks.blocks_needed(seq.seq_id, target)
-        if not need:  # most decode steps: the newest block has room
-            return True
-        # Preempting others leaves `seq`'s table, so what it needs, as it is.
+    def _reserve(self, seq: Sequence, num_tokens: int, preempted: list[str]) -> bool:
+        """Grow `seq`'s blocks to hold `num_tokens`, preempting the most
+        recently admitted sequences if needed; False when `seq` itself was
+        preempted."""
+        need = self.blocks.blocks_needed(seq.seq_id, num_tokens)
         while not self.blocks.can_allocate(need):
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim.seq_id)
             if victim is seq:
                 return False
-        self.blocks.allocate(seq.seq_id, target)
+        self.blocks.allocate(seq.seq_id, num_tokens)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -237,17 +259,19 @@ class Scheduler:
         while this one runs (asynchronous scheduling); `resolve` fills them in."""
         planned = []
         sequences, running = self.sequences, SequenceStatus.RUNNING
+        bs = self.blocks.block_size
         for row, chunk in enumerate(output.chunks):
             seq = sequences.get(chunk.seq_id)
             if seq is None or seq.status is not running:
                 continue  # aborted or preempted since the step was planned
-            seq.num_computed_tokens += len(chunk.token_ids)
+            n = len(chunk.token_ids)
+            computed = seq.num_computed_tokens = seq.num_computed_tokens + n
             index = None
             if chunk.samples:
                 index = len(seq.token_ids)
                 seq.token_ids.append(PENDING)
                 seq.num_pending += 1
-            planned.append((seq, row, seq.num_computed_tokens, index))
+            planned.append((seq, row, computed, index, computed % bs < n))
         return planned
 
     def resolve(self, planned: list[PlannedResult], sampled: list[int],
@@ -258,10 +282,13 @@ class Scheduler:
         new_tokens = []
         finished, running = SequenceStatus.FINISHED, SequenceStatus.RUNNING
         max_model_len = self.config.max_model_len
+        # Registration has nothing to do unless the chunk completed a block:
+        # the sequence's earlier blocks were registered by the chunks that
+        # completed them (or it was freed since, and its prefix taken anew).
         register = self.blocks.register_computed
         # Without a sliding window no block is ever released behind one.
         release = self.blocks.release_behind_window if self.blocks.sliding_window else None
-        for seq, row, computed, index in planned:
+        for seq, row, computed, index, fills in planned:
             status = seq.status
             if status is finished:
                 continue
@@ -271,14 +298,16 @@ class Scheduler:
                 seq.num_pending -= 1
                 new_tokens.append((seq, token))
             if status is running:
-                register(seq.seq_id, seq.token_ids, computed)
+                if fills:
+                    register(seq.seq_id, seq.token_ids, computed)
                 if release is not None:  # registered first: leaving blocks stay findable
                     release(seq.seq_id, computed)
-            if index is None:
-                continue
-            reason = seq.stop_reason_at(index, token, max_model_len)
-            if reason is not None:
-                self.finish(seq, reason)  # (drops a later step's PENDING token)
+            # stop_reason_at's condition, asked here first: most rows go on,
+            # and a call a row costs ~20 us a step at 256 rows.
+            if index is not None and (token in seq.end_token_ids or index + 1 >= max_model_len
+                                      or index + 1 >= seq.max_num_tokens):
+                # (drops a later step's PENDING token)
+                self.finish(seq, seq.stop_reason_at(index, token, max_model_len))
         return new_tokens
 
     def reset(self, reason: FinishReason = FinishReason.ABORT) -> list[Sequence]:

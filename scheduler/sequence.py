@@ -41,9 +41,15 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     num_pending: int = 0  # trailing PENDING tokens (at most the steps in flight)
+    # Worked out once: the scheduler asks every running sequence every step.
+    end_token_ids: frozenset[int] = field(init=False, repr=False)  # tokens that stop it
+    max_num_tokens: int = field(init=False, repr=False)  # prompt + max_tokens
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
+        self.end_token_ids = self.stop_token_ids if self.ignore_eos else \
+            self.stop_token_ids | self.eos_token_ids
+        self.max_num_tokens = len(self.prompt_token_ids) + self.max_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -76,12 +82,14 @@ class Sequence:
 
     def stop_reason_at(self, index: int, token: int, max_model_len: int) -> FinishReason | None:
         """Why generation ends after `token` at token_ids[index], if it does."""
-        if token in self.stop_token_ids or (not self.ignore_eos and token in self.eos_token_ids):
+        if token in self.end_token_ids:
             return FinishReason.STOP
-        return self.length_reached_at(index, max_model_len)
+        if index >= self.max_num_tokens - 1 or index >= max_model_len - 1:  # length_reached_at
+            return FinishReason.LENGTH
+        return None
 
     def length_reached_at(self, index: int, max_model_len: int) -> FinishReason | None:
         """LENGTH if a token at token_ids[index] is the last one allowed."""
-        if index + 1 - len(self.prompt_token_ids) >= self.max_tokens or index + 1 >= max_model_len:
+        if index + 1 >= self.max_num_tokens or index + 1 >= max_model_len:
             return FinishReason.LENGTH
         return None

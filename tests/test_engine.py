@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from engine import LLM, RequestError, SamplingParams
+from engine.core.sampler import RowNeeds
 from engine.loading.loader import load_model
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -152,6 +153,32 @@ def test_stop_token_and_logprobs(tiny_llm):
     first = base.token_ids.index(stop_tok)
     assert out.token_ids == base.token_ids[:first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+
+
+def test_sampler_skips_only_the_options_no_live_request_uses(tiny_llm):
+    """The engine tells the sampler which options (penalties, random draws,
+    logprobs) no live request uses, so it does not check each row for them;
+    a request using all three, added beside greedy ones, still gets them."""
+    engine = tiny_llm.engine
+    prompts = random_prompts(3, 10, 20, seed=12)
+    special = SamplingParams(max_tokens=6, temperature=1.0, seed=4, logprobs=1,
+                             repetition_penalty=1.3, ignore_eos=True)
+    alone = tiny_llm.generate([prompts[2]], special, use_tqdm=False)[0].outputs[0]
+    assert engine._row_needs.needs == RowNeeds(False, False, False)
+    for p in prompts[:2]:
+        engine.add_request(p, SamplingParams(max_tokens=30, **GREEDY))
+    for _ in range(3):
+        engine.step()
+    late = engine.add_request(prompts[2], special)
+    assert engine._row_needs.needs == RowNeeds(True, True, True)
+    while engine.has_unfinished():
+        engine.step()
+    out = late.output(delta=False).outputs[0]
+    assert out.token_ids == alone.token_ids
+    assert np.allclose([x.logprob for x in out.logprobs], [x.logprob for x in alone.logprobs],
+                       atol=1e-4)
+    assert engine._row_needs.needs == RowNeeds(False, False, False)
+    assert_all_blocks_free(tiny_llm)
 
 
 def test_too_long_request_is_rejected_and_others_run(tiny_llama_dir):

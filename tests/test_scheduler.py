@@ -136,5 +136,9 @@ def test_random_workloads_finish_with_every_block_free(reqs, num_blocks, budget,
         out, _ = run_step(s)
         assert out.num_batched_tokens <= budget
         s.blocks.check_invariants()
+        # Registration (only when a chunk completes a block) keeps up: every
+        # computed full block of a running sequence is registered.
+        assert all(len(s.blocks._seq_keys[q.seq_id]) == q.num_computed_tokens // 4
+                   for q in s.running)
     assert all(q.is_finished and q.num_output_tokens == q.max_tokens for q in seqs)
     assert s.blocks.num_free == num_blocks

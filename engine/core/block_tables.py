@@ -11,6 +11,7 @@ as bytes and a step joins 256 of them.
 from __future__ import annotations
 
 import array
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -23,22 +24,27 @@ class PaddedBlockTables:
         """`fill`: the block that pads rows and stands in for FREED entries
         (blocks released behind a sliding window: no layer reads them)."""
         self.fill = fill
-        # seq_id -> (the table the row was made from, width, the row as int64 bytes)
-        self._rows: dict[str, tuple[tuple[int, ...], int, bytes]] = {}
+        # seq_id -> (the table the row was made from, the row as int64 bytes),
+        # all rows `_width` wide.
+        self._rows: dict[str, tuple[tuple[int, ...], bytes]] = {}
+        self._width = 0
 
-    def build(self, chunks: list[ScheduledChunk], width: int, rows: int = 0) -> np.ndarray:
+    def build(self, chunks: Sequence[ScheduledChunk], width: int, rows: int = 0) -> np.ndarray:
         """[max(rows, chunks), width] int64 tables of `chunks` in order, then
         all-scratch rows. A kept row is reused when its chunk carries the very
         table it was made from (BlockManager.table_snapshot gives the same
-        tuple until the table changes); sequences not in this step are dropped."""
-        kept, fresh, parts = self._rows, {}, []
+        tuple until the table changes) at the same width."""
+        if width != self._width:  # every row is made again at a new width
+            self._rows, self._width = {}, width
+        kept, parts = self._rows, []
         for c in chunks:
             row = kept.get(c.seq_id)
-            if row is None or row[0] is not c.block_table or row[1] != width:
-                row = (c.block_table, width, self._padded(c.block_table, width))
-            fresh[c.seq_id] = row
-            parts.append(row[2])
-        self._rows = fresh
+            if row is None or row[0] is not c.block_table:
+                row = kept[c.seq_id] = (c.block_table, self._padded(c.block_table, width))
+            parts.append(row[1])
+        # Rows of sequences gone are dropped now and then, not every step.
+        if len(kept) > 2 * len(chunks) + 64:
+            self._rows = {c.seq_id: kept[c.seq_id] for c in chunks}
         if rows > len(chunks):
             parts.append(self._padded((), width) * (rows - len(chunks)))
         # A bytearray, so the array is writable like any other.

@@ -16,7 +16,7 @@ from engine.core.model_runner import InFlightTokens, ModelRunner
 from engine.core.outputs import Logprob
 from engine.core.profile_step import dummy_lengths, dummy_step
 from engine.core.request import Request
-from engine.core.sampler import SamplerOutput, TokenMask, sample
+from engine.core.sampler import RowNeedsCounter, SamplerOutput, TokenMask, sample
 from engine.core.sampling_params import SamplingParams
 from engine.core.structured_output import StructuredOutputs
 from engine.errors import ConveyorError, ModelLoadError, RequestError
@@ -34,7 +34,7 @@ from scheduler.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
-from scheduler.sequence import FinishReason
+from scheduler.sequence import FinishReason, SequenceStatus
 
 
 class EngineArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -183,6 +183,9 @@ class LLMEngine:
         # Requests whose grammar or penalties need the previous token on the
         # host: kept as a set, not found by scanning every request every step.
         self._host_bound: set[str] = set()
+        # Which sampling options live requests use: a step's sampler skips
+        # checking its rows for one that none uses.
+        self._row_needs = RowNeedsCounter()
         self._ids = itertools.count()
         self._rng = random.Random(args.seed)
         self.prompt_tokens = 0
@@ -252,6 +255,7 @@ class LLMEngine:
         except RequestTooLong as exc:
             raise RequestError(str(exc)) from None
         self.requests[request_id] = request
+        self._row_needs.count(params, 1)
         if matcher is not None or params.has_penalties:
             self._host_bound.add(request_id)
         self.prompt_tokens += len(ids)
@@ -260,7 +264,10 @@ class LLMEngine:
     def _forget(self, request_id: str) -> Request | None:
         """Take a finished or aborted request out of the engine's books."""
         self._host_bound.discard(request_id)
-        return self.requests.pop(request_id, None)
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self._row_needs.count(request.params, -1)
+        return request
 
     def compile_grammar(self, params: SamplingParams) -> None:
         """Compile (and cache) the constraint of `params`, if any, so that
@@ -314,12 +321,12 @@ class LLMEngine:
         """Build, run and sample one step on the device without waiting for it;
         the scheduler then counts it as done with PENDING tokens."""
         in_flight = None if previous is None else InFlightTokens(
-            previous.result.token_ids, {c.seq_id: i for i, c in enumerate(previous.out.chunks)})
+            previous.result.token_ids, previous.out.seq_ids)
         batch = self.runner.prepare(out, in_flight)
         logits = self.runner.forward(batch)
         # A request is its own sampling row (it has a SamplingRow's attributes).
         requests = self.requests
-        rows = [requests[chunk.seq_id] for chunk in out.chunks]
+        rows = list(map(requests.__getitem__, out.seq_ids))
         constrained = [i for i, (r, chunk) in enumerate(zip(rows, out.chunks))
                        if r.matcher is not None and chunk.samples] if self._host_bound else []
         mask = None
@@ -327,7 +334,7 @@ class LLMEngine:
             mx.async_eval(logits)  # the forward runs while the host computes the masks
             matchers = [rows[i].matcher for i in constrained]
             mask = TokenMask(constrained, self.structured.fill_bitmask(matchers))
-        result = sample(logits, rows, self.sampler_kernels, mask)
+        result = sample(logits, rows, self.sampler_kernels, mask, self._row_needs.needs)
         if self.async_scheduling:
             mx.async_eval(*self._step_arrays(result))
         return _LaunchedStep(out, result, self.scheduler.plan_results(out))
@@ -344,23 +351,23 @@ class LLMEngine:
         mx.eval(*self._step_arrays(result))
         tokens = result.token_ids.tolist()  # the step's one host transfer of ids
         logprob = self._logprobs(step.out, result)
-        touched: dict[str, Request] = {}
-        requests = self.requests
+        touched: list[Request] = []  # a sequence has one row a step, so one token
+        requests, finished = self.requests, SequenceStatus.FINISHED
         for seq, token in self.scheduler.resolve(step.planned, tokens):
             request = requests.get(seq.seq_id)
             if request is None:
                 continue
             reason = request.append(token, None if logprob is None else logprob(seq.seq_id, token))
-            if reason is not None and not seq.is_finished:
+            if reason is not None and seq.status is not finished:
                 self.scheduler.finish(seq, reason)
             elif request.stop_reason is not None:
                 seq.finish_reason = FinishReason.STOP
-            if seq.is_finished:
+            if seq.status is finished:
                 request.finish(seq.finish_reason.value)
                 self._forget(seq.seq_id)
-            touched[seq.seq_id] = request
+            touched.append(request)
         self.generated_tokens += len(touched)
-        return list(touched.values())
+        return touched
 
     def _logprobs(self, out: SchedulerOutput, result: SamplerOutput):
         """seq_id, token -> the Logprob to report (None where not asked);

@@ -11,6 +11,7 @@ graph could be reused and so padding waste is bounded and measured.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import mlx.core as mx
@@ -29,7 +30,12 @@ class InFlightTokens:
     scheduling): a PENDING token of sequence s is `tokens[row_of[s]]`."""
 
     tokens: mx.array        # [rows] int32
-    row_of: dict[str, int]
+    seq_ids: list[str]      # the sequence of each row
+
+    @cached_property
+    def row_of(self) -> dict[str, int]:
+        # Only when rows changed order: steady decode compares seq_ids instead.
+        return {seq_id: row for row, seq_id in enumerate(self.seq_ids)}
 
 
 @dataclass
@@ -108,24 +114,27 @@ class ModelRunner:
         return ids, pos, slots, last
 
     @staticmethod
-    def _ids(ids: list[int], last, in_flight: InFlightTokens | None) -> mx.array:
+    def _ids(ids: list[int], decode: list[str], last, in_flight: InFlightTokens | None,
+             ) -> mx.array:
         """The packed ids as an MLX array, PENDING ones (only ever a chunk's
-        last token: `last` holds (packed index, seq_id) of each chunk's)
-        taken from the step in flight on the device, without waiting for it."""
-        pending = [(at, seq_id) for at, seq_id in last if ids[at] == PENDING]
-        if not pending:
+        last token: `last` yields (packed index, seq_id) of each chunk's)
+        taken from the step in flight on the device, without waiting for it.
+        `decode`: the sequences of the leading one-token chunks, in order."""
+        k = ids.count(PENDING)
+        if not k:
             return mx.array(ids, dtype=mx.int32)
         if in_flight is None:
             raise RuntimeError("a PENDING token with no step in flight")
-        at = [a for a, _ in pending]
-        rows = [in_flight.row_of[s] for _, s in pending]
         tokens = in_flight.tokens.astype(mx.int32)
-        if at == rows == list(range(len(at))):
-            # Steady decode: the first rows are the previous step's rows, in
-            # order; take them as they are instead of scattering them.
-            k = len(at)
+        if ids[:k].count(PENDING) == k and decode[:k] == in_flight.seq_ids[:k]:
+            # Steady decode: the first k rows wait for the previous step's
+            # first k rows' tokens, in order; take them as they are instead
+            # of scattering them.
             return tokens[:k] if k == len(ids) else mx.concatenate(
                 [tokens[:k], mx.array(ids[k:], dtype=mx.int32)])
+        pending = [(at, seq_id) for at, seq_id in last if ids[at] == PENDING]
+        at = [a for a, _ in pending]
+        rows = [in_flight.row_of[s] for _, s in pending]
         for a in at:
             ids[a] = 0
         packed = mx.array(ids, dtype=mx.int32)
@@ -134,9 +143,9 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput, in_flight: InFlightTokens | None = None) -> Batch:
         """The step's batch; `in_flight` supplies the ids of PENDING tokens."""
-        chunks = list(out.chunks)
-        if self._compiled is not None and all(len(c.token_ids) == 1 for c in chunks):
-            return self._prepare_compiled_decode(chunks, in_flight)
+        if self._compiled is not None and out.decode_only:
+            return self._prepare_compiled_decode(out, in_flight)
+        chunks = out.chunks
         decode = [c for c in chunks if c.num_tokens == 1]
         ordered = decode + [c for c in chunks if c.num_tokens > 1]
         ids, pos, slots, last = self._token_lists(ordered)
@@ -154,7 +163,8 @@ class ModelRunner:
                               slots, pos, context, len(decode), pad)
         meta = self.backend.build(common)
         logits_index = [last[c.seq_id] for c in chunks]
-        return Batch(self._ids(ids, ((at, s) for s, at in last.items()), in_flight),
+        return Batch(self._ids(ids, [c.seq_id for c in decode],
+                               ((at, s) for s, at in last.items()), in_flight),
                      mx.array(pos, dtype=mx.int32), meta,
                      mx.array(logits_index, dtype=mx.int32), n, padded)
 
@@ -170,12 +180,13 @@ class ModelRunner:
         return self.model(batch.input_ids, batch.positions, self.cache.views(batch.meta),
                           logits_index=batch.logits_index)
 
-    def _prepare_compiled_decode(self, chunks: list[ScheduledChunk],
+    def _prepare_compiled_decode(self, out: SchedulerOutput,
                                  in_flight: InFlightTokens | None) -> Batch:
         # Rows are padded to a power of two with decode rows of context 1 that
         # write to and read from the scratch slot, so every shape in the
         # graph comes from the bucket and nothing else. One token a row: the
         # positions, slots and contexts are numpy over the padded tables.
+        chunks = out.chunks
         n = len(chunks)
         rows = max(8, 1 << (n - 1).bit_length())
         bs = self.bs
@@ -190,7 +201,8 @@ class ModelRunner:
         self.real_tokens += n
         self.padded_tokens += rows
         ids = [c.token_ids[0] for c in chunks] + [0] * (rows - n)
-        return Batch(self._ids(ids, enumerate([c.seq_id for c in chunks]), in_flight),
+        seq_ids = out.seq_ids
+        return Batch(self._ids(ids, seq_ids, enumerate(seq_ids), in_flight),
                      mx.array(pos.astype(np.int32)), self.backend.build(common), None, n, rows,
                      compiled=True)
 

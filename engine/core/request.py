@@ -74,8 +74,7 @@ class Request:
 
     def _add_text(self, token: int) -> bool:
         """Detokenize `token` onto the text; True when a stop string matched."""
-        seq = self.sequence
-        if token in seq.stop_token_ids or (not seq.ignore_eos and token in seq.eos_token_ids):
+        if token in self.sequence.end_token_ids:
             return False  # EOS and stop tokens are not part of the text
         start = len(self.text)
         self.text += self.detokenizer.add(token)

@@ -46,6 +46,37 @@ class TokenMask:
     bitmask: np.ndarray
 
 
+@dataclass(frozen=True)
+class RowNeeds:
+    """Which of the sampler's per-row options some row of a batch may use.
+    False promises that no row does, so `sample` skips checking every row
+    for it (3 passes over 256 rows cost the host ~50 us a step); True means
+    look at each row."""
+
+    penalties: bool = True
+    random: bool = True   # a row that is not greedy
+    logprobs: bool = True
+
+
+class RowNeedsCounter:
+    """How many live requests use each option, kept as requests come and
+    go (the engine's): a batch's rows are some of them, so an option none
+    uses is one no row uses."""
+
+    def __init__(self):
+        self.penalties = self.random = self.logprobs = 0
+
+    def count(self, params: SamplingParams, change: int) -> None:
+        """Add (`change` 1) or take away (-1) a request's options."""
+        self.penalties += change * params.has_penalties
+        self.random += change * (not params.greedy)
+        self.logprobs += change * (params.logprobs is not None)
+
+    @property
+    def needs(self) -> RowNeeds:
+        return RowNeeds(self.penalties > 0, self.random > 0, self.logprobs > 0)
+
+
 # A masked-out token's logprob is reported as this (vLLM's floor), not -inf,
 # which JSON cannot carry.
 MASKED_LOGPROB = -9999.0
@@ -133,25 +164,26 @@ def _apply_penalties(logits: mx.array, rows: list[SamplingRow]) -> mx.array:
 
 def sample(logits: mx.array, rows: list[SamplingRow],
            kernels: SamplerKernels = PORTABLE_SAMPLING,
-           mask: TokenMask | None = None) -> SamplerOutput:
+           mask: TokenMask | None = None, needs: RowNeeds = RowNeeds()) -> SamplerOutput:
     """Draw one token per row of `logits` [B, V] (lazy; the caller evals),
     with the platform's `kernels` (the same draws on every path); `mask`
-    limits the constrained rows to their allowed tokens."""
+    limits the constrained rows to their allowed tokens; `needs` says which
+    options no row uses (the rows are not checked for those)."""
     logits = logits.astype(mx.float32)
     batch, vocab = logits.shape
-    if any(r.params.has_penalties for r in rows):
+    if needs.penalties and any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits, rows)
     if mask is not None:
         logits = _apply_mask(logits, mask, on_host=kernels.host is not None)
         if kernels.fast_exp and kernels.host is None:
             kernels = replace(kernels, fast_exp=False)  # the polynomial exp needs finite input
-    want_logprobs = any(r.params.logprobs is not None for r in rows)
+    want_logprobs = needs.logprobs and any(r.params.logprobs is not None for r in rows)
     logprobs_all = logits - _logsumexp(logits, kernels) if want_logprobs else None
     if want_logprobs and mask is not None:
         logprobs_all = mx.maximum(logprobs_all, MASKED_LOGPROB)
 
     tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
-    if not all(r.params.greedy for r in rows):
+    if needs.random and not all(r.params.greedy for r in rows):
         tokens = mx.where(mx.array([r.params.greedy for r in rows]), tokens,
                           _sample_random(logits, rows, kernels))
 

@@ -114,9 +114,7 @@ class BlockManager:
 
     def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
         """Blocks to add so the sequence holds `num_tokens` tokens in all."""
-        # Asked for every running sequence every step: no calls inside.
-        need = -(-num_tokens // self.block_size) - len(self._tables.get(seq_id, ()))
-        return need if need > 0 else 0
+        return max(0, self.blocks_for(num_tokens) - len(self.block_table(seq_id)))
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free)

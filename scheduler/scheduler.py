@@ -178,7 +178,8 @@ class Scheduler:
             tokens = seq.token_ids
             end = len(tokens)
             # Its token on the way (asynchronous scheduling) is its last one
-            # (max_tokens, context): nothing left to compute.
+            # (max_tokens, context): nothing left to compute. Sequence.
+            # length_reached_at's test, inline: a call a row is ~20 us a step.
             if seq.num_pending and (end >= seq.max_num_tokens or end >= max_len):
                 continue
             start = seq.num_computed_tokens

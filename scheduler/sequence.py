@@ -84,9 +84,7 @@ class Sequence:
         """Why generation ends after `token` at token_ids[index], if it does."""
         if token in self.end_token_ids:
             return FinishReason.STOP
-        if index >= self.max_num_tokens - 1 or index >= max_model_len - 1:  # length_reached_at
-            return FinishReason.LENGTH
-        return None
+        return self.length_reached_at(index, max_model_len)
 
     def length_reached_at(self, index: int, max_model_len: int) -> FinishReason | None:
         """LENGTH if a token at token_ids[index] is the last one allowed."""

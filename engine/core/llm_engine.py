@@ -180,11 +180,9 @@ class LLMEngine:
         self._in_flight: _LaunchedStep | None = None
         self.structured = StructuredOutputs(tokenizer, model.args.vocab_size)
         self.requests: dict[str, Request] = {}
-        # Requests whose grammar or penalties need the previous token on the
-        # host: kept as a set, not found by scanning every request every step.
-        self._host_bound: set[str] = set()
-        # Which sampling options live requests use: a step's sampler skips
-        # checking its rows for one that none uses.
+        # Which sampling options live requests use, counted as they come and
+        # go: a step's sampler skips checking its rows for one that none uses,
+        # and no step scans every request for grammars or penalties.
         self._row_needs = RowNeedsCounter()
         self._ids = itertools.count()
         self._rng = random.Random(args.seed)
@@ -256,14 +254,11 @@ class LLMEngine:
             raise RequestError(str(exc)) from None
         self.requests[request_id] = request
         self._row_needs.count(params, 1)
-        if matcher is not None or params.has_penalties:
-            self._host_bound.add(request_id)
         self.prompt_tokens += len(ids)
         return request
 
     def _forget(self, request_id: str) -> Request | None:
         """Take a finished or aborted request out of the engine's books."""
-        self._host_bound.discard(request_id)
         request = self.requests.pop(request_id, None)
         if request is not None:
             self._row_needs.count(request.params, -1)
@@ -315,7 +310,7 @@ class LLMEngine:
     def _can_overlap(self) -> bool:
         """Whether the next step may be planned before the last one's tokens
         are on the host: not when a request's grammar or penalties need them."""
-        return self.async_scheduling and not self._host_bound
+        return self.async_scheduling and not self._row_needs.host_bound
 
     def _launch(self, out: SchedulerOutput, previous: _LaunchedStep | None) -> _LaunchedStep:
         """Build, run and sample one step on the device without waiting for it;
@@ -328,7 +323,8 @@ class LLMEngine:
         requests = self.requests
         rows = list(map(requests.__getitem__, out.seq_ids))
         constrained = [i for i, (r, chunk) in enumerate(zip(rows, out.chunks))
-                       if r.matcher is not None and chunk.samples] if self._host_bound else []
+                       if r.matcher is not None and chunk.samples] \
+            if self._row_needs.constrained else []
         mask = None
         if constrained:
             mx.async_eval(logits)  # the forward runs while the host computes the masks

@@ -61,16 +61,24 @@ class RowNeeds:
 class RowNeedsCounter:
     """How many live requests use each option, kept as requests come and
     go (the engine's): a batch's rows are some of them, so an option none
-    uses is one no row uses."""
+    uses is one no row uses. `constrained` counts requests under a grammar
+    (their rows get a TokenMask)."""
 
     def __init__(self):
-        self.penalties = self.random = self.logprobs = 0
+        self.penalties = self.random = self.logprobs = self.constrained = 0
 
     def count(self, params: SamplingParams, change: int) -> None:
         """Add (`change` 1) or take away (-1) a request's options."""
         self.penalties += change * params.has_penalties
         self.random += change * (not params.greedy)
         self.logprobs += change * (params.logprobs is not None)
+        self.constrained += change * (params.structured_outputs is not None)
+
+    @property
+    def host_bound(self) -> bool:
+        """Some live request needs its previous token on the host before
+        its next row is drawn (penalties, a grammar)."""
+        return self.penalties > 0 or self.constrained > 0
 
     @property
     def needs(self) -> RowNeeds:

@@ -7,6 +7,19 @@ start-up `verify`, bench/gpu_check.py)."""
 import mlx.core as mx
 import numpy as np
 
+from engine.platform.cpu import CpuPlatform
+
+
+class EmulatedCuda(CpuPlatform):
+    """The CPU with the CUDA attention backend (its kernel emulated where a
+    test patches `kvcache.attention.cuda._get_kernel`); `fuse_projections`
+    as CUDA's when a subclass sets it."""
+
+    def fast_attention(self, spec):
+        from kvcache.attention import cuda
+
+        return cuda.CudaAttention(spec), None
+
 
 def rotate_with_tables(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, traditional: bool):
     """RoPE as the CUDA attention kernel applies it: x [N, heads, D] rotated

@@ -7,12 +7,11 @@ checked on the GPU (its start-up verify, bench/gpu_check.py)."""
 
 import mlx.core as mx
 import pytest
-from emulated_kernels import emulated_cuda_kernel
+from emulated_kernels import EmulatedCuda, emulated_cuda_kernel
 from tiny_models import TINY_GEMMA2, TINY_MISTRAL, TINY_QWEN2, write_tiny_llama, write_tiny_phi3
 
 from engine import LLM, SamplingParams
 from engine.core.llm_engine import EngineArgs, LLMEngine
-from engine.platform.cpu import CpuPlatform
 from kvcache.attention import cuda
 
 ENGINE = dict(kv_cache_bytes=4 << 20, block_size=4, max_num_batched_tokens=16, max_model_len=512)
@@ -30,20 +29,17 @@ FAMILIES = {
 }
 
 
-class EmulatedCuda(CpuPlatform):
+class FusingEmulatedCuda(EmulatedCuda):
     """The CPU with CUDA's choices: fused projections, the CUDA backend."""
 
     fuse_projections = True
-
-    def fast_attention(self, spec):
-        return cuda.CudaAttention(spec), None
 
 
 def tokens(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
-def on_emulated_cuda(path, monkeypatch, platform=EmulatedCuda):
+def on_emulated_cuda(path, monkeypatch, platform=FusingEmulatedCuda):
     calls = []
     monkeypatch.setattr(cuda, "_get_kernel", lambda: emulated_cuda_kernel(calls=calls))
     llm = LLM(str(path), **ENGINE, paged_kernel=False)
@@ -103,7 +99,7 @@ def test_residual_add_and_norm_in_one_kernel(tmp_path, monkeypatch, family):
     want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
     norms_a_layer = 4 if family.startswith("gemma") else 2
 
-    class WithFusedNorms(EmulatedCuda):
+    class WithFusedNorms(FusingEmulatedCuda):
         def prepare_model(self, model):
             super().prepare_model(model)
             assert cuda_norm.bind(model) == norms_a_layer * len(model.layers) + 1

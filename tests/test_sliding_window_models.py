@@ -11,7 +11,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from emulated_kernels import emulated_cuda_kernel
+from emulated_kernels import EmulatedCuda, emulated_cuda_kernel
 from mlx_lm_oracle import oracle, oracle_greedy
 from tiny_models import TINY_SLIDING, write_tiny_llama
 
@@ -214,7 +214,6 @@ def test_cuda_backend_passes_windows_and_caps_to_its_kernel(tmp_path, monkeypatc
     """Start-up verification asks for the window and cap a model uses (and
     catches a kernel that ignores the window), and every token through the
     kernel gives the portable path's tokens."""
-    from engine.platform.cpu import CpuPlatform
     from kvcache.attention import cuda
     from kvcache.attention.metadata import AttentionSpec
 
@@ -224,10 +223,6 @@ def test_cuda_backend_passes_windows_and_caps_to_its_kernel(tmp_path, monkeypatc
     assert not cuda.verify(spec)
     monkeypatch.setattr(cuda, "_get_kernel", lambda: emulated_cuda_kernel())
     assert cuda.verify(spec)
-
-    class EmulatedCuda(CpuPlatform):
-        def fast_attention(self, spec):
-            return cuda.CudaAttention(spec), None
 
     config, windows = FAMILIES["gemma2"]
     path = write_tiny_llama(tmp_path / "g2", **{**config, "head_dim": 64})

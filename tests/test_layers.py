@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from emulated_kernels import rotate_with_tables
-from mlx_lm_oracle import short_longrope
+from mlx_lm_oracle import check_fast_path, mlx_lm_greedy, short_longrope
 from tiny_models import TINY_QWEN2, TINY_QWEN3, write_tiny_llama
 
 from engine import LLM, SamplingParams
@@ -161,25 +161,15 @@ def tiny_qwen3(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("qwen3"), **TINY_QWEN3)
 
 
-def mlx_lm_greedy(path, prompt, n):
-    from mlx_lm.generate import generate_step
+def mlx_lm_model(path):
     from mlx_lm.utils import load_model as mlx_lm_load
 
-    model, _ = mlx_lm_load(path)
-    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
+    return mlx_lm_load(path)[0]
 
 
 def test_qwen3_on_the_fast_path_matches_mlx_lm(tiny_qwen3):
-    prompts = [list(range(5, 5 + n)) for n in (3, 40, 130)]
-    fast = LLM(str(tiny_qwen3), kv_cache_bytes=16 << 20)
-    assert fast.engine.runner.host_forward is not None
-    portable = LLM(str(tiny_qwen3), kv_cache_bytes=16 << 20, host_forward=False)
-    batched = [o.outputs[0].token_ids for o in fast.generate(prompts, GREEDY, use_tqdm=False)]
-    alone = [fast.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-             for p in prompts]
-    slow = [o.outputs[0].token_ids for o in portable.generate(prompts, GREEDY, use_tqdm=False)]
-    oracle = [mlx_lm_greedy(tiny_qwen3, p, 20) for p in prompts]
-    assert batched == alone == slow == oracle
+    check_fast_path(tiny_qwen3, mlx_lm_model(tiny_qwen3),
+                    [list(range(5, 5 + n)) for n in (3, 40, 130)])
 
 
 def test_qwen3_logits_match_mlx_lm(tiny_qwen3):
@@ -235,7 +225,8 @@ def test_qwen2_biases_on_qkv_only_match_mlx_lm(tmp_path):
     assert llm.engine.runner.host_forward is not None
     assert "bias" not in llm.engine.model.layers[0].self_attn.o_proj
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    assert got == [mlx_lm_greedy(path, p, 20) for p in prompts]
+    theirs = mlx_lm_model(path)
+    assert got == [mlx_lm_greedy(theirs, p, 20) for p in prompts]
 
 
 def _fused_output(parts, x):

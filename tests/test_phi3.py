@@ -10,7 +10,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm_oracle import short_longrope
+from mlx_lm_oracle import check_fast_path, short_longrope
 from tiny_models import HEADS, HIDDEN, longrope, write_quantized, write_tiny_phi3
 
 from engine import LLM, SamplingParams
@@ -33,12 +33,6 @@ def tiny_phi4_mini(tmp_path_factory):
                            rope_scaling=longrope(rotated))
 
 
-def mlx_lm_greedy(model, prompt, n):
-    from mlx_lm.generate import generate_step
-
-    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
-
-
 def check_against_mlx_lm(path):
     from mlx_lm.utils import load_model as mlx_lm_load
 
@@ -49,18 +43,9 @@ def check_against_mlx_lm(path):
     want = np.array(theirs(mx.array(ids)[None]))[0]
     np.testing.assert_allclose(np.array(ours(mx.array(ids))), want, rtol=1e-4, atol=1e-4)
 
-    prompts = [list(range(5, 5 + n)) for n in (3, 40, 130)]
-    fast = LLM(str(path), kv_cache_bytes=16 << 20)
-    assert fast.engine.runner.host_forward is not None
+    fast = check_fast_path(path, theirs, [list(range(5, 5 + n)) for n in (3, 40, 130)])
     attn = fast.engine.model.layers[0].self_attn
     assert attn.project_host is not None and fast.engine.model.layers[0].mlp.host is not None
-    portable = LLM(str(path), kv_cache_bytes=16 << 20, host_forward=False)
-    batched = [o.outputs[0].token_ids for o in fast.generate(prompts, GREEDY, use_tqdm=False)]
-    alone = [fast.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-             for p in prompts]
-    slow = [o.outputs[0].token_ids for o in portable.generate(prompts, GREEDY, use_tqdm=False)]
-    oracle = [mlx_lm_greedy(theirs, p, 20) for p in prompts]
-    assert batched == alone == slow == oracle
 
 
 def test_phi3_longrope_matches_mlx_lm(tiny_phi3):

@@ -3,6 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm_oracle import mlx_lm_greedy
 
 from engine import SamplingParams
 
@@ -25,15 +26,6 @@ def mlx_lm_fp32(smollm_dir):
     model = dequantize_model(model)
     model.set_dtype(mx.float32)
     return model
-
-
-def mlx_lm_greedy(model, prompt_ids, n):
-    from mlx_lm.generate import generate_step
-
-    out = []
-    for token, _ in generate_step(mx.array(prompt_ids), model, max_tokens=n):
-        out.append(int(token))
-    return out
 
 
 def test_paris(smollm):

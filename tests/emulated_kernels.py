@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.platform.cpu import CpuPlatform
+from engine.platform.kernel_constants import bits_float
 
 
 class EmulatedCuda(CpuPlatform):
@@ -49,15 +50,15 @@ def emulated_cuda_kernel(ignore_window=False, calls=None):
     attends over its own window (padding, at position -1, gets zeros).
     `calls` (a list) collects each launch's template."""
     def kernel(inputs, template, output_shapes, output_dtypes, **launch):
-        (q_src, k_pool, v_pool, k_src, v_src, tables, table_of, positions, _, cos, sin,
-         floats, ints) = inputs
+        q_src, k_pool, v_pool, k_src, v_src, tables, table_of, positions, _, cos, sin = inputs
         t = dict(template)
         if calls is not None:
             calls.append(t)
         bs, kvh, group, dim = t["BS"], t["KVH"], t["G"], t["D"]
         n = output_shapes[0][0]
-        ints = np.array(ints).tolist()
-        window, (qs, ks, vs, qo, ko, vo) = ints[1], ints[2:8]
+        window = t["WINDOW"]
+        qs, ks, vs, qo, ko, vo = (t[k] for k in ("Q_STRIDE", "K_STRIDE", "V_STRIDE", "Q_OFF",
+                                                   "K_OFF", "V_OFF"))
         q = _rows(q_src, n, qs, qo, kvh * group, dim)
         k_new, v_new = _rows(k_src, n, ks, ko, kvh, dim), _rows(v_src, n, vs, vo, kvh, dim)
         if t["ROTATE"]:
@@ -66,7 +67,7 @@ def emulated_cuda_kernel(ignore_window=False, calls=None):
             k_new = rotate_with_tables(k_new, cos, sin, bool(t["TRAD"]))
         pools = [np.asarray(k_pool), np.asarray(v_pool)]  # the pools' memory, as the GPU's
         tables, table_of, positions = (np.array(a) for a in (tables, table_of, positions))
-        (scale, cap) = np.array(floats).tolist()
+        scale, cap = bits_float(t["SCALE_BITS"]), bits_float(t["CAP_BITS"])
         slot_of = [(tables[table_of[i]][:, None] * bs + np.arange(bs)).reshape(-1)
                    for i in range(n)]
         for i, pos in enumerate(positions):
@@ -90,12 +91,13 @@ def emulated_add_rms_norm_kernel(calls=None):
     """What engine/platform/cuda_norm.py's kernel computes: h = x + delta in
     the activation dtype, and h's RMSNorm times the weight."""
     def kernel(inputs, template, output_shapes, output_dtypes, **launch):
-        x, delta, weight, eps = inputs
+        x, delta, weight = inputs
+        t = dict(template)
         if calls is not None:
-            calls.append(dict(template))
+            calls.append(t)
         h = (x + delta).astype(output_dtypes[0])
         hf = np.array(h.astype(mx.float32))
-        r = 1 / np.sqrt((hf * hf).mean(axis=-1, keepdims=True) + np.array(eps)[0])
+        r = 1 / np.sqrt((hf * hf).mean(axis=-1, keepdims=True) + bits_float(t["EPS_BITS"]))
         y = hf * r * np.array(weight.astype(mx.float32))
         return [h, mx.array(y).astype(output_dtypes[1])]
     return kernel

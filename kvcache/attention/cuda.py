@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from engine.platform.kernel_constants import float_bits
 from kvcache.attention.backend import AttentionBackend
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
 
@@ -82,10 +83,12 @@ _SOURCE = """
                 for (int j = lane; j < D; j += 32) out[out_at + (size_t)g * D + j] = T(0);
         return;
     }
-    const float scale = floats_in[0];
-    const float softcap = floats_in[1];
-    const int W = ints_in[0];       // table width: data, so one compile serves all widths
-    const int window = ints_in[1];  // keys within `window` positions (0: all)
+    // Per-model constants arrive compiled in (floats as their bits), not as
+    // arrays made on the host each call: see _launch for why.
+    const float scale = __int_as_float(SCALE_BITS);
+    const float softcap = __int_as_float(CAP_BITS);
+    const int W = block_tables_shape[1];  // table width: a launch argument, not a compile
+    const int window = WINDOW;  // keys within `window` positions (0: all)
     const int ctx = pos + 1;
     const int first_t = window > 0 && ctx > window ? ctx - window : 0;
     const int* table = block_tables + (size_t)table_of[i] * W;
@@ -96,8 +99,8 @@ _SOURCE = """
     // Packed token r's q, k and v rows start at r * stride + offset (q, k_new
     // and v_new may be one fused q/k/v projection); this lane's share of head h
     // is D elements further per head, PER_LANE of them from sub_lane * PER_LANE.
-    const int q_stride = ints_in[2], k_stride = ints_in[3], v_stride = ints_in[4];
-    const int q_off = ints_in[5], k_off = ints_in[6], v_off = ints_in[7];
+    const int q_stride = Q_STRIDE, k_stride = K_STRIDE, v_stride = V_STRIDE;
+    const int q_off = Q_OFF, k_off = K_OFF, v_off = V_OFF;
     const int lane_at = sub_lane * PER_LANE;
 
     float qv[G][PER_LANE];
@@ -257,8 +260,7 @@ def _get_kernel():
         _kernel = mx.fast.cuda_kernel(
             name="conveyor_paged_attention",
             input_names=["q", "k_pool", "v_pool", "k_new", "v_new", "block_tables",
-                         "table_of", "positions", "chunk_start", "rope_cos", "rope_sin",
-                         "floats_in", "ints_in"],
+                         "table_of", "positions", "chunk_start", "rope_cos", "rope_sin"],
             output_names=["out"], source=_SOURCE, header=_HEADER)
     return _kernel
 
@@ -298,23 +300,27 @@ def _launch(q, k_new, v_new, layout: tuple, rope: tuple | None, k_pool, v_pool,
             meta: CudaMetadata, scale: float, heads: int, dim: int, block_size: int,
             n_kv_heads: int, softcap: float, window: int) -> mx.array:
     # layout: (q, k, v row strides, then their offsets), in elements.
+    # Scale, cap, window and layout are a layer's constants: compiled in
+    # (engine/platform/kernel_constants.py says why not as arrays).
     n = q.shape[0]
-    width = meta.tables.shape[1]
     cos, sin, traditional = rope if rope is not None else (_NO_ROPE, _NO_ROPE, False)
     return _get_kernel()(
         inputs=[q, k_pool, v_pool, k_new, v_new, meta.tables, meta.table_of, meta.positions,
-                meta.chunk_start, cos, sin, mx.array([scale, softcap], dtype=mx.float32),
-                mx.array([width, window, *layout], dtype=mx.int32)],
+                meta.chunk_start, cos, sin],
         template=[("T", q.dtype), ("D", dim), ("G", heads // n_kv_heads), ("KVH", n_kv_heads),
                   ("BS", block_size), ("NWARPS", WARPS), ("UNROLL", UNROLL),
                   ("SUB", lanes_per_key(dim, heads // n_kv_heads)),
                   ("ROTATE", int(rope is not None)),
-                  ("TRAD", int(traditional))],
+                  ("TRAD", int(traditional)), ("SCALE_BITS", float_bits(scale)),
+                  ("CAP_BITS", float_bits(softcap)), ("WINDOW", int(window)),
+                  *zip(("Q_STRIDE", "K_STRIDE", "V_STRIDE", "Q_OFF", "K_OFF", "V_OFF"),
+                       map(int, layout))],
         grid=(n * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
 
 
 _NO_ROPE = mx.zeros((1,), dtype=mx.float32)
+
 
 
 def lanes_per_key(head_dim: int, group: int) -> int:

@@ -28,6 +28,7 @@ from engine import SamplingParams
 from engine.core.llm_engine import EngineArgs, LLMEngine
 from engine.loading.loader import load_model
 from kvcache.attention import cuda as cuda_attention
+from kvcache.attention import dense_prefill
 from kvcache.attention.metadata import AttentionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -72,8 +73,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 40000, size=int(n)).tolist()
                for n in rng.integers(5, 300, size=8)]
+    dense_calls = []
+    real_dense = dense_prefill.attend
+    dense_prefill.attend = lambda plan, *a, **k: dense_calls.append(1) or real_dense(plan, *a, **k)
     eng, tokens = run(model, config, prompts, kv_cache_bytes=1 << 30)
+    dense_prefill.attend = real_dense
     print("decode kernel in use:", eng.cache.backend.name == "cuda")
+    print("fresh prompt chunks through dense attention (layer calls):", len(dense_calls))
     twin = _mlx_lm_twin(model, config)
     same = sum([int(t) for t, _ in generate_step(mx.array(p), twin, max_tokens=24)] == ours
                for p, ours in zip(prompts, tokens))

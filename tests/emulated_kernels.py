@@ -67,6 +67,8 @@ def emulated_cuda_kernel(ignore_window=False, calls=None):
             k_new = rotate_with_tables(k_new, cos, sin, bool(t["TRAD"]))
         pools = [np.asarray(k_pool), np.asarray(v_pool)]  # the pools' memory, as the GPU's
         tables, table_of, positions = (np.array(a) for a in (tables, table_of, positions))
+        store_only = table_of < 0  # complemented: store K/V, attend nothing
+        table_of = np.where(store_only, ~table_of, table_of)
         scale, cap = bits_float(t["SCALE_BITS"]), bits_float(t["CAP_BITS"])
         slot_of = [(tables[table_of[i]][:, None] * bs + np.arange(bs)).reshape(-1)
                    for i in range(n)]
@@ -78,7 +80,7 @@ def emulated_cuda_kernel(ignore_window=False, calls=None):
         for i, pos in enumerate(positions):
             first = max(pos + 1 - window, 0) if window and not ignore_window else 0
             slots = slot_of[i][first:pos + 1]
-            for h in range(kvh * group if pos >= 0 else 0):
+            for h in range(kvh * group if pos >= 0 and not store_only[i] else 0):
                 s = pools[0][slots * kvh + h // group] @ q[i, h] * scale
                 s = cap * np.tanh(s / cap) if cap else s
                 p = np.exp(s - s.max())

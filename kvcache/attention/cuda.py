@@ -44,14 +44,20 @@ import mlx.core as mx
 import numpy as np
 
 from engine.platform.kernel_constants import float_bits
+from kvcache.attention import dense_prefill
 from kvcache.attention.backend import AttentionBackend
+from kvcache.attention.dense_prefill import DensePrefill
+from kvcache.attention.dense_prefill import plan as dense_plan
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
 
 # Two warps a thread block: 8B x 256 rows 11,178 out tok/s against 10,640 with
 # four (H200, bench/results/h200_s6_warps.log); the kernel alone 145 against
 # 194 us a layer (h200_s6_main.log).
 WARPS = 2
-UNROLL = 4  # keys a sub-warp loads before computing on them
+# Keys a sub-warp loads before computing on them: 2 against 4, 8B x 256 rows
+# 12,619 and 12,753 against 12,570 and 12,492 out tok/s, alternating in one
+# call (h200_s7_unroll.log); the kernel alone 129 against 152 us a layer.
+UNROLL = 2
 # Lanes per key: 8 elements a lane (16-byte loads in half precision), at most
 # a warp. Fewer lanes a key mean fewer shuffles a score (log2 of the lanes);
 # None picks that, a number forces it (bench/gpu_profile.py compares).
@@ -91,7 +97,12 @@ _SOURCE = """
     const int window = WINDOW;  // keys within `window` positions (0: all)
     const int ctx = pos + 1;
     const int first_t = window > 0 && ctx > window ? ctx - window : 0;
-    const int* table = block_tables + (size_t)table_of[i] * W;
+    // A row whose attention runs elsewhere (a fresh prompt chunk:
+    // dense_prefill.py) comes with its table row complemented: its K/V are
+    // stored, nothing is attended.
+    const int table_row = table_of[i];
+    const bool store_only = table_row < 0;
+    const int* table = block_tables + (size_t)(store_only ? ~table_row : table_row) * W;
     // Keys of this token's own chunk (positions p0 .. pos) are this step's:
     // read from k_new/v_new, never from the pools, which this launch writes.
     const int first = chunk_start[i];
@@ -103,13 +114,6 @@ _SOURCE = """
     const int q_off = Q_OFF, k_off = K_OFF, v_off = V_OFF;
     const int lane_at = sub_lane * PER_LANE;
 
-    float qv[G][PER_LANE];
-    for (int g = 0; g < G; ++g) {
-        const size_t at = (size_t)i * q_stride + q_off + (size_t)(kvh * G + g) * D + lane_at;
-        for (int e = 0; e < PER_LANE; ++e) qv[g][e] = static_cast<float>(q[at + e]);
-        if (ROTATE) rotate<PER_LANE, TRAD, SUB>(qv[g], rope_cos, rope_sin, i, sub_lane, sub_mask);
-        for (int e = 0; e < PER_LANE; ++e) qv[g][e] *= scale;
-    }
     // This token's K/V are stored into the pools here, in place (see the
     // module docstring for why that is sound), its key rotated first.
     if (worker == 0) {
@@ -126,6 +130,14 @@ _SOURCE = """
             k_out[row + e] = static_cast<T>(kx[e]);
             v_out[row + e] = v_new[v_at + e];
         }
+    }
+    if (store_only) return;  // uniform in the block: no sync skipped
+    float qv[G][PER_LANE];
+    for (int g = 0; g < G; ++g) {
+        const size_t at = (size_t)i * q_stride + q_off + (size_t)(kvh * G + g) * D + lane_at;
+        for (int e = 0; e < PER_LANE; ++e) qv[g][e] = static_cast<float>(q[at + e]);
+        if (ROTATE) rotate<PER_LANE, TRAD, SUB>(qv[g], rope_cos, rope_sin, i, sub_lane, sub_mask);
+        for (int e = 0; e < PER_LANE; ++e) qv[g][e] *= scale;
     }
     float m[G], l[G], acc[G][PER_LANE];
     for (int g = 0; g < G; ++g) {
@@ -354,6 +366,8 @@ class CudaMetadata:
     table_of: mx.array     # [N] int32
     positions: mx.array    # [N] int32
     chunk_start: mx.array  # [N] int32
+    # Fresh prompt chunks answered by dense causal attention (dense_prefill.py)
+    dense: DensePrefill | None = None
     # cos/sin rows of this step's positions, per RoPE schedule (shared by its layers)
     rope: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -364,7 +378,10 @@ class CudaMetadata:
         return self.rope[key]
 
     @classmethod
-    def from_common(cls, common: CommonAttentionMetadata) -> CudaMetadata:
+    def from_common(cls, common: CommonAttentionMetadata, dense_prefill: bool = False,
+                    ) -> CudaMetadata:
+        """With `dense_prefill`, fresh prompt chunks may be planned for dense
+        attention (only for models whose layers use no window and no cap)."""
         n, pad = len(common.slots), common.num_padding
         tables = mx.array(common.block_tables.astype(np.int32))
         if common.num_decode == n:  # decode rows only (every compiled step): row i is chunk i
@@ -377,7 +394,13 @@ class CudaMetadata:
         chunk_start[:real] = np.repeat(common.query_start[:-1], lens)
         positions = common.positions.astype(np.int32)
         positions[real:] = -1
-        return cls(tables, mx.array(table_of), mx.array(positions), mx.array(chunk_start))
+        dense = None
+        if dense_prefill:
+            dense = dense_plan(common.query_start, common.context_lens, common.num_decode, n)
+            if dense is not None:
+                table_of[dense.rows] = ~table_of[dense.rows]  # store only (see the kernel)
+        return cls(tables, mx.array(table_of), mx.array(positions), mx.array(chunk_start),
+                   dense)
 
 
 # The shape gpu_check reports on: a Llama-style group of 4, head_dim 128.
@@ -517,7 +540,10 @@ class CudaAttention(AttentionBackend):
     compiled_decode = True
 
     def build(self, common: CommonAttentionMetadata) -> CudaMetadata:
-        return CudaMetadata.from_common(common)
+        # Dense attention knows no window or cap: models using either keep
+        # every row in the kernel.
+        plain = not (self.spec.sliding_window or self.spec.softcap)
+        return CudaMetadata.from_common(common, dense_prefill=plain)
 
     def decode_graph_inputs(self, meta: CudaMetadata) -> tuple[mx.array, ...]:
         """The arrays a compiled decode step takes (see decode_metadata)."""
@@ -535,8 +561,11 @@ class CudaAttention(AttentionBackend):
         cache = view.cache
         out = paged_attention(q.astype(cache.dtype), cache.k[view.layer], cache.v[view.layer],
                               k, v, view.meta, scale, cache.block_size, cache.n_kv_heads,
-                              softcap or 0.0, window or 0)
-        return out.astype(q.dtype)
+                              softcap or 0.0, window or 0).astype(q.dtype)
+        if view.meta.dense is not None:
+            _no_window_or_cap(window, softcap)
+            out = dense_prefill.attend(view.meta.dense, out, q, k, v, scale)
+        return out
 
     def packs_qkv(self, rope) -> bool:
         # The kernel rotates whole heads (a lane holds an even number of elements).
@@ -551,5 +580,19 @@ class CudaAttention(AttentionBackend):
         out = paged_attention_packed(qkv.astype(cache.dtype), heads, self.spec.head_dim, tables,
                                      cache.k[view.layer], cache.v[view.layer], view.meta, scale,
                                      cache.block_size, cache.n_kv_heads, softcap or 0.0,
-                                     window or 0)
-        return out.astype(qkv.dtype)
+                                     window or 0).astype(qkv.dtype)
+        if view.meta.dense is not None:
+            _no_window_or_cap(window, softcap)
+            n, d, kvh = qkv.shape[0], self.spec.head_dim, cache.n_kv_heads
+            q = qkv[:, :heads * d].reshape(n, heads, d)
+            k = qkv[:, heads * d:(heads + kvh) * d].reshape(n, kvh, d)
+            v = qkv[:, (heads + kvh) * d:].reshape(n, kvh, d)
+            out = dense_prefill.attend(view.meta.dense, out, q, k, v, scale, rope)
+        return out
+
+
+def _no_window_or_cap(window: int | None, softcap: float | None) -> None:
+    # build() plans dense rows only for specs without either; a layer that
+    # still passes one would get unwindowed, uncapped rows: refuse instead.
+    if window or softcap:
+        raise RuntimeError("dense prefill planned for a layer with a window or a score cap")

@@ -1,0 +1,108 @@
+"""Fresh prompt chunks through MLX's fused causal attention on the CUDA backend.
+
+A prompt chunk that starts a sequence (no cached context) attends only to its
+own tokens, so its attention is plain causal attention over this step's q/k/v.
+The paged kernel (cuda.py) serves one query token a thread block and scores
+keys on CUDA cores: on an H200 one Llama-8B layer of a 64 x 128-token prefill
+took 885 us in it against 87 us in mx.fast.scaled_dot_product_attention
+(bench/results/h200_s7_matmul.log), and its cost grows with the square of the
+chunk. Here such chunks are gathered into dense [chunks, heads, length, dim]
+batches (one per power-of-two length, padded at the end: a padded key sits
+after every real query, so the causal mask hides it), attended there, and
+their rows taken back; the kernel still stores their K/V in place and skips
+their attention. Chunks that continue a context (chunked prefill, prefix-cache
+hits) and decode rows stay in the kernel: their keys live in the pools.
+
+Only the step's own q/k/v are re-laid out; no context is gathered from the pools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+# A chunk shorter than this stays in the kernel (a few keys a query: cheap there).
+MIN_CHUNK = 32
+# Fewer query-key pairs than this over a step's fresh chunks stay in the kernel:
+# the dense path costs ~10 more launches a layer (~150 us of host time on the
+# H200's host), about what the kernel spends on this many pairs (885 us for
+# 64 chunks of 128 tokens, ~1.7 ns a pair).
+MIN_PAIRS = 1 << 16
+
+
+@dataclass
+class DenseGroup:
+    """Chunks of one padded length, attended as one dense batch."""
+
+    rows: mx.array       # [chunks * length] packed row of each dense slot
+    positions: mx.array  # [chunks * length] its position (0 .. length - 1 per chunk)
+    chunks: int
+    length: int
+
+
+@dataclass
+class DensePrefill:
+    """Which packed rows dense attention answers, and where their results are."""
+
+    groups: list[DenseGroup]
+    dense: mx.array  # [N] bool: the row's attention comes from a group
+    at: mx.array     # [N] the row's index in the groups' concatenated outputs
+    rows: np.ndarray  # packed rows the kernel must only store (host copy)
+
+
+def plan(query_start: np.ndarray, context_lens: np.ndarray, num_decode: int, n: int,
+         ) -> DensePrefill | None:
+    """The step's dense batches, or None where the kernel should attend all."""
+    lens = np.diff(query_start)
+    fresh = [c for c in range(num_decode, len(lens))
+             if lens[c] >= MIN_CHUNK and context_lens[c] == lens[c]]
+    if not fresh or sum(int(lens[c]) ** 2 // 2 for c in fresh) < MIN_PAIRS:
+        return None
+    by_length: dict[int, list[int]] = {}
+    for c in fresh:
+        by_length.setdefault(1 << (int(lens[c]) - 1).bit_length(), []).append(c)
+    groups, dense_rows = [], []
+    at = np.zeros(n, np.int32)
+    base = 0
+    for length, chunks in sorted(by_length.items()):
+        offsets = np.arange(length)
+        rows = np.empty((len(chunks), length), np.int32)
+        for j, c in enumerate(chunks):
+            start, size = int(query_start[c]), int(lens[c])
+            # Padding slots repeat the chunk's first row: after every real query,
+            # so never seen by one, and their own outputs are dropped.
+            rows[j] = start + np.where(offsets < size, offsets, 0)
+            at[start:start + size] = base + j * length + offsets[:size]
+            dense_rows.append(np.arange(start, start + size))
+        groups.append(DenseGroup(mx.array(rows.reshape(-1)),
+                                 mx.array(np.tile(offsets, len(chunks)).astype(np.int32)),
+                                 len(chunks), length))
+        base += len(chunks) * length
+    answered = np.concatenate(dense_rows)
+    dense = np.zeros(n, bool)
+    dense[answered] = True
+    return DensePrefill(groups, mx.array(dense), mx.array(at), answered)
+
+
+def attend(plan: DensePrefill, kernel_out: mx.array, q: mx.array, k: mx.array, v: mx.array,
+           scale: float, rope=None) -> mx.array:
+    """kernel_out [N, heads, D] with the dense rows' attention put in; q, k, v
+    are the step's packed rows ([N, heads or kv_heads, D]), rotated here by
+    `rope` at each dense slot's position when given."""
+    parts = []
+    for group in plan.groups:
+        qg, kg, vg = q[group.rows], k[group.rows], v[group.rows]
+        if rope is not None:
+            qg, kg = rope(qg, group.positions), rope(kg, group.positions)
+
+        def batched(x, chunks=group.chunks, length=group.length):
+            return x.reshape(chunks, length, x.shape[1], x.shape[2]).transpose(0, 2, 1, 3)
+
+        out = mx.fast.scaled_dot_product_attention(batched(qg), batched(kg), batched(vg),
+                                                   scale=scale, mask="causal")
+        parts.append(out.transpose(0, 2, 1, 3).reshape(-1, out.shape[1], out.shape[3]))
+    dense = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+    return mx.where(plan.dense[:, None, None], dense[plan.at].astype(kernel_out.dtype),
+                    kernel_out)

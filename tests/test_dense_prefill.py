@@ -1,0 +1,120 @@
+"""Fresh prompt chunks through dense causal attention on the CUDA backend
+(kvcache/attention/dense_prefill.py), the kernel storing their K/V only:
+the plan's bookkeeping, and the engine's tokens against the portable path
+on the CPU with the kernel emulated (tests/emulated_kernels.py)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from emulated_kernels import emulated_cuda_kernel
+from test_fused_attention import ENGINE, FAMILIES, GREEDY, PROMPTS, FusingEmulatedCuda, tokens
+from tiny_models import TINY_QWEN3, write_tiny_llama, write_tiny_phi3
+
+from engine import LLM
+from engine.core.llm_engine import EngineArgs, LLMEngine
+from kvcache.attention import cuda, dense_prefill
+
+
+def test_plan_groups_fresh_chunks_by_padded_length(monkeypatch):
+    monkeypatch.setattr(dense_prefill, "MIN_PAIRS", 0)
+    # Two decode rows, then chunks of 40 (fresh), 33 (fresh), 50 (continuing a
+    # context of 10) and 100 (fresh) tokens, then 3 padding rows.
+    lens = [1, 1, 40, 33, 50, 100]
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    context = np.array([7, 12, 40, 33, 60, 100])
+    n = int(starts[-1]) + 3
+    plan = dense_prefill.plan(starts, context, 2, n)
+    assert [(g.chunks, g.length) for g in plan.groups] == [(2, 64), (1, 128)]
+    rows = np.array(plan.groups[0].rows).reshape(2, 64)
+    assert rows[0, :40].tolist() == list(range(2, 42))
+    assert (rows[0, 40:] == 2).all()  # padding slots repeat the chunk's first row
+    assert rows[1, :33].tolist() == list(range(42, 75))
+    dense = np.array(plan.dense)
+    answered = np.r_[2:75, 125:225]
+    assert dense[answered].all() and dense.sum() == len(answered)
+    assert sorted(plan.rows.tolist()) == answered.tolist()
+    at = np.array(plan.at)
+    assert at[2:42].tolist() == list(range(40)) and at[42:75].tolist() == list(range(64, 97))
+    assert at[125:225].tolist() == list(range(128, 228))
+    assert np.array(plan.groups[1].positions).tolist() == list(range(128))
+
+
+def test_plan_leaves_small_work_to_the_kernel(monkeypatch):
+    starts = np.array([0, 1, 31, 71])
+    context = np.array([5, 30, 40])
+    assert dense_prefill.plan(starts, context, 1, 71) is None  # 40 * 40 / 2 pairs: few
+    monkeypatch.setattr(dense_prefill, "MIN_PAIRS", 0)
+    plan = dense_prefill.plan(starts, context, 1, 71)
+    assert plan.rows.tolist() == list(range(31, 71))  # 30 tokens < MIN_CHUNK: the kernel's
+
+
+@pytest.fixture
+def dense_everywhere(monkeypatch):
+    """Every fresh chunk of two or more tokens through the dense path; counts its calls."""
+    monkeypatch.setattr(dense_prefill, "MIN_CHUNK", 2)
+    monkeypatch.setattr(dense_prefill, "MIN_PAIRS", 0)
+    seen = []
+    real = dense_prefill.attend
+
+    def attend(plan, *a, **k):
+        seen.append(sum(g.chunks for g in plan.groups))
+        return real(plan, *a, **k)
+
+    monkeypatch.setattr(dense_prefill, "attend", attend)
+    return seen
+
+
+def emulated(path, monkeypatch, **engine):
+    monkeypatch.setattr(cuda, "_get_kernel", lambda: emulated_cuda_kernel())
+    args = {**ENGINE, **engine}
+    llm = LLM(str(path), **args, paged_kernel=False)
+    llm.engine = LLMEngine(llm.engine.model, llm.tokenizer, llm.engine.config,
+                           EngineArgs(**args, compile=False), FusingEmulatedCuda(mx.cpu))
+    return llm
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-traditional", "llama3-scaled",
+                                    "qwen2-biases", "qwen3-qk-norm", "phi3-longrope"])
+def test_dense_prefill_gives_the_portable_tokens(tmp_path, monkeypatch, dense_everywhere,
+                                                 family):
+    """Fused (RoPE applied on the dense rows) and unfused (Qwen3's q/k norms)
+    entries; prompts longer than a step's 16 tokens, so a step holds fresh
+    chunks (dense) beside continuing ones and decode rows (kernel)."""
+    if family == "phi3-longrope":
+        path = write_tiny_phi3(tmp_path / family, original_max_position_embeddings=24)
+    elif family == "qwen3-qk-norm":
+        path = write_tiny_llama(tmp_path / family, **{**TINY_QWEN3, "head_dim": 64})
+    else:
+        path = write_tiny_llama(tmp_path / family, **FAMILIES[family])
+    want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
+    assert tokens(emulated(path, monkeypatch)) == want
+    assert dense_everywhere and max(dense_everywhere) >= 2  # chunks batched together
+
+
+@pytest.mark.parametrize("family", ["mistral-window", "gemma2-softcap"])
+def test_models_with_windows_or_caps_keep_every_row_in_the_kernel(
+        tmp_path, monkeypatch, dense_everywhere, family):
+    path = write_tiny_llama(tmp_path / family, **FAMILIES[family])
+    want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
+    assert tokens(emulated(path, monkeypatch)) == want
+    assert dense_everywhere == []
+
+
+def test_a_layer_passing_a_window_to_a_dense_plan_is_refused():
+    with pytest.raises(RuntimeError, match="window"):
+        cuda._no_window_or_cap(16, None)
+
+
+def test_prompts_of_many_lengths_in_one_step(tmp_path, monkeypatch, dense_everywhere):
+    """Prompts of 3 to 90 tokens admitted together (one 512-token step):
+    several padded lengths, each its own dense batch."""
+    path = write_tiny_llama(tmp_path / "llama", **FAMILIES["llama"])
+    prompts = [list(range(7, 7 + n)) for n in (3, 9, 17, 40, 90)]
+    engine = dict(max_num_batched_tokens=512, kv_cache_bytes=8 << 20)
+
+    def run(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+    want = run(LLM(str(path), **{**ENGINE, **engine}, paged_kernel=False, host_forward=False))
+    assert run(emulated(path, monkeypatch, **engine)) == want
+    assert max(dense_everywhere) == 5

@@ -73,13 +73,19 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 40000, size=int(n)).tolist()
                for n in rng.integers(5, 300, size=8)]
-    dense_calls = []
-    real_dense = dense_prefill.attend
-    dense_prefill.attend = lambda plan, *a, **k: dense_calls.append(1) or real_dense(plan, *a, **k)
     eng, tokens = run(model, config, prompts, kv_cache_bytes=1 << 30)
-    dense_prefill.attend = real_dense
     print("decode kernel in use:", eng.cache.backend.name == "cuda")
-    print("fresh prompt chunks through dense attention (layer calls):", len(dense_calls))
+    # Every fresh prompt chunk through dense attention (the prompts are shorter
+    # than its default threshold): the same tokens as the kernel's.
+    dense_calls, real_dense = [], dense_prefill.attend
+    saved = dense_prefill.MIN_CHUNK, dense_prefill.MIN_PAIRS
+    dense_prefill.MIN_CHUNK, dense_prefill.MIN_PAIRS = 2, 0
+    dense_prefill.attend = lambda plan, *a, **k: dense_calls.append(1) or real_dense(plan, *a, **k)
+    _, dense = run(model, config, prompts, kv_cache_bytes=1 << 30)
+    dense_prefill.attend = real_dense
+    dense_prefill.MIN_CHUNK, dense_prefill.MIN_PAIRS = saved
+    print(f"dense prefill == kernel prefill: {dense == tokens} ({len(dense_calls)} layer calls)",
+          flush=True)
     twin = _mlx_lm_twin(model, config)
     same = sum([int(t) for t, _ in generate_step(mx.array(p), twin, max_tokens=24)] == ours
                for p, ours in zip(prompts, tokens))

@@ -16,6 +16,7 @@ from kvcache.attention import cuda, dense_prefill
 
 
 def test_plan_groups_fresh_chunks_by_padded_length(monkeypatch):
+    monkeypatch.setattr(dense_prefill, "MIN_CHUNK", 32)
     monkeypatch.setattr(dense_prefill, "MIN_PAIRS", 0)
     # Two decode rows, then chunks of 40 (fresh), 33 (fresh), 50 (continuing a
     # context of 10) and 100 (fresh) tokens, then 3 padding rows.
@@ -40,12 +41,21 @@ def test_plan_groups_fresh_chunks_by_padded_length(monkeypatch):
 
 
 def test_plan_leaves_small_work_to_the_kernel(monkeypatch):
+    monkeypatch.setattr(dense_prefill, "MIN_CHUNK", 32)
     starts = np.array([0, 1, 31, 71])
     context = np.array([5, 30, 40])
     assert dense_prefill.plan(starts, context, 1, 71) is None  # 40 * 40 / 2 pairs: few
     monkeypatch.setattr(dense_prefill, "MIN_PAIRS", 0)
     plan = dense_prefill.plan(starts, context, 1, 71)
     assert plan.rows.tolist() == list(range(31, 71))  # 30 tokens < MIN_CHUNK: the kernel's
+
+
+def test_plan_by_default_keeps_short_chunks_and_takes_long_ones():
+    # 64 chunks of 128 tokens: cheaper in the kernel; one of 400 tokens: dense.
+    starts = np.arange(65) * 128
+    assert dense_prefill.plan(starts, np.full(64, 128), 0, 64 * 128) is None
+    plan = dense_prefill.plan(np.array([0, 1, 401]), np.array([9, 400]), 1, 401)
+    assert [(g.chunks, g.length) for g in plan.groups] == [(1, 512)]
 
 
 @pytest.fixture

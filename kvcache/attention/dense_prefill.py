@@ -3,10 +3,10 @@
 A prompt chunk that starts a sequence (no cached context) attends only to its
 own tokens, so its attention is plain causal attention over this step's q/k/v.
 The paged kernel (cuda.py) serves one query token a thread block and scores
-keys on CUDA cores: on an H200 one Llama-8B layer of a 64 x 128-token prefill
-took 885 us in it against 87 us in mx.fast.scaled_dot_product_attention
-(bench/results/h200_s7_matmul.log), and its cost grows with the square of the
-chunk. Here such chunks are gathered into dense [chunks, heads, length, dim]
+keys on CUDA cores, so its cost grows with the square of a chunk: one
+Llama-8B layer over a 8192-token chunk took 33 ms in it on an H200 against
+1.9 ms here (a 16 x 4096-token prefill ran 4.7x faster end to end,
+bench/results/h200_s7_long_prompts.log). Here such chunks are gathered into dense [chunks, heads, length, dim]
 batches (one per power-of-two length, padded at the end: a padded key sits
 after every real query, so the causal mask hides it), attended there, and
 their rows taken back; the kernel still stores their K/V in place and skips
@@ -23,8 +23,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-# A chunk shorter than this stays in the kernel (a few keys a query: cheap there).
-MIN_CHUNK = 32
+# A chunk shorter than this stays in the kernel. One 8B layer on an H200, the
+# kernel alone against kernel (storing) + dense (h200_s7_dense_attention.log):
+# 64 x 128 tokens 925 vs 1,372 us, 16 x 512 2,368 vs 1,108, 4 x 2048 8,518 vs
+# 1,280, 1 x 8192 33,072 vs 1,880. The kernel grows with the square of a chunk
+# (~0.9 ns x length^2), the dense path with its tokens (~0.16 us each: the
+# gathers and the merge), so they cross near 180 tokens.
+MIN_CHUNK = 192
 # Fewer query-key pairs than this over a step's fresh chunks stay in the kernel:
 # the dense path costs ~10 more launches a layer (~150 us of host time on the
 # H200's host), about what the kernel spends on this many pairs (885 us for

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from emulated_kernels import emulated_cuda_kernel
-from test_fused_attention import ENGINE, FAMILIES, GREEDY, PROMPTS, FusingEmulatedCuda, tokens
+from test_fused_attention import ENGINE, FAMILIES, GREEDY, FusingEmulatedCuda, tokens
 from tiny_models import TINY_QWEN3, write_tiny_llama, write_tiny_phi3
 
 from engine import LLM
@@ -17,7 +17,6 @@ from kvcache.attention import cuda, dense_prefill
 
 def test_plan_groups_fresh_chunks_by_padded_length(monkeypatch):
     monkeypatch.setattr(dense_prefill, "MIN_CHUNK", 32)
-    monkeypatch.setattr(dense_prefill, "MIN_PAIRS", 0)
     # Two decode rows, then chunks of 40 (fresh), 33 (fresh), 50 (continuing a
     # context of 10) and 100 (fresh) tokens, then 3 padding rows.
     lens = [1, 1, 40, 33, 50, 100]
@@ -40,29 +39,23 @@ def test_plan_groups_fresh_chunks_by_padded_length(monkeypatch):
     assert np.array(plan.groups[1].positions).tolist() == list(range(128))
 
 
-def test_plan_leaves_small_work_to_the_kernel(monkeypatch):
-    monkeypatch.setattr(dense_prefill, "MIN_CHUNK", 32)
-    starts = np.array([0, 1, 31, 71])
-    context = np.array([5, 30, 40])
-    assert dense_prefill.plan(starts, context, 1, 71) is None  # 40 * 40 / 2 pairs: few
-    monkeypatch.setattr(dense_prefill, "MIN_PAIRS", 0)
-    plan = dense_prefill.plan(starts, context, 1, 71)
-    assert plan.rows.tolist() == list(range(31, 71))  # 30 tokens < MIN_CHUNK: the kernel's
-
-
-def test_plan_by_default_keeps_short_chunks_and_takes_long_ones():
-    # 64 chunks of 128 tokens: cheaper in the kernel; one of 400 tokens: dense.
+def test_plan_is_decided_per_chunk_on_its_own_length():
+    """A chunk goes dense whatever its step holds besides: alone or beside
+    others, a request's attention takes the same path."""
+    # 64 chunks of 128 tokens: all in the kernel; one of 300 tokens: dense.
     starts = np.arange(65) * 128
     assert dense_prefill.plan(starts, np.full(64, 128), 0, 64 * 128) is None
-    plan = dense_prefill.plan(np.array([0, 1, 401]), np.array([9, 400]), 1, 401)
-    assert [(g.chunks, g.length) for g in plan.groups] == [(1, 512)]
+    alone = dense_prefill.plan(np.array([0, 300]), np.array([300]), 0, 300)
+    assert [(g.chunks, g.length) for g in alone.groups] == [(1, 512)]
+    beside = dense_prefill.plan(np.array([0, 1, 101, 401]), np.array([9, 100, 300]), 1, 401)
+    assert [(g.chunks, g.length) for g in beside.groups] == [(1, 512)]
+    assert beside.rows.tolist() == list(range(101, 401))
 
 
 @pytest.fixture
 def dense_everywhere(monkeypatch):
     """Every fresh chunk of two or more tokens through the dense path; counts its calls."""
     monkeypatch.setattr(dense_prefill, "MIN_CHUNK", 2)
-    monkeypatch.setattr(dense_prefill, "MIN_PAIRS", 0)
     seen = []
     real = dense_prefill.attend
 

@@ -6,12 +6,13 @@ The paged kernel (cuda.py) serves one query token a thread block and scores
 keys on CUDA cores, so its cost grows with the square of a chunk: one
 Llama-8B layer over a 8192-token chunk took 33 ms in it on an H200 against
 1.9 ms here (a 16 x 4096-token prefill ran 4.7x faster end to end,
-bench/results/h200_s7_long_prompts.log). Here such chunks are gathered into dense [chunks, heads, length, dim]
-batches (one per power-of-two length, padded at the end: a padded key sits
-after every real query, so the causal mask hides it), attended there, and
-their rows taken back; the kernel still stores their K/V in place and skips
-their attention. Chunks that continue a context (chunked prefill, prefix-cache
-hits) and decode rows stay in the kernel: their keys live in the pools.
+bench/results/h200_s7_long_prompts.log). Here such chunks are gathered into
+dense [chunks, heads, length, dim] batches (one per power-of-two length,
+padded at the end: a padded key sits after every real query, so the causal
+mask hides it), attended there, and their rows taken back; the kernel still
+stores their K/V in place and skips their attention. Chunks that continue a
+context (chunked prefill, prefix-cache hits) and decode rows stay in the
+kernel: their keys live in the pools.
 
 Only the step's own q/k/v are re-laid out; no context is gathered from the pools.
 """
@@ -28,13 +29,12 @@ import numpy as np
 # 64 x 128 tokens 925 vs 1,372 us, 16 x 512 2,368 vs 1,108, 4 x 2048 8,518 vs
 # 1,280, 1 x 8192 33,072 vs 1,880. The kernel grows with the square of a chunk
 # (~0.9 ns x length^2), the dense path with its tokens (~0.16 us each: the
-# gathers and the merge), so they cross near 180 tokens.
-MIN_CHUNK = 192
-# Fewer query-key pairs than this over a step's fresh chunks stay in the kernel:
-# the dense path costs ~10 more launches a layer (~150 us of host time on the
-# H200's host), about what the kernel spends on this many pairs (885 us for
-# 64 chunks of 128 tokens, ~1.7 ns a pair).
-MIN_PAIRS = 1 << 16
+# gathers and the merge), so they cross near 180 tokens; above that, ~10 more
+# launches a layer (~150 us of host time) argue for a margin.
+# The choice is made per chunk, on its own length only: a request's numerics
+# then do not depend on what else is in its step (seeded sampling alone ==
+# batched), as the kernel's per-row arithmetic does not either.
+MIN_CHUNK = 256
 
 
 @dataclass
@@ -63,7 +63,7 @@ def plan(query_start: np.ndarray, context_lens: np.ndarray, num_decode: int, n: 
     lens = np.diff(query_start)
     fresh = [c for c in range(num_decode, len(lens))
              if lens[c] >= MIN_CHUNK and context_lens[c] == lens[c]]
-    if not fresh or sum(int(lens[c]) ** 2 // 2 for c in fresh) < MIN_PAIRS:
+    if not fresh:
         return None
     by_length: dict[int, list[int]] = {}
     for c in fresh:

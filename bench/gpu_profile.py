@@ -3,6 +3,10 @@
 Run on the GPU machine (see shared/gpu/README.md):
     PYTHONPATH=$PWD python3 -m bench.gpu_profile [--ops] [--engine 1b:256,8b:64]
 
+--prefill-attention 8b:64:128,8b:1:8192: fresh prompt chunks of one layer,
+the paged kernel against dense causal attention (where dense_prefill's
+MIN_CHUNK comes from). --split-k 256,64: each 8B projection as MLX runs it,
+pre-transposed, and with K split into a batched matmul (it lost at every shape).
 --ops: each projection of the Llama-1B/8B shapes as MLX runs it at 64 and 256
 rows (separate and fused q/k/v, gate/up), the elementwise kernels between
 them, and one decoder layer without attention, compiled, against their sum.
@@ -147,6 +151,75 @@ def attention_sweep(name: str, rows: int, context: int = 192) -> dict:
     return out
 
 
+def prefill_attention(name: str, chunks: int, length: int) -> dict:
+    """Fresh prompt chunks of one layer: the paged kernel attending them
+    against the kernel storing them plus dense causal attention
+    (kvcache/attention/dense_prefill.py, forced on whatever MIN_CHUNK says)."""
+    import numpy as np
+
+    from kvcache.attention import cuda as cuda_attention
+    from kvcache.attention import dense_prefill
+    from kvcache.attention.metadata import CommonAttentionMetadata
+
+    s = SHAPES[name]
+    heads, kvh = s["num_attention_heads"], s["num_key_value_heads"]
+    d, bs = s["hidden_size"] // heads, 16
+    n, width = chunks * length, -(-length // bs)
+    blocks = chunks * width + 1
+    tables = np.random.default_rng(0).permutation(blocks - 1).reshape(chunks, width)
+    positions = np.tile(np.arange(length), chunks)
+    table_of = np.repeat(np.arange(chunks), length)
+    common = CommonAttentionMetadata(
+        slots=tables[table_of, positions // bs] * bs + positions % bs, positions=positions,
+        query_start=np.arange(chunks + 1) * length, context_lens=np.full(chunks, length),
+        block_tables=tables, num_decode=0, num_padding=0, block_size=bs,
+        scratch_block=blocks - 1)
+    saved, dense_prefill.MIN_CHUNK = dense_prefill.MIN_CHUNK, 1
+    try:
+        plain = cuda_attention.CudaMetadata.from_common(common)
+        dense = cuda_attention.CudaMetadata.from_common(common, dense_prefill=True)
+    finally:
+        dense_prefill.MIN_CHUNK = saved
+    pools = [mx.zeros((blocks * bs * kvh, d), mx.bfloat16) for _ in range(2)]
+    q = mx.random.normal((n, heads, d)).astype(mx.bfloat16)
+    k, v = (mx.random.normal((n, kvh, d)).astype(mx.bfloat16) for _ in range(2))
+    mx.eval(pools, q, k, v)
+
+    def kernel():
+        return cuda_attention.paged_attention(q, *pools, k, v, plain, d**-0.5, bs, kvh)
+
+    def with_dense():
+        out = cuda_attention.paged_attention(q, *pools, k, v, dense, d**-0.5, bs, kvh)
+        return dense_prefill.attend(dense.dense, out, q, k, v, d**-0.5)
+
+    err = mx.abs(kernel().astype(mx.float32) - with_dense().astype(mx.float32)).max().item()
+    return {"kernel_us": round(timed_us(kernel, repeat=8), 1),
+            "dense_us": round(timed_us(with_dense, repeat=8), 1), "max_diff": err}
+
+
+def matmul_split_k(rows: int, n: int, k: int, layers: int = 8) -> dict:
+    """x [rows, k] @ W.T [k, n] as MLX runs it, over `layers` weights (beyond
+    the L2), against W pre-transposed and against K split in 2 or 4 as one
+    batched matmul plus a sum (more thread blocks for narrow outputs)."""
+    bf = mx.bfloat16
+    ws = [(mx.random.normal((n, k)) * 0.02).astype(bf) for _ in range(layers)]
+    x = mx.random.normal((rows, k)).astype(bf)
+    mx.eval(ws, x)
+    variants = {"plain": (ws, lambda x, w: x @ w.T),
+                "pre_transposed": ([mx.contiguous(w.T) for w in ws], lambda x, w: x @ w)}
+    for parts in (2, 4):
+        split = [mx.contiguous(w.reshape(n, parts, k // parts).transpose(1, 0, 2)) for w in ws]
+        variants[f"split{parts}"] = (split, lambda x, w, p=parts: (
+            x.reshape(rows, p, k // p).transpose(1, 0, 2) @ w.transpose(0, 2, 1)).sum(axis=0))
+    out = {}
+    for label, (weights, mm) in variants.items():
+        mx.eval(weights)
+        step = mx.compile(lambda x, weights=weights, mm=mm: [mm(x, w) for w in weights])
+        us = timed_us(lambda: step(x), repeat=5) / layers
+        out[label] = {"us": round(us, 1), "tflops": round(2 * rows * n * k / us / 1e6, 1)}
+    return out
+
+
 class PhaseClock:
     """Host seconds spent in wrapped callables, by phase, over decode steps."""
 
@@ -242,10 +315,26 @@ def main() -> None:
     ap.add_argument("--layers", default="", help="model:rows,...: the stack without attention")
     ap.add_argument("--attention", default="", help="model:rows,...: kernel variants")
     ap.add_argument("--no-fuse", action="store_true", help="projections unfused")
+    ap.add_argument("--prefill-attention", default="",
+                    help="model:chunks:length,...: kernel vs dense prefill attention")
+    ap.add_argument("--split-k", default="", help="rows,...: each 8B projection split or not")
     args = ap.parse_args()
+    for spec in filter(None, args.prefill_attention.split(",")):
+        name, chunks, length = spec.split(":")
+        print(json.dumps({"model": name, "chunks": int(chunks), "length": int(length),
+                          **prefill_attention(f"llama-{name}", int(chunks), int(length))}),
+              flush=True)
+    for rows in filter(None, args.split_k.split(",")):
+        s = SHAPES["llama-8b"]
+        d, f = s["hidden_size"], s["intermediate_size"]
+        kv = s["num_key_value_heads"] * d // s["num_attention_heads"]
+        for label, n, k in (("qkv", d + 2 * kv, d), ("o", d, d), ("gate_up", 2 * f, d),
+                            ("down", d, f)):
+            print(json.dumps({"rows": int(rows), "proj": label,
+                              **matmul_split_k(int(rows), n, k)}), flush=True)
     if args.no_fuse:
-        from engine.platform.cuda import CudaPlatform
         from engine.platform.base import Platform
+        from engine.platform.cuda import CudaPlatform
         CudaPlatform.prepare_model = Platform.prepare_model
         CudaPlatform.fuse_projections = False
     for spec in filter(None, args.attention.split(",")):

@@ -6,14 +6,17 @@ The portable path scatters new K/V into the pools with MLX, which on CUDA
 copies the whole pool on every write (0.25 ms into 0.25 GiB, 0.79 ms into
 1 GiB on an H100), and gathers each context into a new array before SDPA
 (on an H100 that gather cost ~4x the attention itself). Here one thread
-block serves one (packed token, KV head): its 4 warps split into sub-warps of
+block serves one (packed token, KV head): its WARPS warps split into sub-warps of
 a few lanes per key (8 elements a lane, so a score takes log2(lanes)
 shuffles), each walking runs of UNROLL keys of the token's block table (all
 their loads issued before any is used) with an online softmax for the query
 heads of the group; the partial results are merged through shared memory at
 the end. Keys of the token's own chunk come from this step's k/v (rotated
 here when the kernel applies RoPE), older ones from the pools; the first
-sub-warp stores the token's own k/v into its slot.
+sub-warp stores the token's own k/v into its slot. Rows of long prompt
+chunks that start their sequence are only stored here: their attention is
+MLX's fused causal attention (dense_prefill.py), far cheaper than one query
+a thread block once a chunk has a few hundred tokens.
 
 Why writing into an input is sound here (MLX arrays are otherwise values):
 - MLX hands a custom kernel the buffer of an evaluated row-contiguous input
@@ -46,8 +49,6 @@ import numpy as np
 from engine.platform.kernel_constants import float_bits
 from kvcache.attention import dense_prefill
 from kvcache.attention.backend import AttentionBackend
-from kvcache.attention.dense_prefill import DensePrefill
-from kvcache.attention.dense_prefill import plan as dense_plan
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
 
 # Two warps a thread block: 8B x 256 rows 11,178 out tok/s against 10,640 with
@@ -334,7 +335,6 @@ def _launch(q, k_new, v_new, layout: tuple, rope: tuple | None, k_pool, v_pool,
 _NO_ROPE = mx.zeros((1,), dtype=mx.float32)
 
 
-
 def lanes_per_key(head_dim: int, group: int) -> int:
     """8 elements a lane where the sub-warps' partial results fit in shared
     memory, else more lanes a key (fewer sub-warps), up to a warp."""
@@ -367,7 +367,7 @@ class CudaMetadata:
     positions: mx.array    # [N] int32
     chunk_start: mx.array  # [N] int32
     # Fresh prompt chunks answered by dense causal attention (dense_prefill.py)
-    dense: DensePrefill | None = None
+    dense: dense_prefill.DensePrefill | None = None
     # cos/sin rows of this step's positions, per RoPE schedule (shared by its layers)
     rope: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -378,9 +378,9 @@ class CudaMetadata:
         return self.rope[key]
 
     @classmethod
-    def from_common(cls, common: CommonAttentionMetadata, dense_prefill: bool = False,
+    def from_common(cls, common: CommonAttentionMetadata, plan_dense: bool = False,
                     ) -> CudaMetadata:
-        """With `dense_prefill`, fresh prompt chunks may be planned for dense
+        """With `plan_dense`, fresh prompt chunks may be planned for dense
         attention (only for models whose layers use no window and no cap)."""
         n, pad = len(common.slots), common.num_padding
         tables = mx.array(common.block_tables.astype(np.int32))
@@ -395,8 +395,9 @@ class CudaMetadata:
         positions = common.positions.astype(np.int32)
         positions[real:] = -1
         dense = None
-        if dense_prefill:
-            dense = dense_plan(common.query_start, common.context_lens, common.num_decode, n)
+        if plan_dense:
+            dense = dense_prefill.plan(common.query_start, common.context_lens,
+                                       common.num_decode, n)
             if dense is not None:
                 table_of[dense.rows] = ~table_of[dense.rows]  # store only (see the kernel)
         return cls(tables, mx.array(table_of), mx.array(positions), mx.array(chunk_start),
@@ -543,7 +544,7 @@ class CudaAttention(AttentionBackend):
         # Dense attention knows no window or cap: models using either keep
         # every row in the kernel.
         plain = not (self.spec.sliding_window or self.spec.softcap)
-        return CudaMetadata.from_common(common, dense_prefill=plain)
+        return CudaMetadata.from_common(common, plan_dense=plain)
 
     def decode_graph_inputs(self, meta: CudaMetadata) -> tuple[mx.array, ...]:
         """The arrays a compiled decode step takes (see decode_metadata)."""

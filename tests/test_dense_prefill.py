@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from emulated_kernels import emulated_cuda_kernel
 from test_fused_attention import ENGINE, FAMILIES, GREEDY, FusingEmulatedCuda, tokens
-from tiny_models import TINY_QWEN3, write_tiny_llama, write_tiny_phi3
+from tiny_models import TINY_GEMMA3, TINY_QWEN3, write_tiny_llama, write_tiny_phi3
 
 from engine import LLM
 from engine.core.llm_engine import EngineArgs, LLMEngine
@@ -50,6 +50,9 @@ def test_plan_is_decided_per_chunk_on_its_own_length():
     beside = dense_prefill.plan(np.array([0, 1, 101, 401]), np.array([9, 100, 300]), 1, 401)
     assert [(g.chunks, g.length) for g in beside.groups] == [(1, 512)]
     assert beside.rows.tolist() == list(range(101, 401))
+    # A windowed model: chunks up to its shortest window only.
+    assert dense_prefill.plan(np.array([0, 300]), np.array([300]), 0, 300, 300) is not None
+    assert dense_prefill.plan(np.array([0, 300]), np.array([300]), 0, 300, 299) is None
 
 
 @pytest.fixture
@@ -94,18 +97,38 @@ def test_dense_prefill_gives_the_portable_tokens(tmp_path, monkeypatch, dense_ev
     assert dense_everywhere and max(dense_everywhere) >= 2  # chunks batched together
 
 
-@pytest.mark.parametrize("family", ["mistral-window", "gemma2-softcap"])
-def test_models_with_windows_or_caps_keep_every_row_in_the_kernel(
+@pytest.mark.parametrize("family", ["mistral-window", "gemma3-window"])
+def test_windowed_models_take_chunks_within_their_shortest_window(
         tmp_path, monkeypatch, dense_everywhere, family):
-    path = write_tiny_llama(tmp_path / family, **FAMILIES[family])
+    """Mistral (window 8 on every layer) and Gemma 3 (12 on local layers,
+    q/k norms): chunks up to the window go dense, longer ones (the 13- and
+    16-token chunks here) stay in the kernel, which applies the window."""
+    config = FAMILIES.get(family) or {**TINY_GEMMA3, "head_dim": 64}
+    path = write_tiny_llama(tmp_path / family, **config)
+    want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
+    longest = []
+    real_plan = dense_prefill.plan
+    monkeypatch.setattr(dense_prefill, "plan", lambda *a: longest.append(a[-1]) or real_plan(*a))
+    assert tokens(emulated(path, monkeypatch)) == want
+    assert dense_everywhere  # the 3-token prompt went dense
+    assert set(longest) == {config["sliding_window"]}
+
+
+def test_a_capped_model_keeps_every_row_in_the_kernel(tmp_path, monkeypatch, dense_everywhere):
+    path = write_tiny_llama(tmp_path / "gemma2", **FAMILIES["gemma2-softcap"])
     want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
     assert tokens(emulated(path, monkeypatch)) == want
     assert dense_everywhere == []
 
 
-def test_a_layer_passing_a_window_to_a_dense_plan_is_refused():
-    with pytest.raises(RuntimeError, match="window"):
-        cuda._no_window_or_cap(16, None)
+def test_a_layer_the_plan_cannot_serve_is_refused(monkeypatch):
+    monkeypatch.setattr(dense_prefill, "MIN_CHUNK", 2)
+    plan = dense_prefill.plan(np.array([0, 10]), np.array([10]), 0, 10)
+    with pytest.raises(RuntimeError, match="window 8"):
+        cuda._check_dense_fits(plan, 8, None)
+    with pytest.raises(RuntimeError, match="cap 2.0"):
+        cuda._check_dense_fits(plan, None, 2.0)
+    cuda._check_dense_fits(plan, 16, None)  # within the window: served
 
 
 def test_prompts_of_many_lengths_in_one_step(tmp_path, monkeypatch, dense_everywhere):

@@ -160,7 +160,9 @@ class LLMEngine:
         spec = AttentionSpec(margs.num_attention_heads, margs.num_key_value_heads,
                              margs.head_dim, bs, dtype,
                              sliding_window=any(w is not None for w in windows),
-                             softcap=any(layer.softcap is not None for layer in layers))
+                             softcap=any(layer.softcap is not None for layer in layers),
+                             shortest_window=min((w for w in windows if w is not None),
+                                                 default=None))
         backend = platform.attention_backend(spec, args.paged_kernel)
         host_forward = platform.host_forward(model, backend, args.host_forward)
         self.sampler_kernels = platform.sampler_kernels()

@@ -379,9 +379,9 @@ class CudaMetadata:
 
     @classmethod
     def from_common(cls, common: CommonAttentionMetadata, plan_dense: bool = False,
-                    ) -> CudaMetadata:
+                    max_dense: int | None = None) -> CudaMetadata:
         """With `plan_dense`, fresh prompt chunks may be planned for dense
-        attention (only for models whose layers use no window and no cap)."""
+        attention (no longer than `max_dense` tokens where that is given)."""
         n, pad = len(common.slots), common.num_padding
         tables = mx.array(common.block_tables.astype(np.int32))
         if common.num_decode == n:  # decode rows only (every compiled step): row i is chunk i
@@ -397,7 +397,7 @@ class CudaMetadata:
         dense = None
         if plan_dense:
             dense = dense_prefill.plan(common.query_start, common.context_lens,
-                                       common.num_decode, n)
+                                       common.num_decode, n, max_dense)
             if dense is not None:
                 table_of[dense.rows] = ~table_of[dense.rows]  # store only (see the kernel)
         return cls(tables, mx.array(table_of), mx.array(positions), mx.array(chunk_start),
@@ -541,10 +541,10 @@ class CudaAttention(AttentionBackend):
     compiled_decode = True
 
     def build(self, common: CommonAttentionMetadata) -> CudaMetadata:
-        # Dense attention knows no window or cap: models using either keep
-        # every row in the kernel.
-        plain = not (self.spec.sliding_window or self.spec.softcap)
-        return CudaMetadata.from_common(common, plan_dense=plain)
+        # Dense attention knows no window or cap: a capped model keeps every
+        # row in the kernel, a windowed one its chunks longer than a window.
+        return CudaMetadata.from_common(common, plan_dense=not self.spec.softcap,
+                                        max_dense=self.spec.shortest_window)
 
     def decode_graph_inputs(self, meta: CudaMetadata) -> tuple[mx.array, ...]:
         """The arrays a compiled decode step takes (see decode_metadata)."""
@@ -564,7 +564,7 @@ class CudaAttention(AttentionBackend):
                               k, v, view.meta, scale, cache.block_size, cache.n_kv_heads,
                               softcap or 0.0, window or 0).astype(q.dtype)
         if view.meta.dense is not None:
-            _no_window_or_cap(window, softcap)
+            _check_dense_fits(view.meta.dense, window, softcap)
             out = dense_prefill.attend(view.meta.dense, out, q, k, v, scale)
         return out
 
@@ -583,7 +583,7 @@ class CudaAttention(AttentionBackend):
                                      cache.block_size, cache.n_kv_heads, softcap or 0.0,
                                      window or 0).astype(qkv.dtype)
         if view.meta.dense is not None:
-            _no_window_or_cap(window, softcap)
+            _check_dense_fits(view.meta.dense, window, softcap)
             n, d, kvh = qkv.shape[0], self.spec.head_dim, cache.n_kv_heads
             q = qkv[:, :heads * d].reshape(n, heads, d)
             k = qkv[:, heads * d:(heads + kvh) * d].reshape(n, kvh, d)
@@ -592,8 +592,10 @@ class CudaAttention(AttentionBackend):
         return out
 
 
-def _no_window_or_cap(window: int | None, softcap: float | None) -> None:
-    # build() plans dense rows only for specs without either; a layer that
-    # still passes one would get unwindowed, uncapped rows: refuse instead.
-    if window or softcap:
-        raise RuntimeError("dense prefill planned for a layer with a window or a score cap")
+def _check_dense_fits(plan: dense_prefill.DensePrefill, window: int | None,
+                      softcap: float | None) -> None:
+    # build() plans from the spec (no cap, chunks within the shortest window);
+    # a layer outside that would get unwindowed or uncapped rows: refuse.
+    if softcap or (window and plan.longest > window):
+        raise RuntimeError(f"dense prefill planned for a layer it cannot serve (window "
+                           f"{window}, cap {softcap}, a chunk of {plan.longest} tokens)")

@@ -12,7 +12,9 @@ padded at the end: a padded key sits after every real query, so the causal
 mask hides it), attended there, and their rows taken back; the kernel still
 stores their K/V in place and skips their attention. Chunks that continue a
 context (chunked prefill, prefix-cache hits) and decode rows stay in the
-kernel: their keys live in the pools.
+kernel: their keys live in the pools. So do chunks longer than a model's
+shortest sliding window, and every row of a model that caps its scores
+(MLX's fused attention has neither a window nor a cap).
 
 Only the step's own q/k/v are re-laid out; no context is gathered from the pools.
 """
@@ -55,14 +57,17 @@ class DensePrefill:
     dense: mx.array  # [N] bool: the row's attention comes from a group
     at: mx.array     # [N] the row's index in the groups' concatenated outputs
     rows: np.ndarray  # packed rows the kernel must only store (host copy)
+    longest: int     # tokens of the longest chunk answered here
 
 
 def plan(query_start: np.ndarray, context_lens: np.ndarray, num_decode: int, n: int,
-         ) -> DensePrefill | None:
-    """The step's dense batches, or None where the kernel should attend all."""
+         max_chunk: int | None = None) -> DensePrefill | None:
+    """The step's dense batches, or None where the kernel should attend all.
+    Chunks longer than `max_chunk` stay in the kernel (a model's shortest
+    sliding window: within it, causal attention is the windowed one)."""
     lens = np.diff(query_start)
     fresh = [c for c in range(num_decode, len(lens))
-             if lens[c] >= MIN_CHUNK and context_lens[c] == lens[c]]
+             if MIN_CHUNK <= lens[c] <= (max_chunk or lens[c]) and context_lens[c] == lens[c]]
     if not fresh:
         return None
     by_length: dict[int, list[int]] = {}
@@ -88,7 +93,8 @@ def plan(query_start: np.ndarray, context_lens: np.ndarray, num_decode: int, n: 
     answered = np.concatenate(dense_rows)
     dense = np.zeros(n, bool)
     dense[answered] = True
-    return DensePrefill(groups, mx.array(dense), mx.array(at), answered)
+    return DensePrefill(groups, mx.array(dense), mx.array(at), answered,
+                        max(int(lens[c]) for c in fresh))
 
 
 def attend(plan: DensePrefill, kernel_out: mx.array, q: mx.array, k: mx.array, v: mx.array,

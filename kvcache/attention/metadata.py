@@ -29,6 +29,9 @@ class AttentionSpec:
     # backend whose kernel is checked at start-up checks these too.
     sliding_window: bool = False
     softcap: bool = False
+    # The smallest window a layer uses (None: none uses one): attention that
+    # knows no window is exact for chunks no longer than this.
+    shortest_window: int | None = None
 
     @property
     def group(self) -> int:

@@ -226,3 +226,16 @@ def test_compiled_decode_steps_with_asynchronous_scheduling(tiny_llama_dir):
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert [r.sequence.output_token_ids for r in reqs] == want
     assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+def test_kernel_constants_travel_as_float_bits():
+    """A layer's float constants reach CUDA kernels as template ints (their
+    float32 bits); a negative one would put '-' in the kernel's name."""
+    from engine.platform.kernel_constants import bits_float, float_bits
+
+    for x in (0.0, 1e-6, 0.08838834764831845, 50.0):
+        assert bits_float(float_bits(x)) == np.float32(x)
+    assert float_bits(0.0) == 0 and float_bits(1.0) == 0x3F800000
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="non-negative"):
+            float_bits(bad)

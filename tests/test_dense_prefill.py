@@ -144,3 +144,24 @@ def test_prompts_of_many_lengths_in_one_step(tmp_path, monkeypatch, dense_everyw
     want = run(LLM(str(path), **{**ENGINE, **engine}, paged_kernel=False, host_forward=False))
     assert run(emulated(path, monkeypatch, **engine)) == want
     assert max(dense_everywhere) == 5
+
+
+def test_default_threshold_through_the_engine(tmp_path, monkeypatch):
+    """At the default MIN_CHUNK, prompts of 256 and 300 tokens go dense and
+    one of 255 stays in the kernel, with the portable path's tokens."""
+    path = write_tiny_llama(tmp_path / "llama", **FAMILIES["llama"])
+    prompts = [list(range(7, 7 + n)) for n in (255, 256, 300)]
+    engine = dict(max_num_batched_tokens=1024, kv_cache_bytes=16 << 20)
+    planned = []
+    real_plan = dense_prefill.plan
+    monkeypatch.setattr(dense_prefill, "plan",
+                        lambda *a: planned.append(r := real_plan(*a)) or r)
+
+    def run(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+    want = run(LLM(str(path), **{**ENGINE, **engine}, paged_kernel=False, host_forward=False))
+    assert run(emulated(path, monkeypatch, **engine)) == want
+    first = next(p for p in planned if p is not None)
+    assert [(g.chunks, g.length) for g in first.groups] == [(1, 256), (1, 512)]
+    assert first.rows.tolist() == list(range(255, 255 + 256 + 300))

@@ -20,6 +20,18 @@ if TYPE_CHECKING:
     from kvcache.paged_cache import PagedKVCache, PagedLayerView
 
 
+def split_qkv(qkv: mx.array, heads: int, kv_heads: int, head_dim: int,
+              ) -> tuple[mx.array, mx.array, mx.array]:
+    """q [N, heads, D], k and v [N, kv_heads, D] from a fused projection's
+    rows [N, (heads + 2 kv_heads) D]: q's heads, then k's, then v's (the
+    layout `attend_packed` takes)."""
+    n, q_end = qkv.shape[0], heads * head_dim
+    k_end = q_end + kv_heads * head_dim
+    return (qkv[:, :q_end].reshape(n, heads, head_dim),
+            qkv[:, q_end:k_end].reshape(n, kv_heads, head_dim),
+            qkv[:, k_end:].reshape(n, kv_heads, head_dim))
+
+
 class AttentionBackend:
     """Attention over the paged pools for one cache."""
 

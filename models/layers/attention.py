@@ -11,6 +11,7 @@ Gemma 2) are per layer; every attention backend honours both."""
 
 from __future__ import annotations
 
+from kvcache.attention.backend import split_qkv
 from kvcache.attention.sdpa import causal_attention
 from models.layers.base import Layer, is_host
 from models.layers.linear import Linear
@@ -52,14 +53,10 @@ class Attention(Layer):
         """q, k, v [N, heads, head_dim] for packed tokens x [N, dim]."""
         if self.project_host is not None and is_host(x):
             return self.project_host(x)
-        n = x.shape[0]
         if "qkv_proj" in self:
-            qkv = self.qkv_proj(x)
-            q_end = self.n_heads * self.head_dim
-            k_end = q_end + self.n_kv_heads * self.head_dim
-            q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return split_qkv(self.qkv_proj(x), self.n_heads, self.n_kv_heads, self.head_dim)
+        n = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return (q.reshape(n, self.n_heads, self.head_dim),
                 k.reshape(n, self.n_kv_heads, self.head_dim),
                 v.reshape(n, self.n_kv_heads, self.head_dim))

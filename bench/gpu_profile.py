@@ -160,6 +160,7 @@ def prefill_attention(name: str, chunks: int, length: int) -> dict:
     from kvcache.attention import cuda as cuda_attention
     from kvcache.attention import dense_prefill
     from kvcache.attention.metadata import CommonAttentionMetadata
+    from kvcache.attention.sdpa import causal_attention
 
     s = SHAPES[name]
     heads, kvh = s["num_attention_heads"], s["num_key_value_heads"]
@@ -198,12 +199,12 @@ def prefill_attention(name: str, chunks: int, length: int) -> dict:
     # MLX's attention alone on inputs already in its layout: what the dense
     # path would cost without its gathers and merge (the rest of dense_us).
     group = dense.dense.groups[0]
-    qb, kb, vb = (x[group.rows].reshape(group.chunks, group.length, x.shape[1], d)
-                  .transpose(0, 2, 1, 3) for x in (q, k, v))
-    mx.eval(qb, kb, vb)
+    batched = [x[group.rows].reshape(group.chunks, group.length, x.shape[1], d)
+               for x in (q, k, v)]
+    mx.eval(batched)
 
     def sdpa_only():
-        return mx.fast.scaled_dot_product_attention(qb, kb, vb, scale=d**-0.5, mask="causal")
+        return causal_attention(*batched, d**-0.5)
 
     err = mx.abs(kernel().astype(mx.float32) - with_dense().astype(mx.float32)).max().item()
     return {name: round(timed_us(fn, repeat=8), 1) for name, fn in (

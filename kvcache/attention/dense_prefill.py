@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from kvcache.attention.sdpa import causal_attention
+
 # A chunk shorter than this stays in the kernel. One 8B layer on an H200, the
 # kernel alone against kernel (storing) + dense (h200_s7_dense_attention.log):
 # 64 x 128 tokens 925 vs 1,372 us, 16 x 512 2,368 vs 1,108, 4 x 2048 8,518 vs
@@ -107,13 +109,9 @@ def attend(plan: DensePrefill, kernel_out: mx.array, q: mx.array, k: mx.array, v
         qg, kg, vg = q[group.rows], k[group.rows], v[group.rows]
         if rope is not None:
             qg, kg = rope(qg, group.positions), rope(kg, group.positions)
-
-        def batched(x, chunks=group.chunks, length=group.length):
-            return x.reshape(chunks, length, x.shape[1], x.shape[2]).transpose(0, 2, 1, 3)
-
-        out = mx.fast.scaled_dot_product_attention(batched(qg), batched(kg), batched(vg),
-                                                   scale=scale, mask="causal")
-        parts.append(out.transpose(0, 2, 1, 3).reshape(-1, out.shape[1], out.shape[3]))
+        out = causal_attention(*(x.reshape(group.chunks, group.length, *x.shape[1:])
+                                 for x in (qg, kg, vg)), scale)
+        parts.append(out.reshape(-1, *out.shape[2:]))
     dense = parts[0] if len(parts) == 1 else mx.concatenate(parts)
     return mx.where(plan.dense[:, None, None], dense[plan.at].astype(kernel_out.dtype),
                     kernel_out)

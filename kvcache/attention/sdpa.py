@@ -47,13 +47,18 @@ def key_mask(key_positions: np.ndarray, query_positions: np.ndarray,
 
 def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
                      window: int | None = None, softcap: float | None = None) -> mx.array:
-    """Attention of one packed sequence over itself ([N, heads, head_dim]),
-    used when no cache is given (a whole prompt, tests, oracles)."""
-    q, k, v = (a.transpose(1, 0, 2)[None] for a in (q, k, v))
+    """Attention of a sequence's tokens over themselves: [N, heads, head_dim]
+    for one sequence (no cache given: a whole prompt, tests, oracles), or
+    [B, N, heads, head_dim] for B sequences of N tokens each (fresh prompt
+    chunks on CUDA, kvcache/attention/dense_prefill.py)."""
+    one = q.ndim == 3
+    q, k, v = (a[None] if one else a for a in (q, k, v))
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     if window is None and softcap is None:
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
     else:
         positions = np.arange(q.shape[2])
         mask = mx.array(key_mask(positions[None, :], positions[:, None], window))
         out = attention(q, k, v, scale, mask, softcap)
-    return out[0].transpose(1, 0, 2)
+    out = out.transpose(0, 2, 1, 3)
+    return out[0] if one else out

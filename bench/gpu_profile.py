@@ -6,7 +6,8 @@ Run on the GPU machine (see shared/gpu/README.md):
 --prefill-attention 8b:64:128,8b:1:8192: fresh prompt chunks of one layer,
 the paged kernel against dense causal attention (where dense_prefill's
 MIN_CHUNK comes from). --split-k 256,64: each 8B projection as MLX runs it,
-pre-transposed, and with K split into a batched matmul (it lost at every shape).
+pre-transposed, with the operands swapped, and with K split into a batched
+matmul (the split lost at every shape).
 --ops: each projection of the Llama-1B/8B shapes as MLX runs it at 64 and 256
 rows (separate and fused q/k/v, gate/up), the elementwise kernels between
 them, and one decoder layer without attention, compiled, against their sum.
@@ -113,7 +114,8 @@ def layer_without_attention(name: str, rows: int) -> dict:
 
 def attention_sweep(name: str, rows: int, context: int = 192) -> dict:
     """The paged attention kernel of one layer for `rows` decode rows of
-    `context` tokens, at each (warps, unroll) tried."""
+    `context` tokens: the tensor-core form at 1, 2 and 4 warps, and the
+    scalar form at each (warps, unroll, lanes) tried."""
     import numpy as np
 
     from kvcache.attention import cuda as cuda_attention
@@ -134,18 +136,26 @@ def attention_sweep(name: str, rows: int, context: int = 192) -> dict:
     kv = mx.random.normal((rows, kvh, d)).astype(mx.bfloat16)
     mx.eval(k_pool, v_pool, q, kv)
     out = {}
-    saved = cuda_attention.WARPS, cuda_attention.UNROLL, cuda_attention.LANES_PER_KEY
+
+    def attend():
+        return cuda_attention.paged_attention(q, k_pool, v_pool, kv, kv, meta, d**-0.5, bs, kvh)
+
+    saved = (cuda_attention.WARPS, cuda_attention.UNROLL, cuda_attention.LANES_PER_KEY,
+             cuda_attention.TENSOR_CORES, cuda_attention.TC_WARPS)
     try:
+        for warps in (1, 2, 4):  # the tensor-core form (cuda_tensor_core.py)
+            cuda_attention.TC_WARPS = warps
+            out[f"tensor_cores_w{warps}_us"] = round(timed_us(attend, repeat=32), 1)
+        cuda_attention.TENSOR_CORES = False
         for warps, unroll, lanes in ((4, 4, 32), (4, 4, None), (4, 2, None), (4, 8, None),
-                                     (8, 2, None), (2, 4, None), (4, 4, 8)):
+                                     (8, 2, None), (2, 4, None), (2, 2, None), (4, 4, 8)):
             cuda_attention.WARPS, cuda_attention.UNROLL = warps, unroll
             cuda_attention.LANES_PER_KEY = lanes
-            us = timed_us(lambda: cuda_attention.paged_attention(
-                q, k_pool, v_pool, kv, kv, meta, d**-0.5, bs, kvh), repeat=32)
             auto = cuda_attention.lanes_per_key(d, heads // kvh)
-            out[f"w{warps}u{unroll}l{lanes or auto}_us"] = round(us, 1)
+            out[f"w{warps}u{unroll}l{lanes or auto}_us"] = round(timed_us(attend, repeat=32), 1)
     finally:
-        cuda_attention.WARPS, cuda_attention.UNROLL, cuda_attention.LANES_PER_KEY = saved
+        (cuda_attention.WARPS, cuda_attention.UNROLL, cuda_attention.LANES_PER_KEY,
+         cuda_attention.TENSOR_CORES, cuda_attention.TC_WARPS) = saved
     kv_bytes = rows * context * kvh * d * 2 * 2
     out["kv_read_floor_us"] = round(kv_bytes / 4.8e6, 1)
     return out
@@ -221,7 +231,10 @@ def matmul_split_k(rows: int, n: int, k: int, layers: int = 8) -> dict:
     x = mx.random.normal((rows, k)).astype(bf)
     mx.eval(ws, x)
     variants = {"plain": (ws, lambda x, w: x @ w.T),
-                "pre_transposed": ([mx.contiguous(w.T) for w in ws], lambda x, w: x @ w)}
+                "pre_transposed": ([mx.contiguous(w.T) for w in ws], lambda x, w: x @ w),
+                # The same product with the operands' roles swapped (W x^T, then
+                # back): cuBLAS picks its kernel by shape, so a swap may pick another.
+                "swapped": (ws, lambda x, w: mx.contiguous((w @ x.T).T))}
     for parts in (2, 4):
         split = [mx.contiguous(w.reshape(n, parts, k // parts).transpose(1, 0, 2)) for w in ws]
         variants[f"split{parts}"] = (split, lambda x, w, p=parts: (

@@ -41,7 +41,7 @@ def tokens(llm):
 
 def on_emulated_cuda(path, monkeypatch, platform=FusingEmulatedCuda):
     calls = []
-    monkeypatch.setattr(cuda, "_get_kernel", lambda: emulated_cuda_kernel(calls=calls))
+    monkeypatch.setattr(cuda, "_get_kernel", lambda *form: emulated_cuda_kernel(calls=calls))
     llm = LLM(str(path), **ENGINE, paged_kernel=False)
     llm.engine = LLMEngine(llm.engine.model, llm.tokenizer, llm.engine.config,
                            EngineArgs(**ENGINE, compile=False), platform(mx.cpu))

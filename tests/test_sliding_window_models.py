@@ -218,10 +218,10 @@ def test_cuda_backend_passes_windows_and_caps_to_its_kernel(tmp_path, monkeypatc
     from kvcache.attention.metadata import AttentionSpec
 
     spec = AttentionSpec(8, 2, 64, 16, mx.float32, sliding_window=True, softcap=True)
-    monkeypatch.setattr(cuda, "_get_kernel", lambda: emulated_cuda_kernel(ignore_window=True))
+    monkeypatch.setattr(cuda, "_get_kernel", lambda *form: emulated_cuda_kernel(ignore_window=True))
     assert cuda.verify(AttentionSpec(8, 2, 64, 16, mx.float32, softcap=True))
     assert not cuda.verify(spec)
-    monkeypatch.setattr(cuda, "_get_kernel", lambda: emulated_cuda_kernel())
+    monkeypatch.setattr(cuda, "_get_kernel", lambda *form: emulated_cuda_kernel())
     assert cuda.verify(spec)
 
     config, windows = FAMILIES["gemma2"]

@@ -1,6 +1,9 @@
-"""The CUDA attention backend: one kernel (mx.fast.cuda_kernel) stores every
-packed token's K/V into the pools in place and attends over its blocks in
-place, for decode rows, prompt chunks and mixed steps alike.
+"""The CUDA attention backend: kernels (mx.fast.cuda_kernel) store every
+packed token's K/V into the pools in place and attend over its blocks in
+place, for decode rows, prompt chunks and mixed steps alike. Half-precision
+pools at head_dim 64/128 take the tensor-core form (cuda_tensor_core.py: a
+store launch, then attention on the matrix units); other shapes take the
+scalar kernel below.
 
 The portable path scatters new K/V into the pools with MLX, which on CUDA
 copies the whole pool on every write (0.25 ms into 0.25 GiB, 0.79 ms into
@@ -11,7 +14,7 @@ a few lanes per key (8 elements a lane, so a score takes log2(lanes)
 shuffles), each walking runs of UNROLL keys of the token's block table (all
 their loads issued before any is used) with an online softmax for the query
 heads of the group; the partial results are merged through shared memory at
-the end. Keys of the token's own chunk come from this step's k/v (rotated
+the end (the scalar form). Keys of the token's own chunk come from this step's k/v (rotated
 here when the kernel applies RoPE), older ones from the pools; the first
 sub-warp stores the token's own k/v into its slot. Rows of long prompt
 chunks that start their sequence are only stored here: their attention is
@@ -24,12 +27,15 @@ Why writing into an input is sound here (MLX arrays are otherwise values):
   contiguous and evaluated once (kvcache/paged_cache.py) and no MLX operation
   ever writes them on this backend, so each pool keeps one buffer for the
   engine's life and every launch writes that buffer.
-- Order: a layer's pools are read and written only by that layer's launch in
-  a step, and launches on the stream run in order; the step ends with an
-  mx.eval before the next step is built. Within a launch no thread reads a
-  slot written in that launch (a chunk's own keys are read from k_new/v_new;
-  another sequence's blocks are never written: a block shared through the
-  prefix cache is full, and writes go to a sequence's own newest block).
+- Order: a layer's pools are read and written only by that layer's
+  launches in a step, and launches on the stream run in order; the step
+  ends with an mx.eval before the next step is built. The tensor-core
+  attention launch takes the store launch's (one-element) output as an
+  input, so MLX cannot order it first. Within the scalar launch no thread
+  reads a slot written in that launch (a chunk's own keys are read from
+  k_new/v_new); another sequence's blocks are never written (a block shared
+  through the prefix cache is full, and writes go to a sequence's own
+  newest block).
 - `verify` runs the kernel against the reference math at the model's shape
   before the platform picks it (engine/platform/cuda.py); a mismatch or a
   compile failure leaves the portable path in use.
@@ -47,7 +53,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.platform.kernel_constants import float_bits
-from kvcache.attention import dense_prefill
+from kvcache.attention import cuda_tensor_core, dense_prefill
 from kvcache.attention.backend import AttentionBackend, split_qkv
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
 
@@ -64,6 +70,11 @@ UNROLL = 2
 # None picks that, a number forces it (bench/gpu_profile.py compares).
 LANES_PER_KEY: int | None = None
 SHARED_MEMORY = 48 << 10  # static shared memory a thread block may use
+# Half-precision pools at head_dim 64/128 with up to 16 query heads a KV head
+# go through the tensor-core form (cuda_tensor_core.py); TC_WARPS warps a
+# thread block take alternate 16-key tiles.
+TENSOR_CORES = True
+TC_WARPS = 2
 
 _SOURCE = """
     // SUB lanes (a sub-warp, SUB <= 32) share one key: each holds PER_LANE of
@@ -264,18 +275,35 @@ __device__ inline void rotate(float (&x)[P], const float* cos_rows, const float*
 }
 """
 
-_kernel = None
+_INPUTS = {
+    "scalar": ["q", "k_pool", "v_pool", "k_new", "v_new", "block_tables", "table_of",
+               "positions", "chunk_start", "rope_cos", "rope_sin"],
+    "store": ["k_new", "v_new", "block_tables", "table_of", "positions", "rope_cos",
+              "rope_sin", "k_pool", "v_pool"],
+    "tensor_cores": ["q", "k_pool", "v_pool", "block_tables", "table_of", "positions",
+                     "rope_cos", "rope_sin", "stored"],
+}
+_kernels: dict[str, object] = {}
 
 
-def _get_kernel():
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
-            name="conveyor_paged_attention",
-            input_names=["q", "k_pool", "v_pool", "k_new", "v_new", "block_tables",
-                         "table_of", "positions", "chunk_start", "rope_cos", "rope_sin"],
-            output_names=["out"], source=_SOURCE, header=_HEADER)
-    return _kernel
+def _get_kernel(form: str = "scalar"):
+    """The kernel of `form`: "scalar" (this file), or the tensor-core pair
+    "store" then "tensor_cores" (cuda_tensor_core.py)."""
+    if form not in _kernels:
+        source, header = {"scalar": (_SOURCE, _HEADER),
+                          "store": (cuda_tensor_core.STORE_SOURCE, cuda_tensor_core.HEADER),
+                          "tensor_cores": (cuda_tensor_core.SOURCE, cuda_tensor_core.HEADER)}[form]
+        _kernels[form] = mx.fast.cuda_kernel(
+            name=f"conveyor_paged_attention_{form}", input_names=_INPUTS[form],
+            output_names=["stored" if form == "store" else "out"], source=source,
+            header=header)
+    return _kernels[form]
+
+
+def uses_tensor_cores(dtype, head_dim: int, group: int) -> bool:
+    """Whether the tensor-core form serves this shape (cuda_tensor_core.py)."""
+    return (TENSOR_CORES and dtype in (mx.bfloat16, mx.float16) and head_dim in (64, 128)
+            and group <= 16)
 
 
 def paged_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, k_new: mx.array,
@@ -315,20 +343,31 @@ def _launch(q, k_new, v_new, layout: tuple, rope: tuple | None, k_pool, v_pool,
     # layout: (q, k, v row strides, then their offsets), in elements.
     # Scale, cap, window and layout are a layer's constants: compiled in
     # (engine/platform/kernel_constants.py says why not as arrays).
-    n = q.shape[0]
+    n, group = q.shape[0], heads // n_kv_heads
     cos, sin, traditional = rope if rope is not None else (_NO_ROPE, _NO_ROPE, False)
-    return _get_kernel()(
-        inputs=[q, k_pool, v_pool, k_new, v_new, meta.tables, meta.table_of, meta.positions,
-                meta.chunk_start, cos, sin],
-        template=[("T", q.dtype), ("D", dim), ("G", heads // n_kv_heads), ("KVH", n_kv_heads),
-                  ("BS", block_size), ("NWARPS", WARPS), ("UNROLL", UNROLL),
-                  ("SUB", lanes_per_key(dim, heads // n_kv_heads)),
-                  ("ROTATE", int(rope is not None)),
-                  ("TRAD", int(traditional)), ("SCALE_BITS", float_bits(scale)),
-                  ("CAP_BITS", float_bits(softcap)), ("WINDOW", int(window)),
-                  *zip(("Q_STRIDE", "K_STRIDE", "V_STRIDE", "Q_OFF", "K_OFF", "V_OFF"),
-                       map(int, layout))],
-        grid=(n * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
+    shape = [("T", q.dtype), ("D", dim), ("G", group), ("KVH", n_kv_heads), ("BS", block_size),
+             ("ROTATE", int(rope is not None)), ("TRAD", int(traditional)),
+             ("SCALE_BITS", float_bits(scale)), ("CAP_BITS", float_bits(softcap)),
+             ("WINDOW", int(window)),
+             *zip(("Q_STRIDE", "K_STRIDE", "V_STRIDE", "Q_OFF", "K_OFF", "V_OFF"),
+                  map(int, layout))]
+    if not uses_tensor_cores(q.dtype, dim, group):
+        return _get_kernel()(
+            inputs=[q, k_pool, v_pool, k_new, v_new, meta.tables, meta.table_of, meta.positions,
+                    meta.chunk_start, cos, sin],
+            template=shape + [("NWARPS", WARPS), ("UNROLL", UNROLL),
+                              ("SUB", lanes_per_key(dim, group))],
+            grid=(n * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
+            output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
+    stored = _get_kernel("store")(
+        inputs=[k_new, v_new, meta.tables, meta.table_of, meta.positions, cos, sin, k_pool,
+                v_pool],
+        template=shape, grid=(n * n_kv_heads * 32, 1, 1), threadgroup=(32, 1, 1),
+        output_shapes=[(1,)], output_dtypes=[mx.int32])[0]
+    return _get_kernel("tensor_cores")(
+        inputs=[q, k_pool, v_pool, meta.tables, meta.table_of, meta.positions, cos, sin, stored],
+        template=shape + [("NWARPS", TC_WARPS), ("BF16", int(q.dtype == mx.bfloat16))],
+        grid=(n * n_kv_heads * 32 * TC_WARPS, 1, 1), threadgroup=(32 * TC_WARPS, 1, 1),
         output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
 
 

@@ -1,0 +1,313 @@
+"""The CUDA attention kernel's tensor-core form (half-precision pools, head_dim
+64 or 128, up to 16 query heads a KV head): the same contract as the scalar
+kernel in cuda.py (store every packed token's K/V in place, attend over its
+block table in place, padding gets zeros, store-only rows), with the two
+products of attention done by `mma.sync.m16n8k16` instead of lane-by-lane
+dot products and shuffles.
+
+Two launches a layer: STORE_SOURCE writes the step's K/V into the pools
+first, so the attention (SOURCE) reads every key from the pools, rotated,
+with no branch for keys of the step's own chunk and no rotation in its
+loop. A first version rotated those keys inside the loop, as the scalar
+kernel does: the 8B x 256 run fell to 9,539 out tok/s, against 14,165 with
+the store split out (bench/results/h200_s8_tensor_cores.log).
+
+Why tensor cores: the scalar kernel spends ~150 instructions a lane on each key (16
+lanes a key: 4 heads x 8 multiply-adds for the score, 4 shuffle-reductions
+a head, the exponentials, 4 x 8 multiply-adds into the accumulator), about
+4x what the key's bytes take to read on an H200; the matrix units do the
+multiply-adds and the reductions of a 16-key tile in 32 instructions a lane.
+
+Layout (one warp walks 16 keys at a time; g = lane / 4, t = lane % 4):
+- Scores S [heads x keys] = Q K^T, an m16n8k16 per 16 dims and 8 keys: A is
+  Q (row g = query head g of the group, row g + 8 = head g + 8), B is K^T
+  (column n = key n of the tile). A dot product may visit the dims in any
+  order, so lane (g, t) holds dims [t D/4, (t + 1) D/4) of its rows, and
+  mma j takes dims t D/4 + 4j + {0, 1} as k-slots 2t, 2t + 1 and + {2, 3} as
+  k-slots 2t + 8, 2t + 9: each lane reads a contiguous quarter of its key
+  row (16-byte loads), and Q uses the same order.
+- The result (C) gives lane (g, t) the scores of heads g and g + 8 for keys
+  2t, 2t + 1 of the tile: two tiles (16 keys) are exactly the A operand of
+  O += P V (rows = heads, k-slots = keys), so P never leaves registers.
+- V is the B operand: mma nb makes output dims n D/8 + nb (n = 0..7), so
+  lane (g, t) reads dims [g D/8, (g + 1) D/8) of the value rows of keys 2t,
+  2t + 1, 2t + 8, 2t + 9 (16-byte loads) and pairs same-dim halves of two
+  rows with a byte permute. Its accumulator then holds dims [2t D/8,
+  (2t + 2) D/8) of heads g and g + 8.
+Scores are scaled and capped in float32 after the product; P is rounded to
+the pools' type for the second product (as fused attention kernels do), the
+softmax sums are kept in float32. Warps of a thread block take alternate
+16-key tiles and merge their partial softmaxes through shared memory.
+"""
+
+HEADER = """
+template <int BF16>
+__device__ inline void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                unsigned b1) {
+    if (BF16)
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Word e of a run of 16-byte loads: with e known at compile time (the loops
+// that call it are unrolled) this names a register; a pointer into the array
+// would put the array in local memory.
+template <int N>
+__device__ __forceinline__ unsigned word(const uint4 (&v)[N], int e) {
+    const uint4& x = v[e >> 2];
+    return (e & 3) == 0 ? x.x : (e & 3) == 1 ? x.y : (e & 3) == 2 ? x.z : x.w;
+}
+
+// Two floats as one register of two halves (lo in the low 16 bits).
+template <int BF16>
+__device__ inline unsigned pack2(float lo, float hi) {
+    if (BF16) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&v);
+    }
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+template <int BF16>
+__device__ inline float2 unpack2(unsigned x) {
+    if (BF16) return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+    return __half22float2(*reinterpret_cast<__half2*>(&x));
+}
+
+// RoPE on P consecutive dims [dim0, dim0 + P) of a head held by this lane;
+// non-traditional pairs dim j with j + D/2, held by the lane `partner` away
+// (every lane of the warp must call: it shuffles). cos/sin rows [N, D/2].
+template <int P, int TRAD, int D>
+__device__ inline void rotate_span(float (&x)[P], const float* cos_rows, const float* sin_rows,
+                                   int row, int dim0, int partner) {
+    const float* c = cos_rows + (size_t)row * (D / 2);
+    const float* s = sin_rows + (size_t)row * (D / 2);
+    if (TRAD) {
+        for (int e = 0; e + 1 < P; e += 2) {
+            const int p = (dim0 + e) / 2;
+            const float a = x[e], b = x[e + 1];
+            x[e] = a * c[p] - b * s[p];
+            x[e + 1] = b * c[p] + a * s[p];
+        }
+    } else {
+        const bool low = dim0 < D / 2;
+        for (int e = 0; e < P; ++e) {
+            const float other = __shfl_xor_sync(0xffffffffu, x[e], partner);
+            const int p = (dim0 + e) % (D / 2);
+            x[e] = low ? x[e] * c[p] - other * s[p] : x[e] * c[p] + other * s[p];
+        }
+    }
+}
+"""
+
+# Launched before SOURCE on the same step's tokens: every packed token's K/V
+# into its slot, in place (cuda.py says why that is sound), the key rotated
+# first; a thread block (one warp) a (token, KV head), D/32 dims a lane. Its
+# one-element output is an input of SOURCE's launch, which orders the two.
+STORE_SOURCE = """
+    constexpr int SP = D / 32;
+    const int i = blockIdx.x / KVH;
+    const int kvh = blockIdx.x % KVH;
+    const int lane = threadIdx.x;
+    if (blockIdx.x == 0 && lane == 0) stored[0] = 1;
+    const int pos = positions[i];
+    if (pos < 0) return;  // padding
+    const int table_row = table_of[i];
+    const int* table = block_tables
+        + (size_t)(table_row < 0 ? ~table_row : table_row) * block_tables_shape[1];
+    const int d0 = lane * SP;
+    const size_t row = ((size_t)(table[pos / BS] * BS + pos % BS) * KVH + kvh) * D + d0;
+    const size_t k_at = (size_t)i * K_STRIDE + K_OFF + (size_t)kvh * D + d0;
+    const size_t v_at = (size_t)i * V_STRIDE + V_OFF + (size_t)kvh * D + d0;
+    float kx[SP];
+    for (int e = 0; e < SP; ++e) kx[e] = static_cast<float>(k_new[k_at + e]);
+    if (ROTATE) rotate_span<SP, TRAD, D>(kx, rope_cos, rope_sin, i, d0, 16);
+    T* k_out = (T*)k_pool;
+    T* v_out = (T*)v_pool;
+    for (int e = 0; e < SP; ++e) {
+        k_out[row + e] = static_cast<T>(kx[e]);
+        v_out[row + e] = v_new[v_at + e];
+    }
+"""
+
+SOURCE = """
+    constexpr int PL = D / 4;   // dims of a q or k row a lane holds (score operands)
+    constexpr int VD = D / 8;   // dims of a v row a lane holds (value operand)
+    constexpr int QK = D / 16;  // score mmas a tile of 8 keys
+    constexpr int PV = D / 8;   // value mmas (8 output dims each) a 16-key step
+    constexpr bool HI = G > 8;  // rows g + 8 of the operands are real query heads
+    constexpr int KVEC = PL * (int)sizeof(T) / 16;  // 16-byte loads a k row
+    constexpr int VVEC = VD * (int)sizeof(T) / 16;
+    const unsigned FULL = 0xffffffffu;
+    const int bk = blockIdx.x;
+    const int i = bk / KVH;  // the packed token this thread block serves
+    const int kvh = bk % KVH;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int g = lane >> 2, tq = lane & 3;
+    const int pos = positions[i];
+    const size_t out_at = ((size_t)i * KVH * G + kvh * G) * D;
+    if (pos < 0) {  // padding: stores nothing, attends nothing
+        for (int j = threadIdx.x; j < G * D; j += blockDim.x) out[out_at + j] = T(0);
+        return;
+    }
+    const float scale = __int_as_float(SCALE_BITS);
+    const float softcap = __int_as_float(CAP_BITS);
+    const int W = block_tables_shape[1];
+    const int window = WINDOW;
+    const int ctx = pos + 1;
+    const int first_t = window > 0 && ctx > window ? ctx - window : 0;
+    const int table_row = table_of[i];
+    const bool store_only = table_row < 0;  // attention runs elsewhere (dense_prefill.py)
+    const int* table = block_tables + (size_t)(store_only ? ~table_row : table_row) * W;
+    const int q_stride = Q_STRIDE, q_off = Q_OFF;
+
+    if (store_only) return;  // uniform in the block: no sync skipped
+
+    // Q as the A operand: rows g and g + 8, this lane's quarter of each head.
+    unsigned qa[2][PL / 2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int h = g + 8 * r;
+        float x[PL];
+#pragma unroll
+        for (int e = 0; e < PL; ++e)
+            x[e] = h < G ? static_cast<float>(
+                q[(size_t)i * q_stride + q_off + (size_t)(kvh * G + h) * D + tq * PL + e]) : 0.f;
+        if (ROTATE && (r == 0 || HI))
+            rotate_span<PL, TRAD, D>(x, rope_cos, rope_sin, i, tq * PL, 2);
+#pragma unroll
+        for (int e = 0; e < PL / 2; ++e) qa[r][e] = pack2<BF16>(x[2 * e], x[2 * e + 1]);
+    }
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float acc[PV][4];
+#pragma unroll
+    for (int nb = 0; nb < PV; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
+
+    for (int base = first_t + warp * 16; base < ctx; base += NWARPS * 16) {
+        // Every load of the step first (bytes in flight), then the math.
+        // Keys past the context read the last key (finite) and are masked.
+        // This step's own keys are in the pools already (STORE_SOURCE ran).
+        uint4 kv4[2][KVEC];
+#pragma unroll
+        for (int tile = 0; tile < 2; ++tile) {
+            const int kk = min(base + 8 * tile + g, ctx - 1);
+            const T* src = k_pool + ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D
+                           + tq * PL;
+#pragma unroll
+            for (int v = 0; v < KVEC; ++v) kv4[tile][v] = reinterpret_cast<const uint4*>(src)[v];
+        }
+        uint4 vv4[4][VVEC];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int kk = min(base + 2 * tq + (r & 1) + 8 * (r >> 1), ctx - 1);
+            const T* src = v_pool + ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D
+                           + g * VD;
+#pragma unroll
+            for (int v = 0; v < VVEC; ++v) vv4[r][v] = reinterpret_cast<const uint4*>(src)[v];
+        }
+        // Scores: s[tile] = heads g (0, 1) and g + 8 (2, 3) x keys 2t, 2t + 1.
+        float s[2][4];
+#pragma unroll
+        for (int tile = 0; tile < 2; ++tile) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[tile][e] = 0.f;
+#pragma unroll
+            for (int j = 0; j < QK; ++j) {
+                const unsigned a[4] = {qa[0][2 * j], qa[1][2 * j], qa[0][2 * j + 1],
+                                       qa[1][2 * j + 1]};
+                mma16816<BF16>(s[tile], a, word(kv4[tile], 2 * j), word(kv4[tile], 2 * j + 1));
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[tile][e] * scale;
+                if (softcap > 0.f) x = softcap * tanhf(x / softcap);
+                s[tile][e] = base + 8 * tile + 2 * tq + (e & 1) < ctx ? x : -INFINITY;
+            }
+        }
+        // Online softmax a row (head); a row's 16 keys sit in its 4 lanes.
+#pragma unroll
+        for (int r = 0; r < (HI ? 2 : 1); ++r) {
+            float top = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]),
+                              fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+            top = fmaxf(top, __shfl_xor_sync(FULL, top, 1));
+            top = fmaxf(top, __shfl_xor_sync(FULL, top, 2));
+            const float m_new = fmaxf(m[r], top);
+            const float m_use = m_new == -INFINITY ? 0.f : m_new;
+            const float corr = __expf(m[r] - m_use);
+            m[r] = m_new;
+            l[r] *= corr;
+#pragma unroll
+            for (int tile = 0; tile < 2; ++tile)
+#pragma unroll
+                for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                    s[tile][e] = __expf(s[tile][e] - m_use);
+                    l[r] += s[tile][e];
+                }
+#pragma unroll
+            for (int nb = 0; nb < PV; ++nb) {
+                acc[nb][2 * r] *= corr;
+                acc[nb][2 * r + 1] *= corr;
+            }
+        }
+        if (!HI)
+#pragma unroll
+            for (int tile = 0; tile < 2; ++tile) s[tile][2] = s[tile][3] = 0.f;
+        // O += P V: P straight from the score registers.
+        const unsigned pa[4] = {pack2<BF16>(s[0][0], s[0][1]), pack2<BF16>(s[0][2], s[0][3]),
+                                pack2<BF16>(s[1][0], s[1][1]), pack2<BF16>(s[1][2], s[1][3])};
+#pragma unroll
+        for (int nb = 0; nb < PV; ++nb) {
+            const unsigned sel = nb & 1 ? 0x7632u : 0x5410u;
+            const unsigned b0 = __byte_perm(word(vv4[0], nb / 2), word(vv4[1], nb / 2), sel);
+            const unsigned b1 = __byte_perm(word(vv4[2], nb / 2), word(vv4[3], nb / 2), sel);
+            mma16816<BF16>(acc[nb], pa, b0, b1);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(FULL, l[r], 1);
+        l[r] += __shfl_xor_sync(FULL, l[r], 2);
+    }
+    // The warps' partial softmaxes, merged through shared memory.
+    __shared__ float sm_m[NWARPS][G];
+    __shared__ float sm_l[NWARPS][G];
+    __shared__ float sm_acc[NWARPS][G][D];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int h = g + 8 * r;
+        if (h >= G) continue;
+        if (tq == 0) { sm_m[warp][h] = m[r]; sm_l[warp][h] = l[r]; }
+#pragma unroll
+        for (int nb = 0; nb < PV; ++nb) {
+            sm_acc[warp][h][2 * tq * VD + nb] = acc[nb][2 * r];
+            sm_acc[warp][h][(2 * tq + 1) * VD + nb] = acc[nb][2 * r + 1];
+        }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < G * D; j += blockDim.x) {
+        const int h = j / D, d = j % D;
+        float top = -INFINITY;
+        for (int w = 0; w < NWARPS; ++w) top = fmaxf(top, sm_m[w][h]);
+        float num = 0.f, den = 0.f;
+        for (int w = 0; w < NWARPS; ++w) {
+            const float wt = sm_l[w][h] > 0.f ? __expf(sm_m[w][h] - top) : 0.f;
+            num += sm_acc[w][h][d] * wt;
+            den += sm_l[w][h] * wt;
+        }
+        out[out_at + j] = static_cast<T>(num / den);
+    }
+"""

@@ -43,50 +43,74 @@ def _rows(src, n: int, stride: int, offset: int, heads: int, dim: int) -> np.nda
                      for i in range(n)]).reshape(n, heads, dim)
 
 
-def emulated_cuda_kernel(ignore_window=False, calls=None):
-    """What kvcache/attention/cuda.py's kernel computes, from the same inputs
-    and template: q/k/v read from their packed rows (rotated first when
-    ROTATE), every packed token's K/V stored in place, then each token
-    attends over its own window (padding, at position -1, gets zeros).
-    `calls` (a list) collects each launch's template."""
+def emulated_cuda_kernel(form="scalar", ignore_window=False, calls=None):
+    """What kvcache/attention/cuda.py's kernel of `form` computes, from the
+    same inputs and template. "scalar": q/k/v read from their packed rows
+    (rotated first when ROTATE), every packed token's K/V stored in place,
+    then each token attends over its own window (padding, at position -1,
+    gets zeros). The tensor-core pair splits that: "store" rotates and
+    stores, "tensor_cores" rotates q and attends from the pools. `calls` (a
+    list) collects each launch's template, its form under "form"."""
     def kernel(inputs, template, output_shapes, output_dtypes, **launch):
-        q_src, k_pool, v_pool, k_src, v_src, tables, table_of, positions, _, cos, sin = inputs
         t = dict(template)
         if calls is not None:
-            calls.append(t)
-        bs, kvh, group, dim = t["BS"], t["KVH"], t["G"], t["D"]
+            calls.append({**t, "form": form})
+        if form == "store":
+            k_src, v_src, tables, table_of, positions, cos, sin, k_pool, v_pool = inputs
+            _store(t, k_src, v_src, tables, table_of, positions, cos, sin, k_pool, v_pool)
+            return [mx.array([1], dtype=mx.int32)]
+        if form == "tensor_cores":
+            q_src, k_pool, v_pool, tables, table_of, positions, cos, sin, _ = inputs
+        else:
+            q_src, k_pool, v_pool, k_src, v_src, tables, table_of, positions, _, cos, sin = inputs
+            _store(t, k_src, v_src, tables, table_of, positions, cos, sin, k_pool, v_pool)
         n = output_shapes[0][0]
-        window = t["WINDOW"]
-        qs, ks, vs, qo, ko, vo = (t[k] for k in ("Q_STRIDE", "K_STRIDE", "V_STRIDE", "Q_OFF",
-                                                   "K_OFF", "V_OFF"))
-        q = _rows(q_src, n, qs, qo, kvh * group, dim)
-        k_new, v_new = _rows(k_src, n, ks, ko, kvh, dim), _rows(v_src, n, vs, vo, kvh, dim)
+        q = _rows(q_src, n, t["Q_STRIDE"], t["Q_OFF"], t["KVH"] * t["G"], t["D"])
         if t["ROTATE"]:
-            cos, sin = np.array(cos), np.array(sin)
-            q = rotate_with_tables(q, cos, sin, bool(t["TRAD"]))
-            k_new = rotate_with_tables(k_new, cos, sin, bool(t["TRAD"]))
-        pools = [np.asarray(k_pool), np.asarray(v_pool)]  # the pools' memory, as the GPU's
-        tables, table_of, positions = (np.array(a) for a in (tables, table_of, positions))
-        store_only = table_of < 0  # complemented: store K/V, attend nothing
-        table_of = np.where(store_only, ~table_of, table_of)
-        scale, cap = bits_float(t["SCALE_BITS"]), bits_float(t["CAP_BITS"])
-        slot_of = [(tables[table_of[i]][:, None] * bs + np.arange(bs)).reshape(-1)
-                   for i in range(n)]
-        for i, pos in enumerate(positions):
-            if pos >= 0:
-                for pool, new in zip(pools, (k_new, v_new)):
-                    pool[slot_of[i][pos] * kvh:(slot_of[i][pos] + 1) * kvh] = new[i]
-        out = np.zeros(output_shapes[0], np.float32)
-        for i, pos in enumerate(positions):
-            first = max(pos + 1 - window, 0) if window and not ignore_window else 0
-            slots = slot_of[i][first:pos + 1]
-            for h in range(kvh * group if pos >= 0 and not store_only[i] else 0):
-                s = pools[0][slots * kvh + h // group] @ q[i, h] * scale
-                s = cap * np.tanh(s / cap) if cap else s
-                p = np.exp(s - s.max())
-                out[i, h] = (p / p.sum()) @ pools[1][slots * kvh + h // group]
+            q = rotate_with_tables(q, np.array(cos), np.array(sin), bool(t["TRAD"]))
+        out = _attend(t, q, k_pool, v_pool, tables, table_of, positions, ignore_window)
         return [mx.array(out).astype(output_dtypes[0])]
     return kernel
+
+
+def _slots(t, tables, table_of):
+    """Each packed token's slots by position, and which rows only store."""
+    tables, table_of = np.array(tables), np.array(table_of)
+    store_only = table_of < 0  # complemented: store K/V, attend nothing
+    table_of = np.where(store_only, ~table_of, table_of)
+    bs = t["BS"]
+    return [(tables[r][:, None] * bs + np.arange(bs)).reshape(-1) for r in table_of], store_only
+
+
+def _store(t, k_src, v_src, tables, table_of, positions, cos, sin, k_pool, v_pool):
+    kvh, dim, n = t["KVH"], t["D"], positions.shape[0]
+    k_new = _rows(k_src, n, t["K_STRIDE"], t["K_OFF"], kvh, dim)
+    v_new = _rows(v_src, n, t["V_STRIDE"], t["V_OFF"], kvh, dim)
+    if t["ROTATE"]:
+        k_new = rotate_with_tables(k_new, np.array(cos), np.array(sin), bool(t["TRAD"]))
+    pools = [np.asarray(k_pool), np.asarray(v_pool)]  # the pools' memory, as the GPU's
+    slot_of, _ = _slots(t, tables, table_of)
+    for i, pos in enumerate(np.array(positions)):
+        if pos >= 0:
+            for pool, new in zip(pools, (k_new, v_new)):
+                pool[slot_of[i][pos] * kvh:(slot_of[i][pos] + 1) * kvh] = new[i]
+
+
+def _attend(t, q, k_pool, v_pool, tables, table_of, positions, ignore_window):
+    kvh, group, window = t["KVH"], t["G"], t["WINDOW"]
+    pools = [np.asarray(k_pool), np.asarray(v_pool)]
+    scale, cap = bits_float(t["SCALE_BITS"]), bits_float(t["CAP_BITS"])
+    slot_of, store_only = _slots(t, tables, table_of)
+    out = np.zeros(q.shape, np.float32)
+    for i, pos in enumerate(np.array(positions)):
+        first = max(pos + 1 - window, 0) if window and not ignore_window else 0
+        slots = slot_of[i][first:pos + 1]
+        for h in range(kvh * group if pos >= 0 and not store_only[i] else 0):
+            s = pools[0][slots * kvh + h // group] @ q[i, h] * scale
+            s = cap * np.tanh(s / cap) if cap else s
+            p = np.exp(s - s.max())
+            out[i, h] = (p / p.sum()) @ pools[1][slots * kvh + h // group]
+    return out
 
 
 def emulated_add_rms_norm_kernel(calls=None):

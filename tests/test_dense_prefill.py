@@ -71,7 +71,7 @@ def dense_everywhere(monkeypatch):
 
 
 def emulated(path, monkeypatch, **engine):
-    monkeypatch.setattr(cuda, "_get_kernel", lambda *form: emulated_cuda_kernel())
+    monkeypatch.setattr(cuda, "_get_kernel", emulated_cuda_kernel)
     args = {**ENGINE, **engine}
     llm = LLM(str(path), **args, paged_kernel=False)
     llm.engine = LLMEngine(llm.engine.model, llm.tokenizer, llm.engine.config,

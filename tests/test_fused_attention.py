@@ -5,6 +5,8 @@ through the engine on the CPU, with the kernel emulated in numpy
 RoPE kind and layer option a family brings. The kernel's own arithmetic is
 checked on the GPU (its start-up verify, bench/gpu_check.py)."""
 
+from functools import partial
+
 import mlx.core as mx
 import pytest
 from emulated_kernels import EmulatedCuda, emulated_cuda_kernel
@@ -41,7 +43,7 @@ def tokens(llm):
 
 def on_emulated_cuda(path, monkeypatch, platform=FusingEmulatedCuda):
     calls = []
-    monkeypatch.setattr(cuda, "_get_kernel", lambda *form: emulated_cuda_kernel(calls=calls))
+    monkeypatch.setattr(cuda, "_get_kernel", partial(emulated_cuda_kernel, calls=calls))
     llm = LLM(str(path), **ENGINE, paged_kernel=False)
     llm.engine = LLMEngine(llm.engine.model, llm.tokenizer, llm.engine.config,
                            EngineArgs(**ENGINE, compile=False), platform(mx.cpu))
@@ -58,6 +60,32 @@ def test_fused_entry_gives_the_portable_tokens(tmp_path, monkeypatch, family):
     # Every layer's launch took the fused projection and rotated it itself.
     assert calls and all(c["ROTATE"] == 1 for c in calls)
     assert all(c["TRAD"] == int("traditional" in family) for c in calls)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-traditional", "mistral-window",
+                                    "gemma2-softcap"])
+def test_tensor_core_pair_gives_the_portable_tokens(tmp_path, monkeypatch, family):
+    """Where the tensor-core form serves (half-precision pools on the GPU),
+    each layer is a store launch, then an attention launch taking the
+    store's output: the pair's inputs, templates and order, emulated, give
+    the portable path's tokens (and so do windows and caps)."""
+    path = write_tiny_llama(tmp_path / family, **FAMILIES[family])
+    want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
+    monkeypatch.setattr(cuda, "uses_tensor_cores", lambda *shape: True)
+    llm, calls = on_emulated_cuda(path, monkeypatch)
+    assert tokens(llm) == want
+    forms = [c["form"] for c in calls]
+    assert forms and forms[0::2] == ["store"] * (len(forms) // 2)
+    assert forms[1::2] == ["tensor_cores"] * (len(forms) // 2)
+    assert all(c["NWARPS"] == cuda.TC_WARPS and "BF16" in c for c in calls[1::2])
+
+
+def test_tensor_cores_serve_half_precision_at_64_and_128():
+    assert cuda.uses_tensor_cores(mx.bfloat16, 128, 4)
+    assert cuda.uses_tensor_cores(mx.float16, 64, 16)
+    assert not cuda.uses_tensor_cores(mx.float32, 128, 4)  # the scalar form
+    assert not cuda.uses_tensor_cores(mx.bfloat16, 256, 2)  # Gemma's 256: registers
+    assert not cuda.uses_tensor_cores(mx.bfloat16, 128, 32)  # 16 rows an mma
 
 
 def test_phi3_longrope_on_the_fused_entry(tmp_path, monkeypatch):

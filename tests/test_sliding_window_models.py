@@ -7,6 +7,7 @@ whose every layer slides, gives blocks behind its window back to the pool.
 """
 
 import json
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -218,10 +219,10 @@ def test_cuda_backend_passes_windows_and_caps_to_its_kernel(tmp_path, monkeypatc
     from kvcache.attention.metadata import AttentionSpec
 
     spec = AttentionSpec(8, 2, 64, 16, mx.float32, sliding_window=True, softcap=True)
-    monkeypatch.setattr(cuda, "_get_kernel", lambda *form: emulated_cuda_kernel(ignore_window=True))
+    monkeypatch.setattr(cuda, "_get_kernel", partial(emulated_cuda_kernel, ignore_window=True))
     assert cuda.verify(AttentionSpec(8, 2, 64, 16, mx.float32, softcap=True))
     assert not cuda.verify(spec)
-    monkeypatch.setattr(cuda, "_get_kernel", lambda *form: emulated_cuda_kernel())
+    monkeypatch.setattr(cuda, "_get_kernel", emulated_cuda_kernel)
     assert cuda.verify(spec)
 
     config, windows = FAMILIES["gemma2"]

@@ -60,7 +60,8 @@ def emulated_cuda_kernel(form="scalar", ignore_window=False, calls=None):
             _store(t, k_src, v_src, tables, table_of, positions, cos, sin, k_pool, v_pool)
             return [mx.array([1], dtype=mx.int32)]
         if form == "tensor_cores":
-            q_src, k_pool, v_pool, tables, table_of, positions, cos, sin, _ = inputs
+            q_src, k_pool, v_pool, tables, table_of, positions, cos, sin, _, runs = inputs
+            _check_runs(np.array(runs), np.array(table_of), np.array(positions), t["G"])
         else:
             q_src, k_pool, v_pool, k_src, v_src, tables, table_of, positions, _, cos, sin = inputs
             _store(t, k_src, v_src, tables, table_of, positions, cos, sin, k_pool, v_pool)
@@ -71,6 +72,19 @@ def emulated_cuda_kernel(form="scalar", ignore_window=False, calls=None):
         out = _attend(t, q, k_pool, v_pool, tables, table_of, positions, ignore_window)
         return [mx.array(out).astype(output_dtypes[0])]
     return kernel
+
+
+def _check_runs(runs, table_of, positions, group):
+    """The tensor-core form's row runs (cuda.row_groups) cover every row that
+    attends exactly once, each run within one chunk and 16 // group rows."""
+    first, count = runs >> 5, runs & 31
+    covered = np.concatenate([np.arange(f, f + c) for f, c in zip(first, count)])
+    attends = np.flatnonzero(table_of >= 0)
+    assert sorted(covered) == list(attends), (covered, attends)
+    assert count.max() <= max(1, 16 // group)
+    for f, c in zip(first, count):
+        assert len(set(table_of[f:f + c])) == 1
+        assert c == 1 or list(positions[f:f + c]) == list(range(positions[f], positions[f] + c))
 
 
 def _slots(t, tables, table_of):

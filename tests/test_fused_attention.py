@@ -8,6 +8,7 @@ checked on the GPU (its start-up verify, bench/gpu_check.py)."""
 from functools import partial
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from emulated_kernels import EmulatedCuda, emulated_cuda_kernel
 from tiny_models import TINY_GEMMA2, TINY_MISTRAL, TINY_QWEN2, write_tiny_llama, write_tiny_phi3
@@ -86,6 +87,19 @@ def test_tensor_cores_serve_half_precision_at_64_and_128():
     assert not cuda.uses_tensor_cores(mx.float32, 128, 4)  # the scalar form
     assert not cuda.uses_tensor_cores(mx.bfloat16, 256, 2)  # Gemma's 256: registers
     assert not cuda.uses_tensor_cores(mx.bfloat16, 128, 32)  # 16 rows an mma
+
+
+def test_row_runs_cover_each_attending_row_once():
+    """Decode rows alone, a prompt chunk in runs of 16 // group rows (the
+    last one short), a store-only chunk in none, padding rows alone."""
+    query_start = np.array([0, 1, 2, 12, 20])  # decode, decode, 10-row chunk, 8-row chunk
+    store_only = np.zeros(23, bool)
+    store_only[12:20] = True  # the 8-row chunk's attention is dense
+    runs = cuda.row_groups(query_start, 23, group=4, store_only=store_only)
+    assert [(r >> 5, r & 31) for r in runs] == [(0, 1), (1, 1), (2, 4), (6, 4), (10, 2),
+                                                (20, 1), (21, 1), (22, 1)]
+    assert [r & 31 for r in cuda.row_groups(np.array([0, 20]), 20, group=1)] == [16, 4]
+    assert [r & 31 for r in cuda.row_groups(np.array([0, 3]), 3, group=16)] == [1, 1, 1]
 
 
 def test_phi3_longrope_on_the_fused_entry(tmp_path, monkeypatch):

@@ -75,6 +75,10 @@ SHARED_MEMORY = 48 << 10  # static shared memory a thread block may use
 # thread block take alternate 16-key tiles.
 TENSOR_CORES = True
 TC_WARPS = 2
+# A thread block of the tensor-core form serves up to 16 // group consecutive
+# rows of a chunk (their query heads fill the mma's 16 rows, and each key is
+# read once for all of them); False: a row a block, as the scalar form.
+ROW_GROUPS = True
 
 _SOURCE = """
     // SUB lanes (a sub-warp, SUB <= 32) share one key: each holds PER_LANE of
@@ -281,7 +285,7 @@ _INPUTS = {
     "store": ["k_new", "v_new", "block_tables", "table_of", "positions", "rope_cos",
               "rope_sin", "k_pool", "v_pool"],
     "tensor_cores": ["q", "k_pool", "v_pool", "block_tables", "table_of", "positions",
-                     "rope_cos", "rope_sin", "stored"],
+                     "rope_cos", "rope_sin", "stored", "groups"],
 }
 _kernels: dict[str, object] = {}
 
@@ -359,15 +363,18 @@ def _launch(q, k_new, v_new, layout: tuple, rope: tuple | None, k_pool, v_pool,
                               ("SUB", lanes_per_key(dim, group))],
             grid=(n * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
+    groups = meta.groups if meta.groups is not None else mx.arange(n, dtype=mx.int32) * 32 + 1
     stored = _get_kernel("store")(
         inputs=[k_new, v_new, meta.tables, meta.table_of, meta.positions, cos, sin, k_pool,
                 v_pool],
         template=shape, grid=(n * n_kv_heads * 32, 1, 1), threadgroup=(32, 1, 1),
         output_shapes=[(1,)], output_dtypes=[mx.int32])[0]
     return _get_kernel("tensor_cores")(
-        inputs=[q, k_pool, v_pool, meta.tables, meta.table_of, meta.positions, cos, sin, stored],
+        inputs=[q, k_pool, v_pool, meta.tables, meta.table_of, meta.positions, cos, sin, stored,
+                groups],
         template=shape + [("NWARPS", TC_WARPS), ("BF16", int(q.dtype == mx.bfloat16))],
-        grid=(n * n_kv_heads * 32 * TC_WARPS, 1, 1), threadgroup=(32 * TC_WARPS, 1, 1),
+        grid=(groups.shape[0] * n_kv_heads * 32 * TC_WARPS, 1, 1),
+        threadgroup=(32 * TC_WARPS, 1, 1),
         output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
 
 
@@ -407,6 +414,9 @@ class CudaMetadata:
     chunk_start: mx.array  # [N] int32
     # Fresh prompt chunks answered by dense causal attention (dense_prefill.py)
     dense: dense_prefill.DensePrefill | None = None
+    # The tensor-core form's thread blocks: runs of consecutive rows of one
+    # chunk, each first_row * 32 + rows (`row_groups`); None: a row each.
+    groups: mx.array | None = None
     # cos/sin rows of this step's positions, per RoPE schedule (shared by its layers)
     rope: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -418,14 +428,16 @@ class CudaMetadata:
 
     @classmethod
     def from_common(cls, common: CommonAttentionMetadata, plan_dense: bool = False,
-                    max_dense: int | None = None) -> CudaMetadata:
+                    max_dense: int | None = None, group: int = 1) -> CudaMetadata:
         """With `plan_dense`, fresh prompt chunks may be planned for dense
-        attention (no longer than `max_dense` tokens where that is given)."""
+        attention (no longer than `max_dense` tokens where that is given);
+        `group` (query heads a KV head) sizes the tensor-core form's row runs."""
         n, pad = len(common.slots), common.num_padding
         tables = mx.array(common.block_tables.astype(np.int32))
         if common.num_decode == n:  # decode rows only (every compiled step): row i is chunk i
             index = mx.arange(n, dtype=mx.int32)
-            return cls(tables, index, mx.array(common.positions.astype(np.int32)), index)
+            return cls(tables, index, mx.array(common.positions.astype(np.int32)), index,
+                       groups=index * 32 + 1)
         real, lens = n - pad, common.chunk_lens
         table_of = np.zeros(n, np.int32)
         table_of[:real] = np.repeat(np.arange(common.num_chunks, dtype=np.int32), lens)
@@ -439,8 +451,31 @@ class CudaMetadata:
                                        common.num_decode, n, max_dense)
             if dense is not None:
                 table_of[dense.rows] = ~table_of[dense.rows]  # store only (see the kernel)
+        groups = row_groups(common.query_start, n, group, table_of < 0)
         return cls(tables, mx.array(table_of), mx.array(positions), mx.array(chunk_start),
-                   dense)
+                   dense, mx.array(groups))
+
+
+def row_groups(query_start: np.ndarray, n: int, group: int,
+               store_only: np.ndarray | None = None) -> np.ndarray:
+    """The tensor-core form's thread blocks for N packed rows: each chunk's
+    rows in runs of up to 16 // group (a run's query heads fill the 16 rows
+    of one mma), each padding row alone, store-only rows in none; a run is
+    first_row * 32 + rows. A prompt chunk's run then reads each key once
+    for all its rows."""
+    per = max(1, 16 // group) if ROW_GROUPS else 1
+    starts, lens = query_start[:-1], np.diff(query_start)
+    runs = -(-lens // per)
+    chunk = np.repeat(np.arange(len(lens)), runs)
+    index = np.arange(int(runs.sum())) - np.repeat(np.cumsum(runs) - runs, runs)
+    first = starts[chunk] + index * per
+    count = np.minimum(per, lens[chunk] - index * per)
+    if store_only is not None:
+        keep = ~store_only[first]  # a chunk's rows all store only or none
+        first, count = first[keep], count[keep]
+    padding = np.arange(int(query_start[-1]), n)
+    out = np.concatenate([first * 32 + count, padding * 32 + 1])
+    return out.astype(np.int32)
 
 
 # The shape gpu_check reports on: a Llama-style group of 4, head_dim 128.
@@ -514,9 +549,12 @@ def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0,
     starts = np.cumsum([0] + lengths)[:-1]
     chunk_start = np.concatenate([np.full(k, s) for s, k in zip(starts, lengths)]
                                  + [np.zeros(pad, int)])
+    # Prompt chunks of 23 and 17 rows also end in partial row runs.
+    query_start = np.cumsum([0] + lengths)
     meta = CudaMetadata(mx.array(tables.astype(np.int32)), mx.array(table_of.astype(np.int32)),
                         mx.array(positions.astype(np.int32)),
-                        mx.array(chunk_start.astype(np.int32)))
+                        mx.array(chunk_start.astype(np.int32)),
+                        groups=mx.array(row_groups(query_start, n, g)))
     k_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
     v_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
     q = mx.array(rng.normal(size=(n, kvh * g, d)), dtype=dtype)
@@ -583,7 +621,8 @@ class CudaAttention(AttentionBackend):
         # Dense attention knows no window or cap: a capped model keeps every
         # row in the kernel, a windowed one its chunks longer than a window.
         return CudaMetadata.from_common(common, plan_dense=not self.spec.softcap,
-                                        max_dense=self.spec.shortest_window)
+                                        max_dense=self.spec.shortest_window,
+                                        group=self.spec.group)
 
     def decode_graph_inputs(self, meta: CudaMetadata) -> tuple[mx.array, ...]:
         """The arrays a compiled decode step takes (see decode_metadata)."""
@@ -594,7 +633,7 @@ class CudaAttention(AttentionBackend):
         """Metadata of a decode-only step of `rows` rows (row i is token i, its
         own chunk), inside a compiled graph."""
         index = mx.arange(rows, dtype=mx.int32)
-        return CudaMetadata(tables, index, positions, index)
+        return CudaMetadata(tables, index, positions, index, groups=index * 32 + 1)
 
     def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float,
                window: int | None = None, softcap: float | None = None) -> mx.array:

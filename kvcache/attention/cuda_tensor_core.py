@@ -12,28 +12,34 @@ loop. A first version rotated those keys inside the loop, as the scalar
 kernel does: the 8B x 256 run fell to 9,539 out tok/s, against 14,165 with
 the store split out (bench/results/h200_s8_tensor_cores.log).
 
-Why tensor cores: the scalar kernel spends ~150 instructions a lane on each key (16
-lanes a key: 4 heads x 8 multiply-adds for the score, 4 shuffle-reductions
+Why tensor cores: the scalar kernel spends ~150 instructions a lane on each
+key (16 lanes a key: 4 heads x 8 multiply-adds for the score, 4 shuffle-reductions
 a head, the exponentials, 4 x 8 multiply-adds into the accumulator), about
 4x what the key's bytes take to read on an H200; the matrix units do the
 multiply-adds and the reductions of a 16-key tile in 32 instructions a lane.
 
+A thread block serves a run of up to 16 / G consecutive rows of one chunk
+(`row_groups` in cuda.py: a decode row alone, a prompt chunk in runs) and
+one KV head: the run's query heads fill the 16 rows of the mma (operand row
+m is head m % G of the run's token m / G), so a prompt chunk reads each key
+once for 16 / G of its tokens, each row masked to its own token's keys.
+
 Layout (one warp walks 16 keys at a time; g = lane / 4, t = lane % 4):
-- Scores S [heads x keys] = Q K^T, an m16n8k16 per 16 dims and 8 keys: A is
-  Q (row g = query head g of the group, row g + 8 = head g + 8), B is K^T
-  (column n = key n of the tile). A dot product may visit the dims in any
-  order, so lane (g, t) holds dims [t D/4, (t + 1) D/4) of its rows, and
-  mma j takes dims t D/4 + 4j + {0, 1} as k-slots 2t, 2t + 1 and + {2, 3} as
-  k-slots 2t + 8, 2t + 9: each lane reads a contiguous quarter of its key
-  row (16-byte loads), and Q uses the same order.
-- The result (C) gives lane (g, t) the scores of heads g and g + 8 for keys
+- Scores S [rows x keys] = Q K^T, an m16n8k16 per 16 dims and 8 keys: A is
+  Q (this lane's rows g and g + 8), B is K^T (column n = key n of the
+  tile). A dot product may visit the dims in any order, so lane (g, t)
+  holds dims [t D/4, (t + 1) D/4) of its rows, and mma j takes dims
+  t D/4 + 4j + {0, 1} as k-slots 2t, 2t + 1 and + {2, 3} as k-slots 2t + 8,
+  2t + 9: each lane reads a contiguous quarter of its key row (16-byte
+  loads), and Q uses the same order.
+- The result (C) gives lane (g, t) the scores of rows g and g + 8 for keys
   2t, 2t + 1 of the tile: two tiles (16 keys) are exactly the A operand of
   O += P V (rows = heads, k-slots = keys), so P never leaves registers.
 - V is the B operand: mma nb makes output dims n D/8 + nb (n = 0..7), so
   lane (g, t) reads dims [g D/8, (g + 1) D/8) of the value rows of keys 2t,
   2t + 1, 2t + 8, 2t + 9 (16-byte loads) and pairs same-dim halves of two
   rows with a byte permute. Its accumulator then holds dims [2t D/8,
-  (2t + 2) D/8) of heads g and g + 8.
+  (2t + 2) D/8) of rows g and g + 8.
 Scores are scaled and capped in float32 after the product; P is rounded to
 the pools' type for the second product (as fused attention kernels do), the
 softmax sums are kept in float32. Warps of a thread block take alternate
@@ -145,57 +151,63 @@ SOURCE = """
     constexpr int VD = D / 8;   // dims of a v row a lane holds (value operand)
     constexpr int QK = D / 16;  // score mmas a tile of 8 keys
     constexpr int PV = D / 8;   // value mmas (8 output dims each) a 16-key step
-    constexpr bool HI = G > 8;  // rows g + 8 of the operands are real query heads
     constexpr int KVEC = PL * (int)sizeof(T) / 16;  // 16-byte loads a k row
     constexpr int VVEC = VD * (int)sizeof(T) / 16;
     const unsigned FULL = 0xffffffffu;
-    const int bk = blockIdx.x;
-    const int i = bk / KVH;  // the packed token this thread block serves
-    const int kvh = bk % KVH;
+    const int kvh = blockIdx.x % KVH;
+    const int run = groups[blockIdx.x / KVH];
+    const int i0 = run >> 5;    // the run's first packed row
+    const int rows = run & 31;  // its rows: consecutive tokens of one chunk
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int g = lane >> 2, tq = lane & 3;
-    const int pos = positions[i];
-    const size_t out_at = ((size_t)i * KVH * G + kvh * G) * D;
-    if (pos < 0) {  // padding: stores nothing, attends nothing
-        for (int j = threadIdx.x; j < G * D; j += blockDim.x) out[out_at + j] = T(0);
+    const int pos0 = positions[i0];
+    if (pos0 < 0) {  // padding (a run of one row): zeros
+        const size_t at = ((size_t)i0 * KVH + kvh) * G * D;
+        for (int j = threadIdx.x; j < G * D; j += blockDim.x) out[at + j] = T(0);
         return;
     }
     const float scale = __int_as_float(SCALE_BITS);
     const float softcap = __int_as_float(CAP_BITS);
     const int W = block_tables_shape[1];
     const int window = WINDOW;
-    const int ctx = pos + 1;
-    const int first_t = window > 0 && ctx > window ? ctx - window : 0;
-    const int table_row = table_of[i];
-    const bool store_only = table_row < 0;  // attention runs elsewhere (dense_prefill.py)
-    const int* table = block_tables + (size_t)(store_only ? ~table_row : table_row) * W;
+    const int table_row = table_of[i0];
+    if (table_row < 0) return;  // store only (dense_prefill.py): never in a run; for safety
+    const int* table = block_tables + (size_t)table_row * W;
+    const int ctx = pos0 + rows;  // keys up to the run's last position
+    const int first_t = window > 0 && pos0 + 1 > window ? pos0 + 1 - window : 0;
     const int q_stride = Q_STRIDE, q_off = Q_OFF;
+    const bool hi = rows * G > 8;  // operand rows g + 8 hold queries (uniform in the block)
 
-    if (store_only) return;  // uniform in the block: no sync skipped
-
-    // Q as the A operand: rows g and g + 8, this lane's quarter of each head.
+    // Operand row m (0..15) is query head m % G of the run's token m / G;
+    // this lane's rows are g and g + 8, each a quarter of a head (Q as A).
+    int row_pos[2];  // the position of each of those rows' token, -1: none
     unsigned qa[2][PL / 2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int h = g + 8 * r;
+        const int mrow = g + 8 * r;
+        const int tk = mrow / G, h = mrow % G;
+        const bool real = tk < rows;
+        row_pos[r] = real ? pos0 + tk : -1;
+        const int qi = i0 + (real ? tk : 0);
         float x[PL];
 #pragma unroll
         for (int e = 0; e < PL; ++e)
-            x[e] = h < G ? static_cast<float>(
-                q[(size_t)i * q_stride + q_off + (size_t)(kvh * G + h) * D + tq * PL + e]) : 0.f;
-        if (ROTATE && (r == 0 || HI))
-            rotate_span<PL, TRAD, D>(x, rope_cos, rope_sin, i, tq * PL, 2);
+            x[e] = real ? static_cast<float>(
+                q[(size_t)qi * q_stride + q_off + (size_t)(kvh * G + h) * D + tq * PL + e]) : 0.f;
+        if (ROTATE && (r == 0 || hi))
+            rotate_span<PL, TRAD, D>(x, rope_cos, rope_sin, qi, tq * PL, 2);
 #pragma unroll
         for (int e = 0; e < PL / 2; ++e) qa[r][e] = pack2<BF16>(x[2 * e], x[2 * e + 1]);
     }
 
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float top_of[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     float acc[PV][4];
 #pragma unroll
-    for (int nb = 0; nb < PV; ++nb)
+    for (int nb = 0; nb < PV; ++nb) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
+    }
 
     for (int base = first_t + warp * 16; base < ctx; base += NWARPS * 16) {
         // Every load of the step first (bytes in flight), then the math.
@@ -219,7 +231,8 @@ SOURCE = """
 #pragma unroll
             for (int v = 0; v < VVEC; ++v) vv4[r][v] = reinterpret_cast<const uint4*>(src)[v];
         }
-        // Scores: s[tile] = heads g (0, 1) and g + 8 (2, 3) x keys 2t, 2t + 1.
+        // Scores: s[tile] = rows g (0, 1) and g + 8 (2, 3) x keys 2t, 2t + 1,
+        // each row masked to its own token's keys (and window).
         float s[2][4];
 #pragma unroll
         for (int tile = 0; tile < 2; ++tile) {
@@ -235,37 +248,42 @@ SOURCE = """
             for (int e = 0; e < 4; ++e) {
                 float x = s[tile][e] * scale;
                 if (softcap > 0.f) x = softcap * tanhf(x / softcap);
-                s[tile][e] = base + 8 * tile + 2 * tq + (e & 1) < ctx ? x : -INFINITY;
+                const int key = base + 8 * tile + 2 * tq + (e & 1), at = row_pos[e >> 1];
+                const bool seen = key <= at && (window == 0 || key > at - window);
+                s[tile][e] = seen ? x : -INFINITY;
             }
         }
-        // Online softmax a row (head); a row's 16 keys sit in its 4 lanes.
+        // Online softmax a row; a row's 16 keys sit in its 4 lanes.
 #pragma unroll
-        for (int r = 0; r < (HI ? 2 : 1); ++r) {
+        for (int r = 0; r < 2; ++r) {
+            if (r == 1 && !hi) continue;
             float top = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]),
                               fmaxf(s[1][2 * r], s[1][2 * r + 1]));
             top = fmaxf(top, __shfl_xor_sync(FULL, top, 1));
             top = fmaxf(top, __shfl_xor_sync(FULL, top, 2));
-            const float m_new = fmaxf(m[r], top);
+            const float m_new = fmaxf(top_of[r], top);
             const float m_use = m_new == -INFINITY ? 0.f : m_new;
-            const float corr = __expf(m[r] - m_use);
-            m[r] = m_new;
+            const float corr = __expf(top_of[r] - m_use);
+            top_of[r] = m_new;
             l[r] *= corr;
 #pragma unroll
-            for (int tile = 0; tile < 2; ++tile)
+            for (int tile = 0; tile < 2; ++tile) {
 #pragma unroll
                 for (int e = 2 * r; e < 2 * r + 2; ++e) {
                     s[tile][e] = __expf(s[tile][e] - m_use);
                     l[r] += s[tile][e];
                 }
+            }
 #pragma unroll
             for (int nb = 0; nb < PV; ++nb) {
                 acc[nb][2 * r] *= corr;
                 acc[nb][2 * r + 1] *= corr;
             }
         }
-        if (!HI)
+        if (!hi) {
 #pragma unroll
             for (int tile = 0; tile < 2; ++tile) s[tile][2] = s[tile][3] = 0.f;
+        }
         // O += P V: P straight from the score registers.
         const unsigned pa[4] = {pack2<BF16>(s[0][0], s[0][1]), pack2<BF16>(s[0][2], s[0][3]),
                                 pack2<BF16>(s[1][0], s[1][1]), pack2<BF16>(s[1][2], s[1][3])};
@@ -283,31 +301,32 @@ SOURCE = """
         l[r] += __shfl_xor_sync(FULL, l[r], 2);
     }
     // The warps' partial softmaxes, merged through shared memory.
-    __shared__ float sm_m[NWARPS][G];
-    __shared__ float sm_l[NWARPS][G];
-    __shared__ float sm_acc[NWARPS][G][D];
+    __shared__ float sm_m[NWARPS][16];
+    __shared__ float sm_l[NWARPS][16];
+    __shared__ float sm_acc[NWARPS][16][D];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int h = g + 8 * r;
-        if (h >= G) continue;
-        if (tq == 0) { sm_m[warp][h] = m[r]; sm_l[warp][h] = l[r]; }
+        const int mrow = g + 8 * r;
+        if (row_pos[r] < 0) continue;
+        if (tq == 0) { sm_m[warp][mrow] = top_of[r]; sm_l[warp][mrow] = l[r]; }
 #pragma unroll
         for (int nb = 0; nb < PV; ++nb) {
-            sm_acc[warp][h][2 * tq * VD + nb] = acc[nb][2 * r];
-            sm_acc[warp][h][(2 * tq + 1) * VD + nb] = acc[nb][2 * r + 1];
+            sm_acc[warp][mrow][2 * tq * VD + nb] = acc[nb][2 * r];
+            sm_acc[warp][mrow][(2 * tq + 1) * VD + nb] = acc[nb][2 * r + 1];
         }
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < G * D; j += blockDim.x) {
-        const int h = j / D, d = j % D;
+    for (int j = threadIdx.x; j < rows * G * D; j += blockDim.x) {
+        const int mrow = j / D, d = j % D;  // mrow = token * G + head
         float top = -INFINITY;
-        for (int w = 0; w < NWARPS; ++w) top = fmaxf(top, sm_m[w][h]);
+        for (int w = 0; w < NWARPS; ++w) top = fmaxf(top, sm_m[w][mrow]);
         float num = 0.f, den = 0.f;
         for (int w = 0; w < NWARPS; ++w) {
-            const float wt = sm_l[w][h] > 0.f ? __expf(sm_m[w][h] - top) : 0.f;
-            num += sm_acc[w][h][d] * wt;
-            den += sm_l[w][h] * wt;
+            const float wt = sm_l[w][mrow] > 0.f ? __expf(sm_m[w][mrow] - top) : 0.f;
+            num += sm_acc[w][mrow][d] * wt;
+            den += sm_l[w][mrow] * wt;
         }
-        out[out_at + j] = static_cast<T>(num / den);
+        const size_t at = ((size_t)(i0 + mrow / G) * KVH + kvh) * G + mrow % G;
+        out[at * D + d] = static_cast<T>(num / den);
     }
 """

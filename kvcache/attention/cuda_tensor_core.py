@@ -10,7 +10,8 @@ first, so the attention (SOURCE) reads every key from the pools, rotated,
 with no branch for keys of the step's own chunk and no rotation in its
 loop. A first version rotated those keys inside the loop, as the scalar
 kernel does: the 8B x 256 run fell to 9,539 out tok/s, against 14,165 with
-the store split out (bench/results/h200_s8_tensor_cores.log).
+the store split out (bench/results/h200_s8_tensor_cores_v1.log and
+h200_s8_tensor_cores.log).
 
 Why tensor cores: the scalar kernel spends ~150 instructions a lane on each
 key (16 lanes a key: 4 heads x 8 multiply-adds for the score, 4 shuffle-reductions

@@ -53,7 +53,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.platform.kernel_constants import float_bits
-from kvcache.attention import cuda_tensor_core, dense_prefill
+from kvcache.attention import cuda_rope, cuda_tensor_core, dense_prefill
 from kvcache.attention.backend import AttentionBackend, split_qkv
 from kvcache.attention.metadata import AttentionSpec, CommonAttentionMetadata
 
@@ -139,7 +139,8 @@ _SOURCE = """
         const size_t v_at = (size_t)i * v_stride + v_off + (size_t)kvh * D + lane_at;
         float kx[PER_LANE];
         for (int e = 0; e < PER_LANE; ++e) kx[e] = static_cast<float>(k_new[k_at + e]);
-        if (ROTATE) rotate<PER_LANE, TRAD, SUB>(kx, rope_cos, rope_sin, i, sub_lane, sub_mask);
+        if (ROTATE) rotate_span<PER_LANE, TRAD, D>(kx, rope_cos, rope_sin, i, lane_at, SUB / 2,
+                                                   sub_mask);
         T* k_out = (T*)k_pool;
         T* v_out = (T*)v_pool;
         for (int e = 0; e < PER_LANE; ++e) {
@@ -152,7 +153,9 @@ _SOURCE = """
     for (int g = 0; g < G; ++g) {
         const size_t at = (size_t)i * q_stride + q_off + (size_t)(kvh * G + g) * D + lane_at;
         for (int e = 0; e < PER_LANE; ++e) qv[g][e] = static_cast<float>(q[at + e]);
-        if (ROTATE) rotate<PER_LANE, TRAD, SUB>(qv[g], rope_cos, rope_sin, i, sub_lane, sub_mask);
+        if (ROTATE)
+            rotate_span<PER_LANE, TRAD, D>(qv[g], rope_cos, rope_sin, i, lane_at, SUB / 2,
+                                           sub_mask);
         for (int e = 0; e < PER_LANE; ++e) qv[g][e] *= scale;
     }
     float m[G], l[G], acc[G][PER_LANE];
@@ -191,8 +194,8 @@ _SOURCE = """
                 if (fresh_row[u] >= 0) {
                     float x[PER_LANE];
                     for (int e = 0; e < PER_LANE; ++e) x[e] = static_cast<float>(kl[u].v[e]);
-                    rotate<PER_LANE, TRAD, SUB>(x, rope_cos, rope_sin, fresh_row[u], sub_lane,
-                                                sub_mask);
+                    rotate_span<PER_LANE, TRAD, D>(x, rope_cos, rope_sin, fresh_row[u],
+                                                   lane_at, SUB / 2, sub_mask);
                     for (int e = 0; e < PER_LANE; ++e) kl[u].v[e] = static_cast<T>(x[e]);
                 }
         // Scores of the run first, then one softmax rescale for the whole run
@@ -251,34 +254,6 @@ _SOURCE = """
     }
 """
 
-# RoPE inside the kernel: cos/sin rows [N, D/2] (float32, magnitude folded
-# in) per packed token. Non-traditional pairs element j with j + D/2, which
-# sits in the lane SUB / 2 away within the sub-warp; traditional pairs 2p with
-# 2p + 1, both in one lane (PER_LANE even).
-_HEADER = """
-template <int P, int TRAD, int SUB>
-__device__ inline void rotate(float (&x)[P], const float* cos_rows, const float* sin_rows,
-                              int row, int sub_lane, unsigned mask) {
-    const float* c = cos_rows + (size_t)row * (SUB / 2 * P);
-    const float* s = sin_rows + (size_t)row * (SUB / 2 * P);
-    if (TRAD) {
-        for (int e = 0; e + 1 < P; e += 2) {
-            const int p = (sub_lane * P + e) / 2;
-            const float a = x[e], b = x[e + 1];
-            x[e] = a * c[p] - b * s[p];
-            x[e + 1] = b * c[p] + a * s[p];
-        }
-    } else {
-        const bool low = sub_lane < SUB / 2;
-        for (int e = 0; e < P; ++e) {
-            const float partner = __shfl_xor_sync(mask, x[e], SUB / 2);
-            const int p = (sub_lane % (SUB / 2)) * P + e;
-            x[e] = low ? x[e] * c[p] - partner * s[p] : x[e] * c[p] + partner * s[p];
-        }
-    }
-}
-"""
-
 _INPUTS = {
     "scalar": ["q", "k_pool", "v_pool", "k_new", "v_new", "block_tables", "table_of",
                "positions", "chunk_start", "rope_cos", "rope_sin"],
@@ -294,7 +269,7 @@ def _get_kernel(form: str = "scalar"):
     """The kernel of `form`: "scalar" (this file), or the tensor-core pair
     "store" then "tensor_cores" (cuda_tensor_core.py)."""
     if form not in _kernels:
-        source, header = {"scalar": (_SOURCE, _HEADER),
+        source, header = {"scalar": (_SOURCE, cuda_rope.HEADER),
                           "store": (cuda_tensor_core.STORE_SOURCE, cuda_tensor_core.HEADER),
                           "tensor_cores": (cuda_tensor_core.SOURCE, cuda_tensor_core.HEADER)}[form]
         _kernels[form] = mx.fast.cuda_kernel(

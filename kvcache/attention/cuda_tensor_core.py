@@ -47,7 +47,9 @@ softmax sums are kept in float32. Warps of a thread block take alternate
 16-key tiles and merge their partial softmaxes through shared memory.
 """
 
-HEADER = """
+from kvcache.attention import cuda_rope
+
+HEADER = cuda_rope.HEADER + """
 template <int BF16>
 __device__ inline void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
                                 unsigned b1) {
@@ -84,37 +86,6 @@ __device__ inline unsigned pack2(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&v);
 }
-
-template <int BF16>
-__device__ inline float2 unpack2(unsigned x) {
-    if (BF16) return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
-    return __half22float2(*reinterpret_cast<__half2*>(&x));
-}
-
-// RoPE on P consecutive dims [dim0, dim0 + P) of a head held by this lane;
-// non-traditional pairs dim j with j + D/2, held by the lane `partner` away
-// (every lane of the warp must call: it shuffles). cos/sin rows [N, D/2].
-template <int P, int TRAD, int D>
-__device__ inline void rotate_span(float (&x)[P], const float* cos_rows, const float* sin_rows,
-                                   int row, int dim0, int partner) {
-    const float* c = cos_rows + (size_t)row * (D / 2);
-    const float* s = sin_rows + (size_t)row * (D / 2);
-    if (TRAD) {
-        for (int e = 0; e + 1 < P; e += 2) {
-            const int p = (dim0 + e) / 2;
-            const float a = x[e], b = x[e + 1];
-            x[e] = a * c[p] - b * s[p];
-            x[e + 1] = b * c[p] + a * s[p];
-        }
-    } else {
-        const bool low = dim0 < D / 2;
-        for (int e = 0; e < P; ++e) {
-            const float other = __shfl_xor_sync(0xffffffffu, x[e], partner);
-            const int p = (dim0 + e) % (D / 2);
-            x[e] = low ? x[e] * c[p] - other * s[p] : x[e] * c[p] + other * s[p];
-        }
-    }
-}
 """
 
 # Launched before SOURCE on the same step's tokens: every packed token's K/V
@@ -138,7 +109,7 @@ STORE_SOURCE = """
     const size_t v_at = (size_t)i * V_STRIDE + V_OFF + (size_t)kvh * D + d0;
     float kx[SP];
     for (int e = 0; e < SP; ++e) kx[e] = static_cast<float>(k_new[k_at + e]);
-    if (ROTATE) rotate_span<SP, TRAD, D>(kx, rope_cos, rope_sin, i, d0, 16);
+    if (ROTATE) rotate_span<SP, TRAD, D>(kx, rope_cos, rope_sin, i, d0, 16, 0xffffffffu);
     T* k_out = (T*)k_pool;
     T* v_out = (T*)v_pool;
     for (int e = 0; e < SP; ++e) {
@@ -197,7 +168,7 @@ SOURCE = """
             x[e] = real ? static_cast<float>(
                 q[(size_t)qi * q_stride + q_off + (size_t)(kvh * G + h) * D + tq * PL + e]) : 0.f;
         if (ROTATE && (r == 0 || hi))
-            rotate_span<PL, TRAD, D>(x, rope_cos, rope_sin, qi, tq * PL, 2);
+            rotate_span<PL, TRAD, D>(x, rope_cos, rope_sin, qi, tq * PL, 2, FULL);
 #pragma unroll
         for (int e = 0; e < PL / 2; ++e) qa[r][e] = pack2<BF16>(x[2 * e], x[2 * e + 1]);
     }

@@ -187,8 +187,8 @@ def prefill_attention(name: str, chunks: int, length: int) -> dict:
         scratch_block=blocks - 1)
     saved, dense_prefill.MIN_CHUNK = dense_prefill.MIN_CHUNK, 1
     try:
-        plain = cuda_attention.CudaMetadata.from_common(common)
-        dense = cuda_attention.CudaMetadata.from_common(common, plan_dense=True)
+        plain = cuda_attention.CudaMetadata.from_common(common, heads // kvh)
+        dense = cuda_attention.CudaMetadata.from_common(common, heads // kvh, plan_dense=True)
     finally:
         dense_prefill.MIN_CHUNK = saved
     pools = [mx.zeros((blocks * bs * kvh, d), mx.bfloat16) for _ in range(2)]

@@ -402,11 +402,12 @@ class CudaMetadata:
         return self.rope[key]
 
     @classmethod
-    def from_common(cls, common: CommonAttentionMetadata, plan_dense: bool = False,
-                    max_dense: int | None = None, group: int = 1) -> CudaMetadata:
-        """With `plan_dense`, fresh prompt chunks may be planned for dense
-        attention (no longer than `max_dense` tokens where that is given);
-        `group` (query heads a KV head) sizes the tensor-core form's row runs."""
+    def from_common(cls, common: CommonAttentionMetadata, group: int, plan_dense: bool = False,
+                    max_dense: int | None = None) -> CudaMetadata:
+        """`group` (query heads a KV head) sizes the tensor-core form's row
+        runs: a run must not hold more than 16 query heads, so it has no
+        default. With `plan_dense`, fresh prompt chunks may be planned for
+        dense attention (no longer than `max_dense` tokens where that is given)."""
         n, pad = len(common.slots), common.num_padding
         tables = mx.array(common.block_tables.astype(np.int32))
         if common.num_decode == n:  # decode rows only (every compiled step): row i is chunk i
@@ -595,9 +596,9 @@ class CudaAttention(AttentionBackend):
     def build(self, common: CommonAttentionMetadata) -> CudaMetadata:
         # Dense attention knows no window or cap: a capped model keeps every
         # row in the kernel, a windowed one its chunks longer than a window.
-        return CudaMetadata.from_common(common, plan_dense=not self.spec.softcap,
-                                        max_dense=self.spec.shortest_window,
-                                        group=self.spec.group)
+        return CudaMetadata.from_common(common, self.spec.group,
+                                        plan_dense=not self.spec.softcap,
+                                        max_dense=self.spec.shortest_window)
 
     def decode_graph_inputs(self, meta: CudaMetadata) -> tuple[mx.array, ...]:
         """The arrays a compiled decode step takes (see decode_metadata)."""

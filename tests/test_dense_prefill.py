@@ -146,6 +146,25 @@ def test_prompts_of_many_lengths_in_one_step(tmp_path, monkeypatch, dense_everyw
     assert max(dense_everywhere) == 5
 
 
+def test_a_step_of_dense_rows_only(tmp_path, monkeypatch, dense_everywhere):
+    """A prompt filling its step's token bucket exactly (8 tokens: no padding
+    row) goes dense whole, so no row attends in the kernel: its launch still
+    gets one thread block (an empty grid is an invalid CUDA launch, which a
+    256-token prompt alone hit on the GPU), with the portable path's tokens."""
+    path = write_tiny_llama(tmp_path / "llama", **FAMILIES["llama"])
+    prompt = [list(range(7, 15))]
+
+    def run(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompt, GREEDY, use_tqdm=False)]
+
+    want = run(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
+    monkeypatch.setattr(cuda, "uses_tensor_cores", lambda *shape: True)  # row runs
+    assert run(emulated(path, monkeypatch)) == want
+    assert dense_everywhere and set(dense_everywhere) == {1}  # one chunk a layer
+    runs = cuda.row_groups(np.array([0, 8]), 8, 4, np.ones(8, bool))
+    assert runs.tolist() == [0]
+
+
 def test_default_threshold_through_the_engine(tmp_path, monkeypatch):
     """At the default MIN_CHUNK, prompts of 256 and 300 tokens go dense and
     one of 255 stays in the kernel, with the portable path's tokens."""

@@ -75,6 +75,9 @@ SHARED_MEMORY = 48 << 10  # static shared memory a thread block may use
 # thread block take alternate 16-key tiles.
 TENSOR_CORES = True
 TC_WARPS = 2
+# The tensor-core form issues a step's K/V loads before the previous step's
+# math (two steps in flight a warp); False: load, then compute, each step.
+TC_PIPELINE = 1
 # A thread block of the tensor-core form serves up to 16 // group consecutive
 # rows of a chunk (their query heads fill the mma's 16 rows, and each key is
 # read once for all of them); False: a row a block, as the scalar form.
@@ -347,7 +350,8 @@ def _launch(q, k_new, v_new, layout: tuple, rope: tuple | None, k_pool, v_pool,
     return _get_kernel("tensor_cores")(
         inputs=[q, k_pool, v_pool, meta.tables, meta.table_of, meta.positions, cos, sin, stored,
                 groups],
-        template=shape + [("NWARPS", TC_WARPS), ("BF16", int(q.dtype == mx.bfloat16))],
+        template=shape + [("NWARPS", TC_WARPS), ("BF16", int(q.dtype == mx.bfloat16)),
+                          ("PIPE", int(TC_PIPELINE))],
         grid=(groups.shape[0] * n_kv_heads * 32 * TC_WARPS, 1, 1),
         threadgroup=(32 * TC_WARPS, 1, 1),
         output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
@@ -451,6 +455,12 @@ def row_groups(query_start: np.ndarray, n: int, group: int,
         first, count = first[keep], count[keep]
     padding = np.arange(int(query_start[-1]), n)
     out = np.concatenate([first * 32 + count, padding * 32 + 1])
+    if out.size == 0:
+        # Every row store only and no padding (dense chunks filling a bucket,
+        # e.g. one 256-token prompt alone): an empty grid is an invalid CUDA
+        # launch, so one run of no rows, which returns at once (row 0 is
+        # store only).
+        out = np.zeros(1)
     return out.astype(np.int32)
 
 

@@ -141,11 +141,13 @@ def attention_sweep(name: str, rows: int, context: int = 192) -> dict:
         return cuda_attention.paged_attention(q, k_pool, v_pool, kv, kv, meta, d**-0.5, bs, kvh)
 
     saved = (cuda_attention.WARPS, cuda_attention.UNROLL, cuda_attention.LANES_PER_KEY,
-             cuda_attention.TENSOR_CORES, cuda_attention.TC_WARPS)
+             cuda_attention.TENSOR_CORES, cuda_attention.TC_WARPS, cuda_attention.TC_PIPELINE)
     try:
         for warps in (1, 2, 4):  # the tensor-core form (cuda_tensor_core.py)
-            cuda_attention.TC_WARPS = warps
-            out[f"tensor_cores_w{warps}_us"] = round(timed_us(attend, repeat=32), 1)
+            for pipe in (0, 1, 2):
+                cuda_attention.TC_WARPS, cuda_attention.TC_PIPELINE = warps, pipe
+                out[f"tensor_cores_w{warps}p{pipe}_us"] = round(timed_us(attend, repeat=32), 1)
+        cuda_attention.TC_WARPS, cuda_attention.TC_PIPELINE = saved[4:]
         cuda_attention.TENSOR_CORES = False
         for warps, unroll, lanes in ((4, 4, 32), (4, 4, None), (4, 2, None), (4, 8, None),
                                      (8, 2, None), (2, 4, None), (2, 2, None), (4, 4, 8)):
@@ -155,7 +157,7 @@ def attention_sweep(name: str, rows: int, context: int = 192) -> dict:
             out[f"w{warps}u{unroll}l{lanes or auto}_us"] = round(timed_us(attend, repeat=32), 1)
     finally:
         (cuda_attention.WARPS, cuda_attention.UNROLL, cuda_attention.LANES_PER_KEY,
-         cuda_attention.TENSOR_CORES, cuda_attention.TC_WARPS) = saved
+         cuda_attention.TENSOR_CORES, cuda_attention.TC_WARPS, cuda_attention.TC_PIPELINE) = saved
     kv_bytes = rows * context * kvh * d * 2 * 2
     out["kv_read_floor_us"] = round(kv_bytes / 4.8e6, 1)
     return out
@@ -341,7 +343,7 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true")
     ap.add_argument("--engine", default="", help="model:rows,... e.g. 1b:256,8b:64")
     ap.add_argument("--layers", default="", help="model:rows,...: the stack without attention")
-    ap.add_argument("--attention", default="", help="model:rows,...: kernel variants")
+    ap.add_argument("--attention", default="", help="model:rows[:context],...: kernel variants")
     ap.add_argument("--no-fuse", action="store_true", help="projections unfused")
     ap.add_argument("--prefill-attention", default="",
                     help="model:chunks:length,...: kernel vs dense prefill attention")
@@ -366,9 +368,10 @@ def main() -> None:
         CudaPlatform.prepare_model = Platform.prepare_model
         CudaPlatform.fuse_projections = False
     for spec in filter(None, args.attention.split(",")):
-        name, n = spec.split(":")
-        print(json.dumps({"model": name, "rows": int(n),
-                          **attention_sweep(f"llama-{name}", int(n))}), flush=True)
+        name, n, *context = spec.split(":")  # model:rows[:context]
+        context = int(context[0]) if context else 192
+        print(json.dumps({"model": name, "rows": int(n), "context": context,
+                          **attention_sweep(f"llama-{name}", int(n), context)}), flush=True)
     for spec in filter(None, args.layers.split(",")):
         name, n = spec.split(":")
         print(json.dumps({"model": name, "rows": int(n),

@@ -181,28 +181,8 @@ SOURCE = """
         for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
     }
 
-    for (int base = first_t + warp * 16; base < ctx; base += NWARPS * 16) {
-        // Every load of the step first (bytes in flight), then the math.
-        // Keys past the context read the last key (finite) and are masked.
-        // This step's own keys are in the pools already (STORE_SOURCE ran).
-        uint4 kv4[2][KVEC];
-#pragma unroll
-        for (int tile = 0; tile < 2; ++tile) {
-            const int kk = min(base + 8 * tile + g, ctx - 1);
-            const T* src = k_pool + ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D
-                           + tq * PL;
-#pragma unroll
-            for (int v = 0; v < KVEC; ++v) kv4[tile][v] = reinterpret_cast<const uint4*>(src)[v];
-        }
-        uint4 vv4[4][VVEC];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int kk = min(base + 2 * tq + (r & 1) + 8 * (r >> 1), ctx - 1);
-            const T* src = v_pool + ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D
-                           + g * VD;
-#pragma unroll
-            for (int v = 0; v < VVEC; ++v) vv4[r][v] = reinterpret_cast<const uint4*>(src)[v];
-        }
+    // One step's math on its loads: scores, the online softmax, O += P V.
+    auto step = [&](int base, const uint4 (&kv4)[2][KVEC], const uint4 (&vv4)[4][VVEC]) {
         // Scores: s[tile] = rows g (0, 1) and g + 8 (2, 3) x keys 2t, 2t + 1,
         // each row masked to its own token's keys (and window).
         float s[2][4];
@@ -265,6 +245,65 @@ SOURCE = """
             const unsigned b0 = __byte_perm(word(vv4[0], nb / 2), word(vv4[1], nb / 2), sel);
             const unsigned b1 = __byte_perm(word(vv4[2], nb / 2), word(vv4[3], nb / 2), sel);
             mma16816<BF16>(acc[nb], pa, b0, b1);
+        }
+    };
+    // One step's loads: keys base..base+15 (K as two 8-key tiles, V as the
+    // rows this lane pairs). Keys past the context read the last key (finite)
+    // and are masked. This step's own keys are in the pools already
+    // (STORE_SOURCE ran).
+    auto load = [&](int base, uint4 (&kv4)[2][KVEC], uint4 (&vv4)[4][VVEC]) {
+#pragma unroll
+        for (int tile = 0; tile < 2; ++tile) {
+            const int kk = min(base + 8 * tile + g, ctx - 1);
+            const T* src = k_pool + ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D
+                           + tq * PL;
+#pragma unroll
+            for (int v = 0; v < KVEC; ++v) kv4[tile][v] = reinterpret_cast<const uint4*>(src)[v];
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int kk = min(base + 2 * tq + (r & 1) + 8 * (r >> 1), ctx - 1);
+            const T* src = v_pool + ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D
+                           + g * VD;
+#pragma unroll
+            for (int v = 0; v < VVEC; ++v) vv4[r][v] = reinterpret_cast<const uint4*>(src)[v];
+        }
+    };
+    // The bytes of a later step asked into L2 now (no registers held).
+    auto prefetch = [&](int base) {
+        const int kk = min(base + 8 * (tq >> 1) + g, ctx - 1);
+        const size_t row = ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D;
+        const T* pool = tq & 1 ? v_pool : k_pool;
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(pool + row));
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(pool + row + D / 2));
+    };
+    // PIPE 1: the next step's loads are issued before this step's math, so a
+    // warp has two steps of K/V in flight and its math hides under the
+    // latency (the math of a tensor-core step is short; each step otherwise
+    // waits out a table lookup and a K/V read in series). PIPE 2: the step
+    // after next is prefetched into L2 instead (no registers).
+    uint4 kv4[2][KVEC], vv4[4][VVEC];
+    int base = first_t + warp * 16;
+    if (PIPE == 1 && base < ctx) load(base, kv4, vv4);
+    if (PIPE == 2 && base + NWARPS * 16 < ctx) prefetch(base + NWARPS * 16);
+    for (; base < ctx; base += NWARPS * 16) {
+        if (PIPE == 2 && base + 2 * NWARPS * 16 < ctx) prefetch(base + 2 * NWARPS * 16);
+        if (PIPE == 1) {
+            uint4 nk[2][KVEC], nv[4][VVEC];
+            const int next = base + NWARPS * 16;
+            if (next < ctx) load(next, nk, nv);
+            step(base, kv4, vv4);
+#pragma unroll
+            for (int tile = 0; tile < 2; ++tile)
+#pragma unroll
+                for (int v = 0; v < KVEC; ++v) kv4[tile][v] = nk[tile][v];
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int v = 0; v < VVEC; ++v) vv4[r][v] = nv[r][v];
+        } else {
+            load(base, kv4, vv4);  // every load of the step first, then the math
+            step(base, kv4, vv4);
         }
     }
 #pragma unroll

@@ -13,8 +13,9 @@ rows (separate and fused q/k/v, gate/up), the elementwise kernels between
 them, and one decoder layer without attention, compiled, against their sum.
 --engine: the decode-heavy workload through LLMEngine on default settings,
 each phase of a step timed on the host (scheduling, batch building, graph
-building, sampling, the wait for the device, the bookkeeping after it), so a
-step that waits on the host shows as little "wait".
+building, sampling, the launch of the graph, the wait for the device, the
+bookkeeping after it), so a step that waits on the host shows as little
+"wait" and much "launch".
 """
 
 from __future__ import annotations
@@ -270,7 +271,11 @@ class PhaseClock:
 
 
 class TimedMx:
-    """The mlx.core module with eval timed (the host waiting for the device)."""
+    """The mlx.core module with eval timed (the host waiting for the device)
+    and async_eval timed (the host walking the step's graph and handing each
+    kernel to the driver: on CUDA, MLX records them into CUDA graphs there).
+    A step whose "launch" is most of it while "wait" is ~0 is bound by the
+    host, not the GPU (bench/RESULTS.md, session 9)."""
 
     def __init__(self, clock: PhaseClock):
         self._clock = clock
@@ -282,6 +287,11 @@ class TimedMx:
         t = time.perf_counter()
         mx.eval(*a)
         self._clock.total["wait"] += time.perf_counter() - t
+
+    def async_eval(self, *a):
+        t = time.perf_counter()
+        mx.async_eval(*a)
+        self._clock.total["launch"] += time.perf_counter() - t
 
 
 def engine_phases(name: str, n: int) -> dict:

@@ -21,6 +21,7 @@ bookkeeping after it), so a step that waits on the host shows as little
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from collections import defaultdict
@@ -395,6 +396,10 @@ def main() -> None:
     for spec in filter(None, args.engine.split(",")):
         name, n = spec.split(":")
         print(json.dumps(engine_phases(f"llama-{name}", int(n))), flush=True)
+        # The last engine's weights and KV pool, given back before the next
+        # one plans its memory (it would otherwise see them in use).
+        gc.collect()
+        mx.clear_cache()
 
 
 if __name__ == "__main__":

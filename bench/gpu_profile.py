@@ -14,8 +14,8 @@ them, and one decoder layer without attention, compiled, against their sum.
 --engine: the decode-heavy workload through LLMEngine on default settings,
 each phase of a step timed on the host (scheduling, batch building, graph
 building, sampling, the launch of the graph, the wait for the device, the
-bookkeeping after it), so a step that waits on the host shows as little
-"wait" and much "launch".
+bookkeeping after it): a step spent in "launch" with little "wait" is spent
+inside MLX's async_eval.
 """
 
 from __future__ import annotations
@@ -146,9 +146,9 @@ def attention_sweep(name: str, rows: int, context: int = 192) -> dict:
              cuda_attention.TENSOR_CORES, cuda_attention.TC_WARPS, cuda_attention.TC_PIPELINE)
     try:
         for warps in (1, 2, 4):  # the tensor-core form (cuda_tensor_core.py)
-            for pipe in (0, 1, 2):
+            for pipe in (False, True):
                 cuda_attention.TC_WARPS, cuda_attention.TC_PIPELINE = warps, pipe
-                out[f"tensor_cores_w{warps}p{pipe}_us"] = round(timed_us(attend, repeat=32), 1)
+                out[f"tensor_cores_w{warps}p{int(pipe)}_us"] = round(timed_us(attend, repeat=32), 1)
         cuda_attention.TC_WARPS, cuda_attention.TC_PIPELINE = saved[4:]
         cuda_attention.TENSOR_CORES = False
         for warps, unroll, lanes in ((4, 4, 32), (4, 4, None), (4, 2, None), (4, 8, None),
@@ -273,10 +273,10 @@ class PhaseClock:
 
 class TimedMx:
     """The mlx.core module with eval timed (the host waiting for the device)
-    and async_eval timed (the host walking the step's graph and handing each
-    kernel to the driver: on CUDA, MLX records them into CUDA graphs there).
-    A step whose "launch" is most of it while "wait" is ~0 is bound by the
-    host, not the GPU (bench/RESULTS.md, session 9)."""
+    and async_eval timed ("launch": MLX walking the step's graph and handing
+    each kernel to the driver; on CUDA it records them into CUDA graphs
+    there, and may wait on the device too: at 8B the launch grows with the
+    rows at the same graph, bench/RESULTS.md session 9)."""
 
     def __init__(self, clock: PhaseClock):
         self._clock = clock

@@ -77,7 +77,9 @@ TENSOR_CORES = True
 TC_WARPS = 2
 # The tensor-core form issues a step's K/V loads before the previous step's
 # math (two steps in flight a warp); False: load, then compute, each step.
-TC_PIPELINE = 1
+# H200, one 8B layer: 331 against 355 us at 256 x 1,024, 69 against 89 at
+# 64 x 192, even at 256 x 192 (bench/results/h200_s9_pipeline.log).
+TC_PIPELINE = True
 # A thread block of the tensor-core form serves up to 16 // group consecutive
 # rows of a chunk (their query heads fill the mma's 16 rows, and each key is
 # read once for all of them); False: a row a block, as the scalar form.

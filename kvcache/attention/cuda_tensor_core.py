@@ -269,26 +269,17 @@ SOURCE = """
             for (int v = 0; v < VVEC; ++v) vv4[r][v] = reinterpret_cast<const uint4*>(src)[v];
         }
     };
-    // The bytes of a later step asked into L2 now (no registers held).
-    auto prefetch = [&](int base) {
-        const int kk = min(base + 8 * (tq >> 1) + g, ctx - 1);
-        const size_t row = ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D;
-        const T* pool = tq & 1 ? v_pool : k_pool;
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(pool + row));
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(pool + row + D / 2));
-    };
-    // PIPE 1: the next step's loads are issued before this step's math, so a
+    // PIPE: the next step's loads are issued before this step's math, so a
     // warp has two steps of K/V in flight and its math hides under the
     // latency (the math of a tensor-core step is short; each step otherwise
-    // waits out a table lookup and a K/V read in series). PIPE 2: the step
-    // after next is prefetched into L2 instead (no registers).
+    // waits out a table lookup and a K/V read in series). Prefetching the
+    // step after next into L2 instead (no registers held) was slower:
+    // bench/results/h200_s9_pipeline.log.
     uint4 kv4[2][KVEC], vv4[4][VVEC];
     int base = first_t + warp * 16;
-    if (PIPE == 1 && base < ctx) load(base, kv4, vv4);
-    if (PIPE == 2 && base + NWARPS * 16 < ctx) prefetch(base + NWARPS * 16);
+    if (PIPE && base < ctx) load(base, kv4, vv4);
     for (; base < ctx; base += NWARPS * 16) {
-        if (PIPE == 2 && base + 2 * NWARPS * 16 < ctx) prefetch(base + 2 * NWARPS * 16);
-        if (PIPE == 1) {
+        if (PIPE) {
             uint4 nk[2][KVEC], nv[4][VVEC];
             const int next = base + NWARPS * 16;
             if (next < ctx) load(next, nk, nv);

@@ -42,13 +42,24 @@ class Activation(Layer):
         return self._fn(x)
 
 
+def _gated(fn):
+    # One compiled (shapeless) function, so MLX fuses the activation and the
+    # product into one kernel at every shape: apart, a prompt step of an 8B
+    # model spent 17.8 ms of 207 in them (the product reading gate and up as
+    # strided halves of the fused projection), bench/results/h200_s10_trace.log.
+    return mx.compile(lambda gate, up: fn(gate) * up, shapeless=True)
+
+
+GATED = {name: _gated(fn) for name, fn in ACTIVATIONS.items()}
+
+
 class GatedActivation(Layer):
     """act(gate) * up, by name (SwiGLU with "silu", GeGLU with the gelus)."""
 
     def __init__(self, name: str):
         super().__init__()
         self.name = canonical_activation(name)
-        self._fn = ACTIVATIONS[name]
+        self._fn = GATED[name]
 
     def forward(self, gate: mx.array, up: mx.array) -> mx.array:
-        return self._fn(gate) * up
+        return self._fn(gate, up)

@@ -91,6 +91,9 @@ def test_tensor_core_pair_compiles(tmp_path):
 
 def test_add_rms_norm_kernel_compiles(tmp_path):
     text = _kernel("add_rms_norm", ["x", "delta", "weight"], [("h_out", "T"), ("y_out", "T")],
-                   cuda_norm._SOURCE, ["T", "D", "NT", "PER", "EPS_BITS"],
-                   [["__nv_bfloat16", 4096, cuda_norm.THREADS, 16, 925353388]])
+                   cuda_norm._SOURCE, ["T", "D", "NT", "VEC", "EPS_BITS"],
+                   [["__nv_bfloat16", 4096, cuda_norm.THREADS, 8, 925353388],
+                    ["__half", 8192, cuda_norm.THREADS, 8, 925353388],
+                    ["float", 2048, cuda_norm.THREADS, 8, 925353388],
+                    ["__nv_bfloat16", 2050, cuda_norm.THREADS, 1, 925353388]])
     _compile(tmp_path, text)

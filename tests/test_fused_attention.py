@@ -124,6 +124,22 @@ def test_layers_the_kernel_cannot_rotate_keep_q_k_v_apart(tmp_path, monkeypatch)
     assert calls and all(c["ROTATE"] == 0 for c in calls)
 
 
+@pytest.mark.parametrize("dim", [896, 2048, 2050, 3072, 4096, 8192])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_a_correct_add_and_norm_passes_verification_at_every_width(monkeypatch, dim, dtype):
+    """verify's tolerance is relative: an absolute one refused the exact
+    arithmetic at 3,072 in bfloat16 (a last-place difference on values near
+    5), so Phi-3 ran without the fused kernel. The vector width follows the row."""
+    from emulated_kernels import emulated_add_rms_norm_kernel
+
+    from engine.platform import cuda_norm
+
+    calls = []
+    monkeypatch.setattr(cuda_norm, "_get_kernel", lambda: emulated_add_rms_norm_kernel(calls))
+    assert cuda_norm.verify(dim, dtype)
+    assert calls[0]["VEC"] == (8 if dim % 8 == 0 else 1)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2-softcap"])
 def test_residual_add_and_norm_in_one_kernel(tmp_path, monkeypatch, family):
     """cuda_norm.bind gives each verified RMSNorm the fused add; the decoder

@@ -190,11 +190,14 @@ def prefill_attention(name: str, chunks: int, length: int) -> dict:
         block_tables=tables, num_decode=0, num_padding=0, block_size=bs,
         scratch_block=blocks - 1)
     saved, dense_prefill.MIN_CHUNK = dense_prefill.MIN_CHUNK, 1
+    span, cuda_attention.SOLO_SPAN = cuda_attention.SOLO_SPAN, 0
     try:
+        split = cuda_attention.CudaMetadata.from_common(common, heads // kvh)
+        cuda_attention.SOLO_SPAN = span
         plain = cuda_attention.CudaMetadata.from_common(common, heads // kvh)
         dense = cuda_attention.CudaMetadata.from_common(common, heads // kvh, plan_dense=True)
     finally:
-        dense_prefill.MIN_CHUNK = saved
+        dense_prefill.MIN_CHUNK, cuda_attention.SOLO_SPAN = saved, span
     pools = [mx.zeros((blocks * bs * kvh, d), mx.bfloat16) for _ in range(2)]
     q = mx.random.normal((n, heads, d)).astype(mx.bfloat16)
     k, v = (mx.random.normal((n, kvh, d)).astype(mx.bfloat16) for _ in range(2))
@@ -202,6 +205,9 @@ def prefill_attention(name: str, chunks: int, length: int) -> dict:
 
     def kernel():
         return cuda_attention.paged_attention(q, *pools, k, v, plain, d**-0.5, bs, kvh)
+
+    def kernel_split():  # every run's keys split over the block's warps (SOLO_SPAN 0)
+        return cuda_attention.paged_attention(q, *pools, k, v, split, d**-0.5, bs, kvh)
 
     def with_dense():
         out = cuda_attention.paged_attention(q, *pools, k, v, dense, d**-0.5, bs, kvh)
@@ -220,10 +226,13 @@ def prefill_attention(name: str, chunks: int, length: int) -> dict:
     def sdpa_only():
         return causal_attention(*batched, d**-0.5)
 
-    err = mx.abs(kernel().astype(mx.float32) - with_dense().astype(mx.float32)).max().item()
+    def diff(a, b):
+        return mx.abs(a().astype(mx.float32) - b().astype(mx.float32)).max().item()
+
     return {name: round(timed_us(fn, repeat=8), 1) for name, fn in (
-        ("kernel_us", kernel), ("dense_us", with_dense), ("of_which_store_only_us", store_only),
-        ("of_which_sdpa_us", sdpa_only))} | {"max_diff": err}
+        ("kernel_us", kernel), ("kernel_split_us", kernel_split), ("dense_us", with_dense),
+        ("of_which_store_only_us", store_only), ("of_which_sdpa_us", sdpa_only))} | {
+        "max_diff_dense": diff(kernel, with_dense), "max_diff_split": diff(kernel, kernel_split)}
 
 
 def matmul_split_k(rows: int, n: int, k: int, layers: int = 8) -> dict:

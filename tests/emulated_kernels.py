@@ -62,7 +62,8 @@ def emulated_cuda_kernel(form="scalar", ignore_window=False, calls=None):
             return [mx.array([1], dtype=mx.int32)]
         if form == "tensor_cores":
             q_src, k_pool, v_pool, tables, table_of, positions, cos, sin, _, runs = inputs
-            _check_runs(np.array(runs), np.array(table_of), np.array(positions), t["G"])
+            _check_runs(np.array(runs), np.array(table_of), np.array(positions), t["G"],
+                        t["NWARPS"], launch["grid"][0] // (32 * t["KVH"]))
         else:
             q_src, k_pool, v_pool, k_src, v_src, tables, table_of, positions, _, cos, sin = inputs
             _store(t, k_src, v_src, tables, table_of, positions, cos, sin, k_pool, v_pool)
@@ -75,9 +76,21 @@ def emulated_cuda_kernel(form="scalar", ignore_window=False, calls=None):
     return kernel
 
 
-def _check_runs(runs, table_of, positions, group):
-    """The tensor-core form's row runs (cuda.row_groups) cover every row that
-    attends exactly once, each run within one chunk and 16 // group rows."""
+def _check_runs(groups, table_of, positions, group, warps, grid_warps):
+    """The tensor-core form's `groups` (cuda.warp_runs): a run a warp, a
+    block's warps naming one run (split) or runs of their own (solo, spare
+    warps -1); the runs (cuda.row_runs) cover every row that attends exactly
+    once, each within one chunk and 16 // group rows; the grid has a warp an
+    entry."""
+    assert len(groups) % warps == 0 and grid_warps == len(groups)
+    runs = []
+    for block in groups.reshape(-1, warps):
+        if (block == block[0]).all():
+            runs.append(block[0])
+        else:
+            assert len(set(block[block >= 0])) == (block >= 0).sum(), block
+            runs.extend(block[block >= 0])
+    runs = np.array(runs)
     first, count = runs >> 5, runs & 31
     if count.min() == 0:  # the one empty run of a step with no attending row
         assert len(runs) == 1 and (table_of < 0).all(), runs

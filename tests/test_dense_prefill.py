@@ -161,8 +161,9 @@ def test_a_step_of_dense_rows_only(tmp_path, monkeypatch, dense_everywhere):
     monkeypatch.setattr(cuda, "uses_tensor_cores", lambda *shape: True)  # row runs
     assert run(emulated(path, monkeypatch)) == want
     assert dense_everywhere and set(dense_everywhere) == {1}  # one chunk a layer
-    runs = cuda.row_groups(np.array([0, 8]), 8, 4, np.ones(8, bool))
-    assert runs.tolist() == [0]
+    runs, solo = cuda.row_runs(np.array([0, 8]), 8, 4, np.ones(8, bool), np.array([8]))
+    assert runs.tolist() == [0] and not solo.any()
+    assert cuda.warp_runs(runs, solo).tolist() == [0] * cuda.TC_WARPS
 
 
 def test_default_threshold_through_the_engine(tmp_path, monkeypatch):

@@ -95,11 +95,36 @@ def test_row_runs_cover_each_attending_row_once():
     query_start = np.array([0, 1, 2, 12, 20])  # decode, decode, 10-row chunk, 8-row chunk
     store_only = np.zeros(23, bool)
     store_only[12:20] = True  # the 8-row chunk's attention is dense
-    runs = cuda.row_groups(query_start, 23, group=4, store_only=store_only)
+    runs, solo = cuda.row_runs(query_start, 23, group=4, store_only=store_only)
     assert [(r >> 5, r & 31) for r in runs] == [(0, 1), (1, 1), (2, 4), (6, 4), (10, 2),
                                                 (20, 1), (21, 1), (22, 1)]
-    assert [r & 31 for r in cuda.row_groups(np.array([0, 20]), 20, group=1)] == [16, 4]
-    assert [r & 31 for r in cuda.row_groups(np.array([0, 3]), 3, group=16)] == [1, 1, 1]
+    assert not solo.any()  # no contexts given: every run splits its keys
+    assert [r & 31 for r in cuda.row_runs(np.array([0, 20]), 20, group=1)[0]] == [16, 4]
+    assert [r & 31 for r in cuda.row_runs(np.array([0, 3]), 3, group=16)[0]] == [1, 1, 1]
+
+
+def test_prompt_chunks_go_solo_by_their_own_length_and_context():
+    """A prompt chunk's runs take a warp each where its context is at most
+    SOLO_SPAN tokens a row; decode rows, padding and a short chunk on a long
+    context split their keys. The choice is the chunk's own: the same chunk
+    beside other rows gets the same."""
+    query_start = np.array([0, 1, 11, 15])  # a decode row, a fresh 10-row chunk, 4 rows
+    contexts = np.array([500, 10, 4 + 32 * 4 + 1])  # the last just past SOLO_SPAN
+    runs, solo = cuda.row_runs(query_start, 17, 4, context_lens=contexts)
+    assert solo.tolist() == [False, True, True, True, False, False, False]
+    alone, _ = cuda.row_runs(np.array([0, 10]), 10, 4, context_lens=np.array([10]))
+    assert (runs[solo] - 32).tolist() == alone.tolist()  # the same runs, one row on
+    # The kernel's layout: split runs fill a block's two warps, solo runs two
+    # to a block, the spare warp idle.
+    groups = cuda.warp_runs(runs, solo, warps=2)
+    split, alone = runs[~solo], runs[solo]
+    assert groups.tolist() == [x for r in split for x in (r, r)] + alone.tolist() + [-1]
+    assert cuda.warp_runs(runs, solo, warps=1).tolist() == split.tolist() + alone.tolist()
+
+
+def test_a_decode_step_splits_every_row():
+    assert np.array(cuda.decode_runs(3)).tolist() == [
+        x for r in (1, 33, 65) for x in [r] * cuda.TC_WARPS]
 
 
 def test_phi3_longrope_on_the_fused_entry(tmp_path, monkeypatch):

@@ -84,6 +84,15 @@ TC_PIPELINE = True
 # rows of a chunk (their query heads fill the mma's 16 rows, and each key is
 # read once for all of them); False: a row a block, as the scalar form.
 ROW_GROUPS = True
+# A prompt chunk's row runs take a warp each, walking all their keys with no
+# merge, where the chunk's context is at most SOLO_SPAN tokens a row of it
+# (its runs then fill the GPU by themselves); other runs (decode rows, a short
+# chunk continuing a long context) have the block's warps split their keys.
+# One 8B layer on an H200: 64 fresh 128-token chunks 427 us solo against 913
+# split, 16 x 200 tokens 223 against 416 (h200_s10_verify_and_kernels.log);
+# the 8B x 256 run 15,232 against 14,777 out tok/s (h200_s10_ablation_8b.log).
+# 0: every run split.
+SOLO_SPAN = 32
 
 _SOURCE = """
     // SUB lanes (a sub-warp, SUB <= 32) share one key: each holds PER_LANE of
@@ -343,7 +352,7 @@ def _launch(q, k_new, v_new, layout: tuple, rope: tuple | None, k_pool, v_pool,
                               ("SUB", lanes_per_key(dim, group))],
             grid=(n * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
-    groups = meta.groups if meta.groups is not None else mx.arange(n, dtype=mx.int32) * 32 + 1
+    groups = meta.groups if meta.groups is not None else decode_runs(n)
     stored = _get_kernel("store")(
         inputs=[k_new, v_new, meta.tables, meta.table_of, meta.positions, cos, sin, k_pool,
                 v_pool],
@@ -354,7 +363,7 @@ def _launch(q, k_new, v_new, layout: tuple, rope: tuple | None, k_pool, v_pool,
                 groups],
         template=shape + [("NWARPS", TC_WARPS), ("BF16", int(q.dtype == mx.bfloat16)),
                           ("PIPE", int(TC_PIPELINE))],
-        grid=(groups.shape[0] * n_kv_heads * 32 * TC_WARPS, 1, 1),
+        grid=(groups.shape[0] * n_kv_heads * 32, 1, 1),  # a warp an entry
         threadgroup=(32 * TC_WARPS, 1, 1),
         output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
 
@@ -395,8 +404,8 @@ class CudaMetadata:
     chunk_start: mx.array  # [N] int32
     # Fresh prompt chunks answered by dense causal attention (dense_prefill.py)
     dense: dense_prefill.DensePrefill | None = None
-    # The tensor-core form's thread blocks: runs of consecutive rows of one
-    # chunk, each first_row * 32 + rows (`row_groups`); None: a row each.
+    # The tensor-core form's warps: runs of consecutive rows of one chunk,
+    # each first_row * 32 + rows, a warp each (`warp_runs`); None: a row a block.
     groups: mx.array | None = None
     # cos/sin rows of this step's positions, per RoPE schedule (shared by its layers)
     rope: dict = field(default_factory=dict, repr=False, compare=False)
@@ -419,7 +428,7 @@ class CudaMetadata:
         if common.num_decode == n:  # decode rows only (every compiled step): row i is chunk i
             index = mx.arange(n, dtype=mx.int32)
             return cls(tables, index, mx.array(common.positions.astype(np.int32)), index,
-                       groups=index * 32 + 1)
+                       groups=decode_runs(n))
         real, lens = n - pad, common.chunk_lens
         table_of = np.zeros(n, np.int32)
         table_of[:real] = np.repeat(np.arange(common.num_chunks, dtype=np.int32), lens)
@@ -433,18 +442,21 @@ class CudaMetadata:
                                        common.num_decode, n, max_dense)
             if dense is not None:
                 table_of[dense.rows] = ~table_of[dense.rows]  # store only (see the kernel)
-        groups = row_groups(common.query_start, n, group, table_of < 0)
+        runs, solo = row_runs(common.query_start, n, group, table_of < 0, common.context_lens)
         return cls(tables, mx.array(table_of), mx.array(positions), mx.array(chunk_start),
-                   dense, mx.array(groups))
+                   dense, mx.array(warp_runs(runs, solo)))
 
 
-def row_groups(query_start: np.ndarray, n: int, group: int,
-               store_only: np.ndarray | None = None) -> np.ndarray:
-    """The tensor-core form's thread blocks for N packed rows: each chunk's
-    rows in runs of up to 16 // group (a run's query heads fill the 16 rows
-    of one mma), each padding row alone, store-only rows in none; a run is
-    first_row * 32 + rows. A prompt chunk's run then reads each key once
-    for all its rows."""
+def row_runs(query_start: np.ndarray, n: int, group: int,
+             store_only: np.ndarray | None = None,
+             context_lens: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The tensor-core form's row runs for N packed rows: each chunk's rows in
+    runs of up to 16 // group (a run's query heads fill the 16 rows of one
+    mma, so a prompt chunk's run reads each key once for all its rows), each
+    padding row alone, store-only rows in none; a run is first_row * 32 +
+    rows. Also which runs go solo (SOLO_SPAN), decided per chunk from its own
+    length and context only, so a request's arithmetic does not depend on
+    the rest of its step."""
     per = max(1, 16 // group) if ROW_GROUPS else 1
     starts, lens = query_start[:-1], np.diff(query_start)
     runs = -(-lens // per)
@@ -452,18 +464,39 @@ def row_groups(query_start: np.ndarray, n: int, group: int,
     index = np.arange(int(runs.sum())) - np.repeat(np.cumsum(runs) - runs, runs)
     first = starts[chunk] + index * per
     count = np.minimum(per, lens[chunk] - index * per)
+    alone = np.zeros(len(lens), bool)
+    if context_lens is not None and SOLO_SPAN:
+        alone = (lens > 1) & (context_lens <= SOLO_SPAN * lens)
+    solo = alone[chunk]
     if store_only is not None:
         keep = ~store_only[first]  # a chunk's rows all store only or none
-        first, count = first[keep], count[keep]
+        first, count, solo = first[keep], count[keep], solo[keep]
     padding = np.arange(int(query_start[-1]), n)
     out = np.concatenate([first * 32 + count, padding * 32 + 1])
+    solo = np.concatenate([solo, np.zeros(len(padding), bool)])
     if out.size == 0:
         # Every row store only and no padding (dense chunks filling a bucket,
         # e.g. one 256-token prompt alone): an empty grid is an invalid CUDA
         # launch, so one run of no rows, which returns at once (row 0 is
         # store only).
-        out = np.zeros(1)
-    return out.astype(np.int32)
+        out, solo = np.zeros(1), np.zeros(1, bool)
+    return out.astype(np.int32), solo
+
+
+def warp_runs(runs: np.ndarray, solo: np.ndarray, warps: int | None = None) -> np.ndarray:
+    """The kernel's `groups`: a run for each warp of each thread block. A
+    split run fills its block's warps (they split its keys); solo runs are
+    packed `warps` to a block (consecutive runs of a chunk share its keys in
+    the block's cache), the last block's spare warps -1 (idle)."""
+    warps = warps or TC_WARPS
+    alone = runs[solo]
+    alone = np.concatenate([alone, np.full(-len(alone) % warps, -1)])
+    return np.concatenate([np.repeat(runs[~solo], warps), alone]).astype(np.int32)
+
+
+def decode_runs(rows: int) -> mx.array:
+    """`groups` of a step of decode rows only: each row a split run."""
+    return mx.repeat(mx.arange(rows, dtype=mx.int32) * 32 + 1, TC_WARPS)
 
 
 # The shape gpu_check reports on: a Llama-style group of 4, head_dim 128.
@@ -524,7 +557,9 @@ def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0,
     dtype, bs, kvh, g, d = (spec.kv_dtype, spec.block_size, spec.num_kv_heads, spec.group,
                             spec.head_dim)
     # (tokens already cached, tokens this step): decode rows first, then chunks.
-    chunks = [(0, 1), (16, 1), (89, 1), (0, 23), (40, 17)]
+    # The 23- and 17-row chunks go solo (a warp a run), the 5-row one on a
+    # 300-token context splits its runs' keys (SOLO_SPAN).
+    chunks = [(0, 1), (16, 1), (89, 1), (0, 23), (40, 17), (300, 5)]
     lengths = [n for _, n in chunks]
     width = -(-max(c + n for c, n in chunks) // bs)
     blocks = len(chunks) * width + 2
@@ -539,10 +574,12 @@ def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0,
                                  + [np.zeros(pad, int)])
     # Prompt chunks of 23 and 17 rows also end in partial row runs.
     query_start = np.cumsum([0] + lengths)
+    contexts = np.array([c + k for c, k in chunks])
     meta = CudaMetadata(mx.array(tables.astype(np.int32)), mx.array(table_of.astype(np.int32)),
                         mx.array(positions.astype(np.int32)),
                         mx.array(chunk_start.astype(np.int32)),
-                        groups=mx.array(row_groups(query_start, n, g)))
+                        groups=mx.array(warp_runs(*row_runs(query_start, n, g,
+                                                            context_lens=contexts))))
     k_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
     v_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
     q = mx.array(rng.normal(size=(n, kvh * g, d)), dtype=dtype)
@@ -621,7 +658,7 @@ class CudaAttention(AttentionBackend):
         """Metadata of a decode-only step of `rows` rows (row i is token i, its
         own chunk), inside a compiled graph."""
         index = mx.arange(rows, dtype=mx.int32)
-        return CudaMetadata(tables, index, positions, index, groups=index * 32 + 1)
+        return CudaMetadata(tables, index, positions, index, groups=decode_runs(rows))
 
     def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float,
                window: int | None = None, softcap: float | None = None) -> mx.array:

@@ -19,11 +19,16 @@ a head, the exponentials, 4 x 8 multiply-adds into the accumulator), about
 4x what the key's bytes take to read on an H200; the matrix units do the
 multiply-adds and the reductions of a 16-key tile in 32 instructions a lane.
 
-A thread block serves a run of up to 16 / G consecutive rows of one chunk
-(`row_groups` in cuda.py: a decode row alone, a prompt chunk in runs) and
-one KV head: the run's query heads fill the 16 rows of the mma (operand row
-m is head m % G of the run's token m / G), so a prompt chunk reads each key
-once for 16 / G of its tokens, each row masked to its own token's keys.
+A warp serves a run of up to 16 / G consecutive rows of one chunk
+(`row_runs` in cuda.py: a decode row alone, a prompt chunk in runs) and one
+KV head: the run's query heads fill the 16 rows of the mma (operand row m is
+head m % G of the run's token m / G), so a prompt chunk reads each key once
+for 16 / G of its tokens, each row masked to its own token's keys. The warps
+of a thread block either share one run and split its keys, merging their
+partial softmaxes through shared memory (decode rows: few runs, long
+contexts), or each take a run of a prompt chunk and walk all its keys alone
+("solo", `warp_runs`): a chunk's many runs fill the GPU by themselves, and the
+merge was most of the cost of a run's few keys.
 
 Layout (one warp walks 16 keys at a time; g = lane / 4, t = lane % 4):
 - Scores S [rows x keys] = Q K^T, an m16n8k16 per 16 dims and 8 keys: A is
@@ -43,8 +48,8 @@ Layout (one warp walks 16 keys at a time; g = lane / 4, t = lane % 4):
   (2t + 2) D/8) of rows g and g + 8.
 Scores are scaled and capped in float32 after the product; P is rounded to
 the pools' type for the second product (as fused attention kernels do), the
-softmax sums are kept in float32. Warps of a thread block take alternate
-16-key tiles and merge their partial softmaxes through shared memory.
+softmax sums are kept in float32. Warps sharing a run take alternate 16-key
+tiles; a solo warp takes every tile of its own.
 """
 
 from kvcache.attention import cuda_rope
@@ -127,11 +132,17 @@ SOURCE = """
     constexpr int VVEC = VD * (int)sizeof(T) / 16;
     const unsigned FULL = 0xffffffffu;
     const int kvh = blockIdx.x % KVH;
-    const int run = groups[blockIdx.x / KVH];
-    const int i0 = run >> 5;    // the run's first packed row
-    const int rows = run & 31;  // its rows: consecutive tokens of one chunk
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
+    // `groups` names a run a warp (`warp_runs` in cuda.py): the warps of a
+    // block that name one run split its keys and merge; warps naming runs of
+    // their own (SOLO, a prompt chunk's runs) walk all their keys alone.
+    const int* block_runs = groups + (size_t)(blockIdx.x / KVH) * NWARPS;
+    const bool solo = NWARPS > 1 && block_runs[0] != block_runs[1];
+    const int run = block_runs[warp];
+    if (run < 0) return;        // an idle warp of a block of solo runs
+    const int i0 = run >> 5;    // the run's first packed row
+    const int rows = run & 31;  // its rows: consecutive tokens of one chunk
     const int g = lane >> 2, tq = lane & 3;
     const int pos0 = positions[i0];
     if (pos0 < 0) {  // padding (a run of one row): zeros
@@ -276,12 +287,13 @@ SOURCE = """
     // step after next into L2 instead (no registers held) was slower:
     // bench/results/h200_s9_pipeline.log.
     uint4 kv4[2][KVEC], vv4[4][VVEC];
-    int base = first_t + warp * 16;
+    const int stride = solo ? 16 : NWARPS * 16;  // a solo warp takes every tile
+    int base = first_t + (solo ? 0 : warp * 16);
     if (PIPE && base < ctx) load(base, kv4, vv4);
-    for (; base < ctx; base += NWARPS * 16) {
+    for (; base < ctx; base += stride) {
         if (PIPE) {
             uint4 nk[2][KVEC], nv[4][VVEC];
-            const int next = base + NWARPS * 16;
+            const int next = base + stride;
             if (next < ctx) load(next, nk, nv);
             step(base, kv4, vv4);
 #pragma unroll
@@ -301,6 +313,31 @@ SOURCE = """
     for (int r = 0; r < 2; ++r) {
         l[r] += __shfl_xor_sync(FULL, l[r], 1);
         l[r] += __shfl_xor_sync(FULL, l[r], 2);
+    }
+    if (solo) {  // this warp saw every key of its rows: normalise and write
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int mrow = g + 8 * r;
+            if (row_pos[r] < 0) continue;
+            const float inv = 1.f / l[r];
+            const size_t at = ((size_t)(i0 + mrow / G) * KVH + kvh) * G + mrow % G;
+            // Dims [2t VD, (2t + 2) VD): VD consecutive from acc[.][2r], then
+            // VD from acc[.][2r + 1], as 16-byte stores.
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                uint4* dst = reinterpret_cast<uint4*>(out + at * D + (2 * tq + half) * VD);
+#pragma unroll
+                for (int c = 0; c < VD / 8; ++c) {
+                    const int nb = 8 * c;
+                    dst[c] = make_uint4(
+                        pack2<BF16>(acc[nb][2 * r + half] * inv, acc[nb + 1][2 * r + half] * inv),
+                        pack2<BF16>(acc[nb + 2][2 * r + half] * inv, acc[nb + 3][2 * r + half] * inv),
+                        pack2<BF16>(acc[nb + 4][2 * r + half] * inv, acc[nb + 5][2 * r + half] * inv),
+                        pack2<BF16>(acc[nb + 6][2 * r + half] * inv, acc[nb + 7][2 * r + half] * inv));
+                }
+            }
+        }
+        return;
     }
     // The warps' partial softmaxes, merged through shared memory.
     __shared__ float sm_m[NWARPS][16];

@@ -25,7 +25,7 @@ import tempfile
 import mlx.core as mx
 
 from bench import workloads
-from bench.synthetic import NullTokenizer, synthetic_model
+from bench.synthetic import SHAPES, NullTokenizer, synthetic_model
 
 
 def traced_steps(name: str, n: int) -> list[dict]:
@@ -125,10 +125,18 @@ def report(steps: list[dict]) -> None:
             print(f"     {t / 1e3:8.3f} {s['counts'][kernel]:5d} {kernel}")
 
 
+def _rows(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 4096:
+        raise argparse.ArgumentTypeError(f"--n takes 1 to 4096 requests, not {n}")
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama-8b", help="a bench/synthetic.py shape")
-    ap.add_argument("--n", type=int, default=256, help="requests (rows)")
+    ap.add_argument("--model", default="llama-8b", choices=sorted(SHAPES),
+                    help="a bench/synthetic.py shape")
+    ap.add_argument("--n", type=_rows, default=256, help="requests (rows)")
     args = ap.parse_args()
     report(traced_steps(args.model, args.n))
 

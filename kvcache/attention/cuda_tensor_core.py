@@ -326,15 +326,13 @@ SOURCE = """
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 uint4* dst = reinterpret_cast<uint4*>(out + at * D + (2 * tq + half) * VD);
+                const int e = 2 * r + half;  // the accumulator slot of these dims
+                auto two = [&](int nb) {     // dims nb, nb + 1 of the span, packed
+                    return pack2<BF16>(acc[nb][e] * inv, acc[nb + 1][e] * inv);
+                };
 #pragma unroll
-                for (int c = 0; c < VD / 8; ++c) {
-                    const int nb = 8 * c;
-                    dst[c] = make_uint4(
-                        pack2<BF16>(acc[nb][2 * r + half] * inv, acc[nb + 1][2 * r + half] * inv),
-                        pack2<BF16>(acc[nb + 2][2 * r + half] * inv, acc[nb + 3][2 * r + half] * inv),
-                        pack2<BF16>(acc[nb + 4][2 * r + half] * inv, acc[nb + 5][2 * r + half] * inv),
-                        pack2<BF16>(acc[nb + 6][2 * r + half] * inv, acc[nb + 7][2 * r + half] * inv));
-                }
+                for (int c = 0; c < VD / 8; ++c)
+                    dst[c] = make_uint4(two(8 * c), two(8 * c + 2), two(8 * c + 4), two(8 * c + 6));
             }
         }
         return;

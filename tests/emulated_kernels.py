@@ -49,7 +49,8 @@ def emulated_cuda_kernel(form="scalar", ignore_window=False, calls=None):
     (rotated first when ROTATE), every packed token's K/V stored in place,
     then each token attends over its own window (padding, at position -1,
     gets zeros). The tensor-core pair splits that: "store" rotates and
-    stores, "tensor_cores" rotates q and attends from the pools. `calls` (a
+    stores, "tensor_cores" rotates q and attends from the pools (storing
+    first itself where STORE_OWN: a step of decode rows only). `calls` (a
     list) collects each launch's template, its form under "form"."""
     def kernel(inputs, template, output_shapes, output_dtypes, **launch):
         t = dict(template)
@@ -61,9 +62,14 @@ def emulated_cuda_kernel(form="scalar", ignore_window=False, calls=None):
             _store(t, k_src, v_src, tables, table_of, positions, cos, sin, k_pool, v_pool)
             return [mx.array([1], dtype=mx.int32)]
         if form == "tensor_cores":
-            q_src, k_pool, v_pool, tables, table_of, positions, cos, sin, _, runs = inputs
+            (q_src, k_pool, v_pool, k_src, v_src, tables, table_of, positions, cos, sin, _,
+             runs) = inputs
             _check_runs(np.array(runs), np.array(table_of), np.array(positions), t["G"],
                         t["NWARPS"], launch["grid"][0] // (32 * t["KVH"]))
+            if t["STORE_OWN"]:  # decode rows only: each its own chunk, a run alone
+                assert list(np.array(table_of)) == list(range(len(table_of)))
+                assert (np.array(runs) & 31).max() == 1
+                _store(t, k_src, v_src, tables, table_of, positions, cos, sin, k_pool, v_pool)
         else:
             q_src, k_pool, v_pool, k_src, v_src, tables, table_of, positions, _, cos, sin = inputs
             _store(t, k_src, v_src, tables, table_of, positions, cos, sin, k_pool, v_pool)

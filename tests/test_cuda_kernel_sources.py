@@ -81,12 +81,13 @@ def test_tensor_core_pair_compiles(tmp_path):
                     cuda_tensor_core.STORE_SOURCE, _LAYOUT,
                     [_layout("__nv_bfloat16", 128, 4, 1, 0), _layout("__half", 64, 4, 1, 1)])
     attend = _kernel("attend", cuda._INPUTS["tensor_cores"], [("out", "T")],
-                     cuda_tensor_core.SOURCE, _LAYOUT + ["NWARPS", "BF16", "PIPE"],
-                     [_layout("__nv_bfloat16", 128, 4, 1, 0) + [2, 1, 1],
-                      _layout("__nv_bfloat16", 128, 4, 1, 0) + [2, 1, 0],
-                      _layout("__half", 64, 16, 1, 1) + [4, 0, 1],
-                      _layout("__nv_bfloat16", 64, 3, 0, 0) + [1, 1, 0]])
-    _no_spills(_compile(tmp_path, cuda_tensor_core.HEADER + store + attend), 6)
+                     cuda_tensor_core.SOURCE, _LAYOUT + ["NWARPS", "BF16", "PIPE", "STORE_OWN"],
+                     [_layout("__nv_bfloat16", 128, 4, 1, 0) + [2, 1, 1, 0],
+                      _layout("__nv_bfloat16", 128, 4, 1, 0) + [2, 1, 1, 1],  # decode steps
+                      _layout("__nv_bfloat16", 128, 4, 1, 0) + [2, 1, 0, 0],
+                      _layout("__half", 64, 16, 1, 1) + [4, 0, 1, 1],
+                      _layout("__nv_bfloat16", 64, 3, 0, 0) + [1, 1, 0, 0]])
+    _no_spills(_compile(tmp_path, cuda_tensor_core.HEADER + store + attend), 7)
 
 
 def test_add_rms_norm_kernel_compiles(tmp_path):

@@ -67,18 +67,24 @@ def test_fused_entry_gives_the_portable_tokens(tmp_path, monkeypatch, family):
                                     "gemma2-softcap"])
 def test_tensor_core_pair_gives_the_portable_tokens(tmp_path, monkeypatch, family):
     """Where the tensor-core form serves (half-precision pools on the GPU),
-    each layer is a store launch, then an attention launch taking the
-    store's output: the pair's inputs, templates and order, emulated, give
-    the portable path's tokens (and so do windows and caps)."""
+    each layer of a step with prompt rows is a store launch, then an
+    attention launch taking the store's output; a step of decode rows only
+    is one attention launch that stores first (STORE_OWN). Their inputs,
+    templates and order, emulated, give the portable path's tokens (and so
+    do windows and caps)."""
     path = write_tiny_llama(tmp_path / family, **FAMILIES[family])
     want = tokens(LLM(str(path), **ENGINE, paged_kernel=False, host_forward=False))
     monkeypatch.setattr(cuda, "uses_tensor_cores", lambda *shape: True)
     llm, calls = on_emulated_cuda(path, monkeypatch)
     assert tokens(llm) == want
-    forms = [c["form"] for c in calls]
-    assert forms and forms[0::2] == ["store"] * (len(forms) // 2)
-    assert forms[1::2] == ["tensor_cores"] * (len(forms) // 2)
-    assert all(c["NWARPS"] == cuda.TC_WARPS and "BF16" in c for c in calls[1::2])
+    attends = [j for j, c in enumerate(calls) if c["form"] == "tensor_cores"]
+    stores = [j for j, c in enumerate(calls) if c["form"] == "store"]
+    own = [j for j in attends if calls[j]["STORE_OWN"]]
+    # Every launch that does not store itself follows its store launch.
+    assert stores and own and sorted(stores + own) == [j - 1 if j not in own else j
+                                                       for j in attends]
+    assert len(stores) + len(attends) == len(calls)
+    assert all(calls[j]["NWARPS"] == cuda.TC_WARPS and "BF16" in calls[j] for j in attends)
 
 
 def test_tensor_cores_serve_half_precision_at_64_and_128():

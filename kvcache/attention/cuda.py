@@ -31,7 +31,9 @@ Why writing into an input is sound here (MLX arrays are otherwise values):
   launches in a step, and launches on the stream run in order; the step
   ends with an mx.eval before the next step is built. The tensor-core
   attention launch takes the store launch's (one-element) output as an
-  input, so MLX cannot order it first. Within the scalar launch no thread
+  input, so MLX cannot order it first; in a step of decode rows only it
+  stores each row itself, behind a barrier of the row's own thread block
+  (no other block reads that slot). Within the scalar launch no thread
   reads a slot written in that launch (a chunk's own keys are read from
   k_new/v_new); another sequence's blocks are never written (a block shared
   through the prefix cache is full, and writes go to a sequence's own
@@ -93,6 +95,10 @@ ROW_GROUPS = True
 # the 8B x 256 run 15,232 against 14,777 out tok/s (h200_s10_ablation_8b.log).
 # 0: every run split.
 SOLO_SPAN = 32
+# A step of decode rows only stores each row's K/V inside the tensor-core
+# attention launch (its block is the row's only reader), saving a store
+# launch a layer; False: the store launch first, as for every other step.
+STORE_OWN_DECODE = True
 
 _SOURCE = """
     // SUB lanes (a sub-warp, SUB <= 32) share one key: each holds PER_LANE of
@@ -273,8 +279,8 @@ _INPUTS = {
                "positions", "chunk_start", "rope_cos", "rope_sin"],
     "store": ["k_new", "v_new", "block_tables", "table_of", "positions", "rope_cos",
               "rope_sin", "k_pool", "v_pool"],
-    "tensor_cores": ["q", "k_pool", "v_pool", "block_tables", "table_of", "positions",
-                     "rope_cos", "rope_sin", "stored", "groups"],
+    "tensor_cores": ["q", "k_pool", "v_pool", "k_new", "v_new", "block_tables", "table_of",
+                     "positions", "rope_cos", "rope_sin", "stored", "groups"],
 }
 _kernels: dict[str, object] = {}
 
@@ -353,22 +359,27 @@ def _launch(q, k_new, v_new, layout: tuple, rope: tuple | None, k_pool, v_pool,
             grid=(n * n_kv_heads * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
     groups = meta.groups if meta.groups is not None else decode_runs(n)
-    stored = _get_kernel("store")(
+    # A step of decode rows only stores inside the attention launch (a
+    # block's one row is the only reader of its slot); one with prompt rows
+    # stores every token first, as a chunk's runs read each other's keys.
+    store_own = meta.decode_only and STORE_OWN_DECODE
+    stored = _NOT_STORED if store_own else _get_kernel("store")(
         inputs=[k_new, v_new, meta.tables, meta.table_of, meta.positions, cos, sin, k_pool,
                 v_pool],
         template=shape, grid=(n * n_kv_heads * 32, 1, 1), threadgroup=(32, 1, 1),
         output_shapes=[(1,)], output_dtypes=[mx.int32])[0]
     return _get_kernel("tensor_cores")(
-        inputs=[q, k_pool, v_pool, meta.tables, meta.table_of, meta.positions, cos, sin, stored,
-                groups],
+        inputs=[q, k_pool, v_pool, k_new, v_new, meta.tables, meta.table_of, meta.positions,
+                cos, sin, stored, groups],
         template=shape + [("NWARPS", TC_WARPS), ("BF16", int(q.dtype == mx.bfloat16)),
-                          ("PIPE", int(TC_PIPELINE))],
+                          ("PIPE", int(TC_PIPELINE)), ("STORE_OWN", int(store_own))],
         grid=(groups.shape[0] * n_kv_heads * 32, 1, 1),  # a warp an entry
         threadgroup=(32 * TC_WARPS, 1, 1),
         output_shapes=[(n, heads, dim)], output_dtypes=[q.dtype])[0]
 
 
 _NO_ROPE = mx.zeros((1,), dtype=mx.float32)
+_NOT_STORED = mx.zeros((1,), dtype=mx.int32)  # `stored` of a launch that stores itself
 
 
 def lanes_per_key(head_dim: int, group: int) -> int:
@@ -407,6 +418,9 @@ class CudaMetadata:
     # The tensor-core form's warps: runs of consecutive rows of one chunk,
     # each first_row * 32 + rows, a warp each (`warp_runs`); None: a row a block.
     groups: mx.array | None = None
+    # Every row a decode row (its own chunk, one token): the tensor-core form
+    # then stores inside its attention launch (STORE_OWN_DECODE).
+    decode_only: bool = False
     # cos/sin rows of this step's positions, per RoPE schedule (shared by its layers)
     rope: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -428,7 +442,7 @@ class CudaMetadata:
         if common.num_decode == n:  # decode rows only (every compiled step): row i is chunk i
             index = mx.arange(n, dtype=mx.int32)
             return cls(tables, index, mx.array(common.positions.astype(np.int32)), index,
-                       groups=decode_runs(n))
+                       groups=decode_runs(n), decode_only=True)
         real, lens = n - pad, common.chunk_lens
         table_of = np.zeros(n, np.int32)
         table_of[:real] = np.repeat(np.arange(common.num_chunks, dtype=np.int32), lens)
@@ -536,9 +550,10 @@ def verify(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
     caps = (0.0, 2.0) if spec.softcap else (0.0,)
     # The fused-projection entry with RoPE inside (non-traditional pairs for
     # every case, traditional once where the head allows it) against mx.fast.rope.
-    cases = [(cap, window, rope) for window in windows for cap in caps
-             for rope in (None, "neox")]
-    cases.append((0.0, 0, "traditional"))
+    # Each also as a step of decode rows only (they store inside the attention).
+    cases = [(cap, window, rope, decode) for window in windows for cap in caps
+             for rope in (None, "neox") for decode in (False, True)]
+    cases += [(0.0, 0, "traditional", False), (0.0, 0, "traditional", True)]
     try:
         return all(_verify(spec, *case) < 2e-2 for case in cases)
     except Exception as exc:  # a compile or launch failure: fall back
@@ -548,11 +563,12 @@ def verify(spec: AttentionSpec = DEFAULT_SPEC) -> bool:
 
 
 def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0,
-            rope_kind: str | None = None) -> float:
+            rope_kind: str | None = None, decode_only: bool = False) -> float:
     """The largest difference from the reference (inf if a stored row differs).
     With `rope_kind`, q/k/v arrive as one fused projection and the kernel
     rotates them ("neox" or "traditional" pairs); the reference rotates with
-    RoPE's MLX path first."""
+    RoPE's MLX path first. `decode_only`: a step of decode rows and padding,
+    as a compiled decode step launches it."""
     rng = np.random.default_rng(0)
     dtype, bs, kvh, g, d = (spec.kv_dtype, spec.block_size, spec.num_kv_heads, spec.group,
                             spec.head_dim)
@@ -560,6 +576,8 @@ def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0,
     # The 23- and 17-row chunks go solo (a warp a run), the 5-row one on a
     # 300-token context splits its runs' keys (SOLO_SPAN).
     chunks = [(0, 1), (16, 1), (89, 1), (0, 23), (40, 17), (300, 5)]
+    if decode_only:
+        chunks = [(0, 1), (16, 1), (89, 1), (300, 1)]
     lengths = [n for _, n in chunks]
     width = -(-max(c + n for c, n in chunks) // bs)
     blocks = len(chunks) * width + 2
@@ -575,11 +593,12 @@ def _verify(spec: AttentionSpec, softcap: float = 0.0, window: int = 0,
     # Prompt chunks of 23 and 17 rows also end in partial row runs.
     query_start = np.cumsum([0] + lengths)
     contexts = np.array([c + k for c, k in chunks])
+    groups = decode_runs(n) if decode_only else mx.array(
+        warp_runs(*row_runs(query_start, n, g, context_lens=contexts)))
     meta = CudaMetadata(mx.array(tables.astype(np.int32)), mx.array(table_of.astype(np.int32)),
                         mx.array(positions.astype(np.int32)),
-                        mx.array(chunk_start.astype(np.int32)),
-                        groups=mx.array(warp_runs(*row_runs(query_start, n, g,
-                                                            context_lens=contexts))))
+                        mx.array(chunk_start.astype(np.int32)), groups=groups,
+                        decode_only=decode_only)
     k_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
     v_pool = mx.array(rng.normal(size=(blocks * bs * kvh, d)), dtype=dtype)
     q = mx.array(rng.normal(size=(n, kvh * g, d)), dtype=dtype)
@@ -658,7 +677,8 @@ class CudaAttention(AttentionBackend):
         """Metadata of a decode-only step of `rows` rows (row i is token i, its
         own chunk), inside a compiled graph."""
         index = mx.arange(rows, dtype=mx.int32)
-        return CudaMetadata(tables, index, positions, index, groups=decode_runs(rows))
+        return CudaMetadata(tables, index, positions, index, groups=decode_runs(rows),
+                            decode_only=True)
 
     def attend(self, view, q: mx.array, k: mx.array, v: mx.array, scale: float,
                window: int | None = None, softcap: float | None = None) -> mx.array:

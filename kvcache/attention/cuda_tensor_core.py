@@ -11,7 +11,10 @@ with no branch for keys of the step's own chunk and no rotation in its
 loop. A first version rotated those keys inside the loop, as the scalar
 kernel does: the 8B x 256 run fell to 9,539 out tok/s, against 14,165 with
 the store split out (bench/results/h200_s8_tensor_cores_v1.log and
-h200_s8_tensor_cores.log).
+h200_s8_tensor_cores.log). A step of decode rows only (STORE_OWN) is one
+launch: a block's first warp stores its row's K/V, and a barrier comes
+before any key is read; 8B x 256 16,185 against 15,281 out tok/s with the
+store launch kept (bench/results/h200_s11_attention_ab.log).
 
 Why tensor cores: the scalar kernel spends ~150 instructions a lane on each
 key (16 lanes a key: 4 heads x 8 multiply-adds for the score, 4 shuffle-reductions
@@ -30,22 +33,28 @@ contexts), or each take a run of a prompt chunk and walk all its keys alone
 ("solo", `warp_runs`): a chunk's many runs fill the GPU by themselves, and the
 merge was most of the cost of a run's few keys.
 
-Layout (one warp walks 16 keys at a time; g = lane / 4, t = lane % 4):
+Layout (one warp walks 16 keys at a time; g = lane / 4, t = lane % 4; a
+chunk is 16 bytes of a row, 8 dims):
 - Scores S [rows x keys] = Q K^T, an m16n8k16 per 16 dims and 8 keys: A is
   Q (this lane's rows g and g + 8), B is K^T (column n = key n of the
   tile). A dot product may visit the dims in any order, so lane (g, t)
-  holds dims [t D/4, (t + 1) D/4) of its rows, and mma j takes dims
-  t D/4 + 4j + {0, 1} as k-slots 2t, 2t + 1 and + {2, 3} as k-slots 2t + 8,
-  2t + 9: each lane reads a contiguous quarter of its key row (16-byte
-  loads), and Q uses the same order.
+  holds chunks 4v + t (v < D/32) of its rows, and mma j takes the lane's
+  dims 4j + {0, 1} as k-slots 2t, 2t + 1 and + {2, 3} as k-slots 2t + 8,
+  2t + 9; Q uses the same order. The 4 lanes of a key read 64 contiguous
+  bytes a load (whole 32-byte sectors), and every pair RoPE rotates (j and
+  j + D/2, or 2p and 2p + 1) sits in one lane. Each lane's contiguous
+  quarter of the row (the first layout) used half of each sector a load:
+  one 8B layer's 64 fresh 128-token chunks took 313-458 us against 230
+  now (bench/results/h200_s11_attention_ab.log).
 - The result (C) gives lane (g, t) the scores of rows g and g + 8 for keys
   2t, 2t + 1 of the tile: two tiles (16 keys) are exactly the A operand of
   O += P V (rows = heads, k-slots = keys), so P never leaves registers.
-- V is the B operand: mma nb makes output dims n D/8 + nb (n = 0..7), so
-  lane (g, t) reads dims [g D/8, (g + 1) D/8) of the value rows of keys 2t,
-  2t + 1, 2t + 8, 2t + 9 (16-byte loads) and pairs same-dim halves of two
-  rows with a byte permute. Its accumulator then holds dims [2t D/8,
-  (2t + 2) D/8) of rows g and g + 8.
+- V is the B operand: lane (g, t) reads chunks 8v + g (v < D/64) of the
+  value rows of keys 2t, 2t + 1, 2t + 8, 2t + 9 (the 8 lanes of a row read
+  128 contiguous bytes) and pairs same-dim halves of two rows with a byte
+  permute; mma nb takes the lane's dim nb, so its column n is dim
+  (8 (nb / 8) + n) 8 + nb % 8, and the accumulator of lane (g, t) holds,
+  for rows g and g + 8, the chunks 8v + 2t and 8v + 2t + 1 whole.
 Scores are scaled and capped in float32 after the product; P is rounded to
 the pools' type for the second product (as fused attention kernels do), the
 softmax sums are kept in float32. Warps sharing a run take alternate 16-key
@@ -91,21 +100,61 @@ __device__ inline unsigned pack2(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&v);
 }
+
+// The two halves of a register as floats (the inverse of pack2).
+template <int BF16>
+__device__ inline float2 unpack2(unsigned w) {
+    if (BF16) return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+    return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+
+// RoPE on the chunks of a head a lane holds for the score product: chunk
+// 4v + t (8 dims each) as x[8v .. 8v + 7], t = lane % 4. Both dims of every
+// pair are in the lane (j and j + D/2 are chunks v and v + KV/2; 2p and
+// 2p + 1 share a chunk), so no shuffle; cos/sin [N, D/2] rows are read as float4.
+template <int KV, int TRAD, int D>
+__device__ inline void rotate_chunks(float (&x)[KV * 8], const float* cos_rows,
+                                     const float* sin_rows, int row, int t) {
+    const float4* c4 = reinterpret_cast<const float4*>(cos_rows + (size_t)row * (D / 2));
+    const float4* s4 = reinterpret_cast<const float4*>(sin_rows + (size_t)row * (D / 2));
+    if (TRAD) {
+#pragma unroll
+        for (int v = 0; v < KV; ++v) {  // pairs p = chunk * 4 + 0..3
+            const float4 c = c4[4 * v + t], s = s4[4 * v + t];
+            const float cc[4] = {c.x, c.y, c.z, c.w}, ss[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float a = x[8 * v + 2 * k], b = x[8 * v + 2 * k + 1];
+                x[8 * v + 2 * k] = a * cc[k] - b * ss[k];
+                x[8 * v + 2 * k + 1] = b * cc[k] + a * ss[k];
+            }
+        }
+    } else {
+#pragma unroll
+        for (int v = 0; v < KV / 2; ++v) {  // low-half chunk 4v + t: cos/sin index = its dims
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float4 c = c4[2 * (4 * v + t) + h], s = s4[2 * (4 * v + t) + h];
+                const float cc[4] = {c.x, c.y, c.z, c.w}, ss[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int e = 8 * v + 4 * h + k;
+                    const float lo = x[e], hi = x[e + KV * 4];
+                    x[e] = lo * cc[k] - hi * ss[k];
+                    x[e + KV * 4] = hi * cc[k] + lo * ss[k];
+                }
+            }
+        }
+    }
+}
 """
 
-# Launched before SOURCE on the same step's tokens: every packed token's K/V
-# into its slot, in place (cuda.py says why that is sound), the key rotated
-# first; a thread block (one warp) a (token, KV head), D/32 dims a lane. Its
-# one-element output is an input of SOURCE's launch, which orders the two.
-STORE_SOURCE = """
+# One warp stores packed token i's K/V for KV head kvh at position pos into
+# its slot, in place (cuda.py says why that is sound), the key rotated first;
+# D/32 dims a lane.
+_STORE_TOKEN = """
+    {
     constexpr int SP = D / 32;
-    const int i = blockIdx.x / KVH;
-    const int kvh = blockIdx.x % KVH;
-    const int lane = threadIdx.x;
-    if (blockIdx.x == 0 && lane == 0) stored[0] = 1;
-    const int pos = positions[i];
-    if (pos < 0) return;  // padding
-    const int table_row = table_of[i];
     const int* table = block_tables
         + (size_t)(table_row < 0 ? ~table_row : table_row) * block_tables_shape[1];
     const int d0 = lane * SP;
@@ -121,15 +170,30 @@ STORE_SOURCE = """
         k_out[row + e] = static_cast<T>(kx[e]);
         v_out[row + e] = v_new[v_at + e];
     }
+    }
 """
+
+# Launched before SOURCE on a step with prompt rows: every packed token's K/V
+# into its slot, a thread block (one warp) a (token, KV head). Its
+# one-element output is an input of SOURCE's launch, which orders the two.
+# (A step of decode rows only stores inside SOURCE: STORE_OWN.)
+STORE_SOURCE = """
+    const int i = blockIdx.x / KVH;
+    const int kvh = blockIdx.x % KVH;
+    const int lane = threadIdx.x;
+    if (blockIdx.x == 0 && lane == 0) stored[0] = 1;
+    const int pos = positions[i];
+    if (pos < 0) return;  // padding
+    const int table_row = table_of[i];
+""" + _STORE_TOKEN
 
 SOURCE = """
     constexpr int PL = D / 4;   // dims of a q or k row a lane holds (score operands)
-    constexpr int VD = D / 8;   // dims of a v row a lane holds (value operand)
     constexpr int QK = D / 16;  // score mmas a tile of 8 keys
     constexpr int PV = D / 8;   // value mmas (8 output dims each) a 16-key step
-    constexpr int KVEC = PL * (int)sizeof(T) / 16;  // 16-byte loads a k row
-    constexpr int VVEC = VD * (int)sizeof(T) / 16;
+    constexpr int KVEC = D / 32;  // 16-byte chunks (8 dims) a lane holds of a q or k row
+    constexpr int VVEC = D / 64;  // ... of a v row
+    static_assert(Q_STRIDE % 8 == 0 && Q_OFF % 8 == 0, "q rows are read in 16-byte chunks");
     const unsigned FULL = 0xffffffffu;
     const int kvh = blockIdx.x % KVH;
     const int warp = threadIdx.x / 32;
@@ -157,13 +221,24 @@ SOURCE = """
     const int table_row = table_of[i0];
     if (table_row < 0) return;  // store only (dense_prefill.py): never in a run; for safety
     const int* table = block_tables + (size_t)table_row * W;
+    if (STORE_OWN) {
+        // A step of decode rows only: a block's run is one row, the only
+        // reader of its new slot, so its first warp stores the row's K/V and
+        // the barrier (which makes those writes visible to the block) comes
+        // before any key is read; no store launch.
+        if (warp == 0) {
+            const int i = i0, pos = pos0;
+""" + _STORE_TOKEN + """
+        }
+        __syncthreads();
+    }
     const int ctx = pos0 + rows;  // keys up to the run's last position
     const int first_t = window > 0 && pos0 + 1 > window ? pos0 + 1 - window : 0;
     const int q_stride = Q_STRIDE, q_off = Q_OFF;
     const bool hi = rows * G > 8;  // operand rows g + 8 hold queries (uniform in the block)
 
     // Operand row m (0..15) is query head m % G of the run's token m / G;
-    // this lane's rows are g and g + 8, each a quarter of a head (Q as A).
+    // this lane's rows are g and g + 8, chunks 4v + tq of each (Q as A).
     int row_pos[2];  // the position of each of those rows' token, -1: none
     unsigned qa[2][PL / 2];
 #pragma unroll
@@ -173,13 +248,21 @@ SOURCE = """
         const bool real = tk < rows;
         row_pos[r] = real ? pos0 + tk : -1;
         const int qi = i0 + (real ? tk : 0);
+        const uint4* src = reinterpret_cast<const uint4*>(
+            q + (size_t)qi * q_stride + q_off + (size_t)(kvh * G + h) * D);
         float x[PL];
 #pragma unroll
-        for (int e = 0; e < PL; ++e)
-            x[e] = real ? static_cast<float>(
-                q[(size_t)qi * q_stride + q_off + (size_t)(kvh * G + h) * D + tq * PL + e]) : 0.f;
-        if (ROTATE && (r == 0 || hi))
-            rotate_span<PL, TRAD, D>(x, rope_cos, rope_sin, qi, tq * PL, 2, FULL);
+        for (int v = 0; v < KVEC; ++v) {
+            const uint4 c = real ? src[4 * v + tq] : make_uint4(0, 0, 0, 0);
+            const unsigned w[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float2 f = unpack2<BF16>(w[k]);
+                x[8 * v + 2 * k] = f.x;
+                x[8 * v + 2 * k + 1] = f.y;
+            }
+        }
+        if (ROTATE && (r == 0 || hi)) rotate_chunks<KVEC, TRAD, D>(x, rope_cos, rope_sin, qi, tq);
 #pragma unroll
         for (int e = 0; e < PL / 2; ++e) qa[r][e] = pack2<BF16>(x[2 * e], x[2 * e + 1]);
     }
@@ -266,18 +349,18 @@ SOURCE = """
 #pragma unroll
         for (int tile = 0; tile < 2; ++tile) {
             const int kk = min(base + 8 * tile + g, ctx - 1);
-            const T* src = k_pool + ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D
-                           + tq * PL;
+            const uint4* src = reinterpret_cast<const uint4*>(
+                k_pool + ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D);
 #pragma unroll
-            for (int v = 0; v < KVEC; ++v) kv4[tile][v] = reinterpret_cast<const uint4*>(src)[v];
+            for (int v = 0; v < KVEC; ++v) kv4[tile][v] = src[4 * v + tq];
         }
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int kk = min(base + 2 * tq + (r & 1) + 8 * (r >> 1), ctx - 1);
-            const T* src = v_pool + ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D
-                           + g * VD;
+            const uint4* src = reinterpret_cast<const uint4*>(
+                v_pool + ((size_t)(table[kk / BS] * BS + kk % BS) * KVH + kvh) * D);
 #pragma unroll
-            for (int v = 0; v < VVEC; ++v) vv4[r][v] = reinterpret_cast<const uint4*>(src)[v];
+            for (int v = 0; v < VVEC; ++v) vv4[r][v] = src[8 * v + g];
         }
     };
     // PIPE: the next step's loads are issued before this step's math, so a
@@ -321,26 +404,29 @@ SOURCE = """
             if (row_pos[r] < 0) continue;
             const float inv = 1.f / l[r];
             const size_t at = ((size_t)(i0 + mrow / G) * KVH + kvh) * G + mrow % G;
-            // Dims [2t VD, (2t + 2) VD): VD consecutive from acc[.][2r], then
-            // VD from acc[.][2r + 1], as 16-byte stores.
+            // Chunks 8s + 2t + half: acc[8s .. 8s + 7][2r + half], a 16-byte store each.
+            uint4* dst = reinterpret_cast<uint4*>(out + at * D);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                uint4* dst = reinterpret_cast<uint4*>(out + at * D + (2 * tq + half) * VD);
                 const int e = 2 * r + half;  // the accumulator slot of these dims
-                auto two = [&](int nb) {     // dims nb, nb + 1 of the span, packed
+                auto two = [&](int nb) {     // the dims of mmas nb, nb + 1, packed
                     return pack2<BF16>(acc[nb][e] * inv, acc[nb + 1][e] * inv);
                 };
 #pragma unroll
-                for (int c = 0; c < VD / 8; ++c)
-                    dst[c] = make_uint4(two(8 * c), two(8 * c + 2), two(8 * c + 4), two(8 * c + 6));
+                for (int c = 0; c < VVEC; ++c)
+                    dst[8 * c + 2 * tq + half] =
+                        make_uint4(two(8 * c), two(8 * c + 2), two(8 * c + 4), two(8 * c + 6));
             }
         }
         return;
     }
-    // The warps' partial softmaxes, merged through shared memory.
+    // The warps' partial softmaxes, merged through shared memory. Dim d of
+    // a row sits at d + d / 32 and rows RS (= 2 mod 32) apart, so a store
+    // instruction's 32 lanes (8 rows x 4 chunk pairs) hit 32 banks.
+    constexpr int RS = D + D / 32 + ((2 - (D + D / 32)) & 31);
     __shared__ float sm_m[NWARPS][16];
     __shared__ float sm_l[NWARPS][16];
-    __shared__ float sm_acc[NWARPS][16][D];
+    __shared__ float sm_acc[NWARPS][16 * RS];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int mrow = g + 8 * r;
@@ -348,8 +434,11 @@ SOURCE = """
         if (tq == 0) { sm_m[warp][mrow] = top_of[r]; sm_l[warp][mrow] = l[r]; }
 #pragma unroll
         for (int nb = 0; nb < PV; ++nb) {
-            sm_acc[warp][mrow][2 * tq * VD + nb] = acc[nb][2 * r];
-            sm_acc[warp][mrow][(2 * tq + 1) * VD + nb] = acc[nb][2 * r + 1];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int d = (8 * (nb / 8) + 2 * tq + half) * 8 + nb % 8;
+                sm_acc[warp][mrow * RS + d + d / 32] = acc[nb][2 * r + half];
+            }
         }
     }
     __syncthreads();
@@ -360,7 +449,7 @@ SOURCE = """
         float num = 0.f, den = 0.f;
         for (int w = 0; w < NWARPS; ++w) {
             const float wt = sm_l[w][mrow] > 0.f ? __expf(sm_m[w][mrow] - top) : 0.f;
-            num += sm_acc[w][mrow][d] * wt;
+            num += sm_acc[w][mrow * RS + d + d / 32] * wt;
             den += sm_l[w][mrow] * wt;
         }
         const size_t at = ((size_t)(i0 + mrow / G) * KVH + kvh) * G + mrow % G;

@@ -358,53 +358,91 @@ def engine_phases(name: str, n: int) -> dict:
             "tok_s": round(n * steps / wall), "phases_ms": phases}
 
 
-def main() -> None:
+_MAX_ROWS, _MAX_TOKENS = 4096, 65536
+
+
+def _spec_list(fields: str):
+    """An argparse type for comma-separated specs like "8b:256": `fields`
+    names each colon-separated part ("model", "rows", "tokens"; a trailing
+    "?" makes the last one optional). Returns a list of tuples (model names
+    as their SHAPES key, counts as ints); a bad spec is an argparse error."""
+    names = fields.split(":")
+    optional = names[-1].endswith("?")
+    names[-1] = names[-1].rstrip("?")
+    models = sorted(k.removeprefix("llama-") for k in SHAPES if k.startswith("llama-"))
+
+    def part(kind: str, text: str):
+        if kind == "model":
+            if text not in models:
+                raise argparse.ArgumentTypeError(f"model {text!r} is not one of {models}")
+            return f"llama-{text}"
+        top = _MAX_ROWS if kind == "rows" else _MAX_TOKENS
+        if not text.isdigit() or not 1 <= int(text) <= top:
+            raise argparse.ArgumentTypeError(f"{kind} must be a whole number from 1 to "
+                                             f"{top:,}, not {text!r}")
+        return int(text)
+
+    def parse(text: str) -> list[tuple]:
+        specs = []
+        for spec in filter(None, text.split(",")):
+            parts = spec.split(":")
+            if not (len(parts) == len(names) or optional and len(parts) == len(names) - 1):
+                raise argparse.ArgumentTypeError(f"{spec!r} is not {fields.replace('?', '')}")
+            specs.append(tuple(part(k, t) for k, t in zip(names, parts)))
+        return specs
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", action="store_true")
-    ap.add_argument("--engine", default="", help="model:rows,... e.g. 1b:256,8b:64")
-    ap.add_argument("--layers", default="", help="model:rows,...: the stack without attention")
-    ap.add_argument("--attention", default="", help="model:rows[:context],...: kernel variants")
+    ap.add_argument("--engine", type=_spec_list("model:rows"), default=[],
+                    help="model:rows,... e.g. 1b:256,8b:64")
+    ap.add_argument("--layers", type=_spec_list("model:rows"), default=[],
+                    help="model:rows,...: the stack without attention")
+    ap.add_argument("--attention", type=_spec_list("model:rows:tokens?"), default=[],
+                    help="model:rows[:context],...: kernel variants (context 192 if left out)")
     ap.add_argument("--no-fuse", action="store_true", help="projections unfused")
-    ap.add_argument("--prefill-attention", default="",
+    ap.add_argument("--prefill-attention", type=_spec_list("model:rows:tokens"), default=[],
                     help="model:chunks:length,...: kernel vs dense prefill attention")
-    ap.add_argument("--split-k", default="", help="rows,...: each 8B projection split or not")
-    args = ap.parse_args()
-    for spec in filter(None, args.prefill_attention.split(",")):
-        name, chunks, length = spec.split(":")
-        print(json.dumps({"model": name, "chunks": int(chunks), "length": int(length),
-                          **prefill_attention(f"llama-{name}", int(chunks), int(length))}),
-              flush=True)
-    for rows in filter(None, args.split_k.split(",")):
+    ap.add_argument("--split-k", type=_spec_list("rows"), default=[],
+                    help="rows,...: each 8B projection split or not")
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    for name, chunks, length in args.prefill_attention:
+        print(json.dumps({"model": name, "chunks": chunks, "length": length,
+                          **prefill_attention(name, chunks, length)}), flush=True)
+    for (rows,) in args.split_k:
         s = SHAPES["llama-8b"]
         d, f = s["hidden_size"], s["intermediate_size"]
         kv = s["num_key_value_heads"] * d // s["num_attention_heads"]
         for label, n, k in (("qkv", d + 2 * kv, d), ("o", d, d), ("gate_up", 2 * f, d),
                             ("down", d, f)):
-            print(json.dumps({"rows": int(rows), "proj": label,
-                              **matmul_split_k(int(rows), n, k)}), flush=True)
+            print(json.dumps({"rows": rows, "proj": label,
+                              **matmul_split_k(rows, n, k)}), flush=True)
     if args.no_fuse:
         from engine.platform.base import Platform
         from engine.platform.cuda import CudaPlatform
         CudaPlatform.prepare_model = Platform.prepare_model
         CudaPlatform.fuse_projections = False
-    for spec in filter(None, args.attention.split(",")):
-        name, n, *context = spec.split(":")  # model:rows[:context]
-        context = int(context[0]) if context else 192
-        print(json.dumps({"model": name, "rows": int(n), "context": context,
-                          **attention_sweep(f"llama-{name}", int(n), context)}), flush=True)
-    for spec in filter(None, args.layers.split(",")):
-        name, n = spec.split(":")
-        print(json.dumps({"model": name, "rows": int(n),
-                          **layer_without_attention(f"llama-{name}", int(n))}), flush=True)
+    for name, n, *context in args.attention:
+        context = context[0] if context else 192
+        print(json.dumps({"model": name, "rows": n, "context": context,
+                          **attention_sweep(name, n, context)}), flush=True)
+    for name, n in args.layers:
+        print(json.dumps({"model": name, "rows": n, **layer_without_attention(name, n)}),
+              flush=True)
     if args.ops:
         for name in ("llama-1b", "llama-8b"):
             for rows in (64, 256):
                 print(json.dumps({"model": name, "rows": rows, **ops(name, rows)}), flush=True)
                 print(json.dumps({"model": name, "rows": rows,
                                   **layer_without_attention(name, rows)}), flush=True)
-    for spec in filter(None, args.engine.split(",")):
-        name, n = spec.split(":")
-        print(json.dumps(engine_phases(f"llama-{name}", int(n))), flush=True)
+    for name, n in args.engine:
+        print(json.dumps(engine_phases(name, n)), flush=True)
         # The last engine's weights and KV pool, given back before the next
         # one plans its memory (it would otherwise see them in use).
         gc.collect()

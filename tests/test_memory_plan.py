@@ -239,3 +239,24 @@ def test_host_memory_sees_what_a_call_touches():
     # Under memory pressure the kernel may drop other (file-backed) pages of
     # this process meanwhile, which hides some growth: the best of three.
     assert max(touch_64_mib() for _ in range(3)) >= 60 << 20
+
+
+def test_serve_prints_the_plan_before_its_first_step(tiny_llama_dir, monkeypatch, capsys):
+    """`conveyor serve` as run from the command line, uvicorn replaced by one
+    request through the app it was given."""
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    answered = []
+
+    def one_request(server, sockets=None):
+        with TestClient(server.config.app, base_url="http://127.0.0.1") as client:
+            answered.append(client.post("/v1/completions", json={
+                "model": str(tiny_llama_dir), "prompt": "hi", "max_tokens": 2}).status_code)
+
+    monkeypatch.setattr(uvicorn.Server, "run", one_request)
+    seen = _first_step_sees(monkeypatch, capsys)
+    assert main(["serve", "--model", str(tiny_llama_dir), "--port", "0", "--embedding-model",
+                 "none", "--kv-cache-bytes", str(1 << 20)]) == 0
+    assert answered == [200]
+    assert "memory plan: KV cache 1.00 MiB = 128 blocks" in seen[0]

@@ -30,3 +30,21 @@ def tiny_llm(tiny_llama_dir):
     from engine import LLM
 
     return LLM(str(tiny_llama_dir), kv_cache_bytes=16 << 20, max_num_batched_tokens=256)
+
+
+@pytest.fixture
+def first_step_stderr(monkeypatch, capsys) -> list[str]:
+    """What was printed to stderr before any engine's first step: a list that
+    holds it once that step is taken (entry points print the memory plan first)."""
+    from engine.core.llm_engine import LLMEngine
+
+    seen: list[str] = []
+    step = LLMEngine.step
+
+    def first(self):
+        if not seen:
+            seen.append(capsys.readouterr().err)
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", first)
+    return seen

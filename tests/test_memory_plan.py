@@ -176,22 +176,8 @@ def test_the_command_checks_the_utilization(capsys):
     assert "--gpu-memory-utilization must be in (0, 1]" in capsys.readouterr().err
 
 
-def _first_step_sees(monkeypatch, capsys) -> list[str]:
-    """The stderr printed before the engine's first step, once it is taken."""
-    seen: list[str] = []
-    step = LLMEngine.step
-
-    def first(self):
-        if not seen:
-            seen.append(capsys.readouterr().err)
-        return step(self)
-
-    monkeypatch.setattr(LLMEngine, "step", first)
-    return seen
-
-
-def test_generate_prints_the_plan_before_its_first_step(tiny_llama_dir, monkeypatch, capsys):
-    seen = _first_step_sees(monkeypatch, capsys)
+def test_generate_prints_the_plan_before_its_first_step(tiny_llama_dir, first_step_stderr):
+    seen = first_step_stderr
     assert main(["generate", "--model", str(tiny_llama_dir), "--max-tokens", "2",
                  "--max-num-seqs", "4", "--prompt", "hi"]) == 0
     assert "conveyor: memory plan: KV cache" in seen[0]
@@ -202,12 +188,12 @@ def test_generate_prints_the_plan_before_its_first_step(tiny_llama_dir, monkeypa
     assert held == (4 << 20) // PER_BLOCK // -(-length // 16)  # 4 x 2,048 tokens
 
 
-def test_batch_prints_the_plan_before_its_first_step(tiny_llama_dir, tmp_path, monkeypatch,
-                                                     capsys):
+def test_batch_prints_the_plan_before_its_first_step(tiny_llama_dir, tmp_path,
+                                                     first_step_stderr):
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", '
                    '"body": {"prompt": "hi", "max_tokens": 2}}\n')
-    seen = _first_step_sees(monkeypatch, capsys)
+    seen = first_step_stderr
     assert main(["batch", "-i", str(inp), "-o", str(tmp_path / "out.jsonl"), "--model",
                  str(tiny_llama_dir), "--kv-cache-bytes", str(1 << 20), "--quiet"]) == 0
     assert "memory plan: KV cache 1.00 MiB = 128 blocks" in seen[0]
@@ -241,7 +227,8 @@ def test_host_memory_sees_what_a_call_touches():
     assert max(touch_64_mib() for _ in range(3)) >= 60 << 20
 
 
-def test_serve_prints_the_plan_before_its_first_step(tiny_llama_dir, monkeypatch, capsys):
+def test_serve_prints_the_plan_before_its_first_step(tiny_llama_dir, monkeypatch,
+                                                     first_step_stderr):
     """`conveyor serve` as run from the command line, uvicorn replaced by one
     request through the app it was given."""
     import uvicorn
@@ -255,7 +242,7 @@ def test_serve_prints_the_plan_before_its_first_step(tiny_llama_dir, monkeypatch
                 "model": str(tiny_llama_dir), "prompt": "hi", "max_tokens": 2}).status_code)
 
     monkeypatch.setattr(uvicorn.Server, "run", one_request)
-    seen = _first_step_sees(monkeypatch, capsys)
+    seen = first_step_stderr
     assert main(["serve", "--model", str(tiny_llama_dir), "--port", "0", "--embedding-model",
                  "none", "--kv-cache-bytes", str(1 << 20)]) == 0
     assert answered == [200]

@@ -684,22 +684,13 @@ def test_redis_password_stays_out_of_argv_and_messages(tmp_path):
         assert "none-such-model" in err  # it got past Redis, to loading the model
 
 
-def test_worker_prints_the_plan_before_its_first_step(client, server, tiny_llama_dir, monkeypatch,
-                                                      capsys):
+def test_worker_prints_the_plan_before_its_first_step(client, server, tiny_llama_dir,
+                                                      first_step_stderr):
     """`conveyor worker --tasks generate` loads its engine (and prints the
     memory plan) before the first step of its first generation job."""
-    from engine.core.llm_engine import LLMEngine
     from engine.entrypoints.cli import main
 
-    seen: list[str] = []
-    step = LLMEngine.step
-
-    def first(self):
-        if not seen:
-            seen.append(capsys.readouterr().err)
-        return step(self)
-
-    monkeypatch.setattr(LLMEngine, "step", first)
+    seen = first_step_stderr
     push(client, [("g", "/v1/completions", {"prompt": "hi", "max_tokens": 2})])
     assert main(["worker", "--redis", server.url, "--stream", STREAM, "--group", GROUP,
                  "--results", RESULTS, "--tasks", "generate", "--model", str(tiny_llama_dir),

@@ -107,46 +107,6 @@ __device__ inline float2 unpack2(unsigned w) {
     if (BF16) return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
     return __half22float2(*reinterpret_cast<const __half2*>(&w));
 }
-
-// RoPE on the chunks of a head a lane holds for the score product: chunk
-// 4v + t (8 dims each) as x[8v .. 8v + 7], t = lane % 4. Both dims of every
-// pair are in the lane (j and j + D/2 are chunks v and v + KV/2; 2p and
-// 2p + 1 share a chunk), so no shuffle; cos/sin [N, D/2] rows are read as float4.
-template <int KV, int TRAD, int D>
-__device__ inline void rotate_chunks(float (&x)[KV * 8], const float* cos_rows,
-                                     const float* sin_rows, int row, int t) {
-    const float4* c4 = reinterpret_cast<const float4*>(cos_rows + (size_t)row * (D / 2));
-    const float4* s4 = reinterpret_cast<const float4*>(sin_rows + (size_t)row * (D / 2));
-    if (TRAD) {
-#pragma unroll
-        for (int v = 0; v < KV; ++v) {  // pairs p = chunk * 4 + 0..3
-            const float4 c = c4[4 * v + t], s = s4[4 * v + t];
-            const float cc[4] = {c.x, c.y, c.z, c.w}, ss[4] = {s.x, s.y, s.z, s.w};
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const float a = x[8 * v + 2 * k], b = x[8 * v + 2 * k + 1];
-                x[8 * v + 2 * k] = a * cc[k] - b * ss[k];
-                x[8 * v + 2 * k + 1] = b * cc[k] + a * ss[k];
-            }
-        }
-    } else {
-#pragma unroll
-        for (int v = 0; v < KV / 2; ++v) {  // low-half chunk 4v + t: cos/sin index = its dims
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float4 c = c4[2 * (4 * v + t) + h], s = s4[2 * (4 * v + t) + h];
-                const float cc[4] = {c.x, c.y, c.z, c.w}, ss[4] = {s.x, s.y, s.z, s.w};
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    const int e = 8 * v + 4 * h + k;
-                    const float lo = x[e], hi = x[e + KV * 4];
-                    x[e] = lo * cc[k] - hi * ss[k];
-                    x[e + KV * 4] = hi * cc[k] + lo * ss[k];
-                }
-            }
-        }
-    }
-}
 """
 
 # One warp stores packed token i's K/V for KV head kvh at position pos into
